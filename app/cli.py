@@ -1,0 +1,234 @@
+"""The ``moechat`` command line. Heavy modules are imported inside each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from moechat import __version__
+from moechat.runtime.errors import MoechatError
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults come from the package)")
+    g.add_argument("--system", help="system prompt")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("-n", "--max-new-tokens", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or dml (default: auto)")
+    p.add_argument(
+        "--max-context", type=int, help="cap the context (and KV memory) below the model's"
+    )
+    p.add_argument("--threads", type=int, help="CPU threads (default: onnxruntime's choice)")
+
+
+def _sampling_params(args: argparse.Namespace, defaults):
+    changes = {
+        name: getattr(args, name)
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "max_new_tokens",
+            "seed",
+        )
+        if getattr(args, name, None) is not None
+    }
+    if args.stop:
+        changes["stop"] = list(args.stop)
+    if args.greedy:
+        changes["temperature"] = 0.0
+    return defaults.replace(**changes)
+
+
+def _resolve_model(arg: str | None, assume_yes: bool = False) -> Path:
+    if arg:
+        return Path(arg)
+    from moechat.app.model_discovery import default_model
+
+    return default_model(assume_yes=assume_yes)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from moechat.runtime.generator import generate
+    from moechat.runtime.model import load_model
+
+    prompt = args.prompt
+    if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+        prompt = sys.stdin.read()
+    if prompt is None:
+        raise MoechatError("no prompt: give PROMPT, or pipe it on stdin")
+    model = load_model(
+        _resolve_model(args.model, args.yes), args.device, args.max_context, args.threads
+    )
+    params = _sampling_params(args, model.defaults)
+    if args.raw:
+        ids = model.tokenizer.encode_raw(prompt)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        ids = model.template.render_ids(messages + [{"role": "user", "content": prompt}])
+    if not ids:
+        raise MoechatError("the prompt is empty")
+    if len(ids) >= model.max_context:
+        raise MoechatError(
+            f"the prompt is {len(ids)} tokens; the context holds {model.max_context}"
+        )
+    for event in generate(model, ids, params):
+        if hasattr(event, "finish_reason"):
+            done = event
+        elif not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    if args.json:
+        s = done.stats
+        print(json.dumps({
+            "text": done.text, "token_ids": done.token_ids, "prompt_tokens": s.prompt_tokens,
+            "ttft_ms": round(s.ttft_ms, 2), "decode_tokens_per_s": round(s.decode_tokens_per_s, 2),
+            "provider": s.provider, "finish_reason": done.finish_reason,
+        }, ensure_ascii=False))  # fmt: skip
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from moechat.runtime.package import load_package
+
+    package = load_package(_resolve_model(args.model))
+    if args.verify:
+        package.verify_checksums()
+    m = package.manifest
+    if args.json:
+        print(json.dumps(m, indent=2, ensure_ascii=False))
+        return 0
+    a, g = m["architecture"], m["graph"]
+    moe = (
+        f"MoE: {a['n_routed_experts']} routed experts, top-{a['num_experts_per_tok']}, "
+        f"{a['n_shared_experts']} shared"
+        if a.get("use_moe")
+        else "dense"
+    )
+    lines = [
+        f"name          {package.name}",
+        f"path          {package.path}",
+        f"architecture  {a['model_type']}: {a['num_hidden_layers']} layers, hidden {a['hidden_size']}, "
+        f"{a['num_attention_heads']} heads / {a['num_key_value_heads']} KV heads, vocab {a['vocab_size']}",
+        f"ffn           {moe}",
+        f"graph         {g['file']} ({g.get('quantization') or g['dtype']}; MoE {g.get('moe_impl')}, attention {g['attention']})",
+        f"max context   {m['max_context']}",
+        f"parity        {json.dumps(m.get('parity', {}))}",
+    ]
+    if "fidelity" in m:
+        lines.append(f"fidelity      {json.dumps(m['fidelity'])}")
+    prov = m.get("provenance", {})
+    lines.append(f"source        {prov.get('source')} (moechat {prov.get('moechat_version')})")
+    if args.verify:
+        lines.append("checksums     ok")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from moechat.export.cli import run_export
+    except ImportError as err:
+        raise MoechatError(
+            f"export needs the export extra (pip install 'moechat[export]'): {err.name} is missing"
+        ) from None
+    return run_export(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from moechat.app.tui import run_chat_app
+
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    return run_chat_app(_resolve_model(args.model, args.yes), device=args.device, data_dir=data_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moechat", description="Offline chat with small MoE language models."
+    )
+    parser.add_argument("--version", action="store_true", help="print versions and providers")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("run", help="one-shot generation")
+    p.add_argument("model", nargs="?", help="model package directory (default: the demo model)")
+    p.add_argument("prompt", nargs="?", help='prompt text; "-" or absent reads stdin')
+    p.add_argument("--raw", action="store_true", help="no chat template: tokenize the prompt as is")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-y", "--yes", action="store_true", help="build the demo model without asking")
+    _add_sampling(p)
+    _add_model_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="the terminal chat app")
+    p.add_argument("model", nargs="?", help="model package directory (default: the demo model)")
+    p.add_argument("--data-dir", help="where conversations are stored")
+    p.add_argument("-y", "--yes", action="store_true", help="build the demo model without asking")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="print a package's facts")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true", help="verify file checksums")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint to a model package (needs moechat[export])"
+    )
+    p.add_argument("source", help="HF folder, MiniMind .pth or .gguf")
+    p.add_argument("outdir")
+    p.add_argument("--preset", help="size of a bare .pth state dict, e.g. minimind2-moe")
+    p.add_argument("--tokenizer", help="folder with tokenizer.json (and tokenizer_config.json)")
+    p.add_argument("--moe-impl", choices=["contrib", "ops"], default="contrib",
+                   help="MoE lowering: onnxruntime's MoE contrib op, or standard ONNX ops")  # fmt: skip
+    p.add_argument("--attention", choices=["gqa", "ops"], default="gqa",
+                   help="GroupQueryAttention contrib op, or standard ONNX ops")  # fmt: skip
+    p.add_argument(
+        "--max-context", type=int, help="package context length (default: min(model's, 4096))"
+    )
+    p.add_argument("--name", help="package name")
+    p.add_argument("--force", action="store_true", help="replace OUTDIR")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def print_version() -> None:
+    import onnxruntime
+
+    print(f"moechat {__version__}")
+    print(f"onnxruntime {onnxruntime.__version__}")
+    print(f"providers {', '.join(onnxruntime.get_available_providers())}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print_version()
+        return 0
+    if args.command is None:
+        args = parser.parse_args(["chat", *(argv or sys.argv[1:])])
+    try:
+        return args.func(args)
+    except MoechatError as err:
+        print(f"moechat: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130

@@ -1,0 +1,109 @@
+"""One reply being generated: its state on the UI side and the worker-thread loop.
+
+The engine's iterator runs in a thread worker. Tokens are batched there and posted to the
+app at most every ``flush_interval`` seconds (the first token right away, so the time to
+first token shows), so the UI does a bounded amount of work per second at any token rate.
+Only messages cross the thread boundary; the UI thread owns widgets and the database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from textual.message import Message
+
+from moechat.runtime.errors import MoechatError
+from moechat.runtime.events import DoneEvent, TokenEvent
+
+FLUSH_INTERVAL_S = 0.05
+SAVE_INTERVAL_S = 1.0
+
+
+class GenChunk(Message):
+    """Text that streamed in since the last chunk."""
+
+    def __init__(self, gen_id: int, text: str, tokens: int, first_token_at: float | None) -> None:
+        super().__init__()
+        self.gen_id = gen_id
+        self.text = text
+        self.tokens = tokens
+        self.first_token_at = first_token_at
+
+
+class GenDone(Message):
+    def __init__(self, gen_id: int, done: DoneEvent) -> None:
+        super().__init__()
+        self.gen_id = gen_id
+        self.done = done
+
+
+class GenFailed(Message):
+    def __init__(self, gen_id: int, error: str) -> None:
+        super().__init__()
+        self.gen_id = gen_id
+        self.error = error
+
+
+@dataclass
+class Generation:
+    """UI-side state of the reply being generated."""
+
+    id: int
+    kind: Literal["send", "regen"]
+    conversation_id: int
+    seq: int  # the assistant message's seq in the store
+    user_seq: int | None = None
+    user_text: str = ""
+    previous: tuple[str, bool, str | None] | None = None  # regen: text, partial, reason
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    started_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    tokens: int = 0
+    text: str = ""
+    last_save: float = field(default_factory=time.monotonic)
+    saved_len: int = -1
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set()
+
+
+def pump_events(
+    events: Iterable[TokenEvent | DoneEvent],
+    gen_id: int,
+    post: Callable[[Message], object],
+    flush_interval: float = FLUSH_INTERVAL_S,
+) -> None:
+    """Drain the engine's events (in the worker thread), posting batched messages."""
+    pending: list[str] = []
+    pending_tokens = 0
+    first_token_at: float | None = None
+    last_flush = 0.0
+    try:
+        for event in events:
+            if isinstance(event, TokenEvent):
+                now = time.monotonic()
+                if first_token_at is None:
+                    first_token_at = now
+                pending.append(event.text)
+                pending_tokens += 1
+                if now - last_flush >= flush_interval:
+                    post(GenChunk(gen_id, "".join(pending), pending_tokens, first_token_at))
+                    pending.clear()
+                    pending_tokens = 0
+                    last_flush = now
+            elif isinstance(event, DoneEvent):
+                if pending_tokens:
+                    post(GenChunk(gen_id, "".join(pending), pending_tokens, first_token_at))
+                post(GenDone(gen_id, event))
+                return
+        if pending_tokens:
+            post(GenChunk(gen_id, "".join(pending), pending_tokens, first_token_at))
+        post(GenFailed(gen_id, "the model stopped without finishing its reply"))
+    except MoechatError as err:
+        post(GenFailed(gen_id, str(err)))
+    except Exception as err:  # noqa: BLE001 - any model failure must not kill the app
+        post(GenFailed(gen_id, f"{type(err).__name__}: {err}"))

@@ -1,0 +1,1 @@
+"""Modal screens: help, conversation list, confirmation and text prompts."""

@@ -1,0 +1,330 @@
+"""Conversation persistence in SQLite (stdlib ``sqlite3``).
+
+One database file per user (see :mod:`moechat.app.paths`). The schema version lives in
+``PRAGMA user_version``; :data:`MIGRATIONS` upgrades older files step by step, each step in
+its own transaction. Every write is one transaction, so a crash leaves either the old or
+the new state, never half of it.
+
+Tables:
+
+* ``conversations``: id, title, model, created_at, updated_at, settings (JSON: the sampling
+  parameters and system prompt in force for the conversation).
+* ``messages``: id, conversation_id, seq (order within the conversation), role, content,
+  partial (1 while a reply is streaming or when it was stopped/cut off), finish_reason,
+  stats (JSON), created_at.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moechat.runtime.errors import MoechatError
+
+ROLES = ("system", "user", "assistant")
+
+
+def _migrate_1(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            title TEXT NOT NULL,
+            model TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            settings TEXT NOT NULL DEFAULT '{}'
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL
+                REFERENCES conversations(id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+            content TEXT NOT NULL,
+            partial INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            UNIQUE (conversation_id, seq)
+        )
+        """
+    )
+
+
+def _migrate_2(conn: sqlite3.Connection) -> None:
+    """v2: why a reply ended and its generation stats; list conversations by recency."""
+    conn.execute("ALTER TABLE messages ADD COLUMN finish_reason TEXT")
+    conn.execute("ALTER TABLE messages ADD COLUMN stats TEXT")
+    conn.execute("CREATE INDEX conversations_by_update ON conversations (updated_at DESC)")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_1, _migrate_2]
+"""MIGRATIONS[i] upgrades a database from schema version i to i + 1."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class Conversation:
+    id: int
+    title: str
+    model: str
+    created_at: float
+    updated_at: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    message_count: int = 0
+
+
+@dataclass
+class StoredMessage:
+    id: int
+    conversation_id: int
+    seq: int
+    role: str
+    content: str
+    partial: bool = False
+    finish_reason: str | None = None
+    stats: dict[str, Any] | None = None
+    created_at: float = 0.0
+
+    def chatml(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+class ConversationStore:
+    """All reads and writes of conversations. Use it from one thread (the UI thread)."""
+
+    def __init__(self, path: Path | str, *, target_version: int = SCHEMA_VERSION) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            if self.path != ":memory:":
+                self._conn.execute("PRAGMA journal_mode = WAL")
+                self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._migrate(target_version)
+        except sqlite3.DatabaseError as err:
+            raise MoechatError(f"cannot open the conversations database {self.path}: {err}") from err
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ConversationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+
+    def _migrate(self, target_version: int) -> None:
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise MoechatError(
+                f"the conversations database {self.path} has schema version {version}, "
+                f"newer than this moechat supports ({SCHEMA_VERSION}); upgrade moechat"
+            )
+        for step in range(version, target_version):
+            with self._transaction() as conn:
+                MIGRATIONS[step](conn)
+                conn.execute(f"PRAGMA user_version = {step + 1}")
+
+    # -- conversations ---------------------------------------------------------------
+
+    def create_conversation(
+        self, title: str, *, model: str = "", settings: dict[str, Any] | None = None
+    ) -> int:
+        now = time.time()
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "INSERT INTO conversations (title, model, created_at, updated_at, settings)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (title, model, now, now, json.dumps(settings or {})),
+            )
+            return int(cur.lastrowid)
+
+    def _conversation(self, row: sqlite3.Row) -> Conversation:
+        try:
+            settings = json.loads(row["settings"] or "{}")
+        except ValueError:
+            settings = {}
+        return Conversation(
+            id=row["id"],
+            title=row["title"],
+            model=row["model"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            settings=settings if isinstance(settings, dict) else {},
+            message_count=row["message_count"],
+        )
+
+    _SELECT_CONVERSATIONS = (
+        "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)"
+        " AS message_count FROM conversations c"
+    )
+
+    def list_conversations(self) -> list[Conversation]:
+        """All conversations, most recently updated first."""
+        rows = self._conn.execute(
+            self._SELECT_CONVERSATIONS + " ORDER BY c.updated_at DESC, c.id DESC"
+        ).fetchall()
+        return [self._conversation(r) for r in rows]
+
+    def get_conversation(self, conversation_id: int) -> Conversation | None:
+        row = self._conn.execute(
+            self._SELECT_CONVERSATIONS + " WHERE c.id = ?", (conversation_id,)
+        ).fetchone()
+        return self._conversation(row) if row else None
+
+    def rename_conversation(self, conversation_id: int, title: str) -> None:
+        title = title.strip()
+        if not title:
+            raise MoechatError("a conversation title cannot be empty")
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+                (title, time.time(), conversation_id),
+            )
+
+    def update_settings(self, conversation_id: int, settings: dict[str, Any]) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE conversations SET settings = ? WHERE id = ?",
+                (json.dumps(settings), conversation_id),
+            )
+
+    def delete_conversation(self, conversation_id: int) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+
+    # -- messages --------------------------------------------------------------------
+
+    def messages(self, conversation_id: int) -> list[StoredMessage]:
+        rows = self._conn.execute(
+            "SELECT * FROM messages WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
+        ).fetchall()
+        out = []
+        for r in rows:
+            try:
+                stats = json.loads(r["stats"]) if r["stats"] else None
+            except ValueError:
+                stats = None
+            out.append(
+                StoredMessage(
+                    id=r["id"],
+                    conversation_id=r["conversation_id"],
+                    seq=r["seq"],
+                    role=r["role"],
+                    content=r["content"],
+                    partial=bool(r["partial"]),
+                    finish_reason=r["finish_reason"],
+                    stats=stats,
+                    created_at=r["created_at"],
+                )
+            )
+        return out
+
+    def next_seq(self, conversation_id: int) -> int:
+        row = self._conn.execute(
+            "SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE conversation_id = ?",
+            (conversation_id,),
+        ).fetchone()
+        return int(row[0])
+
+    def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        content: str,
+        *,
+        partial: bool = False,
+        finish_reason: str | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> int:
+        """Append a message at the end of the conversation; returns its seq."""
+        seq = self.next_seq(conversation_id)
+        self.upsert_message(
+            conversation_id,
+            seq,
+            role,
+            content,
+            partial=partial,
+            finish_reason=finish_reason,
+            stats=stats,
+        )
+        return seq
+
+    def upsert_message(
+        self,
+        conversation_id: int,
+        seq: int,
+        role: str,
+        content: str,
+        *,
+        partial: bool = False,
+        finish_reason: str | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> None:
+        """Insert the message at ``seq`` or overwrite it (used for the streaming reply)."""
+        if role not in ROLES:
+            raise MoechatError(f"unknown message role {role!r}")
+        now = time.time()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO messages (conversation_id, seq, role, content, partial,"
+                " finish_reason, stats, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (conversation_id, seq) DO UPDATE SET role = excluded.role,"
+                " content = excluded.content, partial = excluded.partial,"
+                " finish_reason = excluded.finish_reason, stats = excluded.stats",
+                (
+                    conversation_id,
+                    seq,
+                    role,
+                    content,
+                    int(partial),
+                    finish_reason,
+                    json.dumps(stats) if stats is not None else None,
+                    now,
+                ),
+            )
+            conn.execute(
+                "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+            )
+
+    def delete_messages_from(self, conversation_id: int, seq: int) -> None:
+        """Delete the messages at ``seq`` and after (regenerate, edit, failed replies)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND seq >= ?",
+                (conversation_id, seq),
+            )
+
+    def clear_messages(self, conversation_id: int) -> None:
+        self.delete_messages_from(conversation_id, 0)

@@ -1,0 +1,122 @@
+"""The prompt: a multi-line TextArea where Enter sends and Up recalls earlier prompts."""
+
+from __future__ import annotations
+
+from textual import events
+from textual.binding import Binding
+from textual.message import Message
+from textual.widgets import TextArea
+
+
+class PromptInput(TextArea):
+    """Enter sends; Shift+Enter or Ctrl+J inserts a newline.
+
+    Up on the first line recalls the previous prompt, Down on the last line the next one.
+    Keys that TextArea binds but the app uses (Ctrl+E, Ctrl+Y, Ctrl+C, Ctrl+D) are routed
+    to app actions here so they work while the prompt has focus.
+    """
+
+    BINDINGS = [
+        Binding("ctrl+e", "app.edit_last", "Edit last", show=False),
+        Binding("ctrl+y", "app.copy_last", "Copy reply", show=False),
+        Binding("ctrl+c", "interrupt", "Stop / copy / quit", show=False),
+        Binding("ctrl+d", "delete_or_quit", "Delete right / quit", show=False),
+    ]
+
+    class Submitted(Message):
+        def __init__(self, prompt: PromptInput, text: str) -> None:
+            super().__init__()
+            self.prompt = prompt
+            self.text = text
+
+    def __init__(self, *, id: str | None = None, placeholder: str = "") -> None:
+        super().__init__(
+            id=id,
+            soft_wrap=True,
+            tab_behavior="focus",
+            show_line_numbers=False,
+            compact=True,
+            placeholder=placeholder,
+            highlight_cursor_line=False,
+        )
+        self.history: list[str] = []
+        self._history_index: int | None = None
+        self._draft = ""
+
+    # -- sending and newlines --------------------------------------------------------
+
+    async def _on_key(self, event: events.Key) -> None:
+        if self.read_only:
+            return
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self, self.text))
+            return
+        if event.key in ("shift+enter", "ctrl+j", "alt+enter"):
+            event.stop()
+            event.prevent_default()
+            start, end = self.selection
+            self._replace_via_keyboard("\n", start, end)
+            return
+        await super()._on_key(event)
+
+    # -- history ---------------------------------------------------------------------
+
+    def remember(self, text: str) -> None:
+        """Add a sent prompt to the history (consecutive duplicates collapse)."""
+        if text.strip() and (not self.history or self.history[-1] != text):
+            self.history.append(text)
+        self._history_index = None
+        self._draft = ""
+
+    def set_history(self, prompts: list[str]) -> None:
+        self.history = [p for p in prompts if p.strip()]
+        self._history_index = None
+
+    def _show(self, text: str) -> None:
+        self.load_text(text)
+        self.move_cursor(self.document.end)
+
+    def action_cursor_up(self, select: bool = False) -> None:
+        if select or self.cursor_location[0] > 0 or not self.history:
+            super().action_cursor_up(select)
+            return
+        if self._history_index is None:
+            self._draft = self.text
+            self._history_index = len(self.history) - 1
+        elif self._history_index > 0:
+            self._history_index -= 1
+        else:
+            return
+        self._show(self.history[self._history_index])
+
+    def action_cursor_down(self, select: bool = False) -> None:
+        last_row = self.document.line_count - 1
+        if select or self._history_index is None or self.cursor_location[0] < last_row:
+            super().action_cursor_down(select)
+            return
+        if self._history_index < len(self.history) - 1:
+            self._history_index += 1
+            self._show(self.history[self._history_index])
+        else:
+            self._history_index = None
+            self._show(self._draft)
+
+    # -- keys shared with the app ----------------------------------------------------
+
+    def action_interrupt(self) -> None:
+        """Ctrl+C: stop a reply; else copy a selection; else quit."""
+        if getattr(self.app, "generating", False):
+            self.app.run_action("stop")
+        elif self.selected_text:
+            self.action_copy()
+        else:
+            self.app.run_action("quit")
+
+    def action_delete_or_quit(self) -> None:
+        """Ctrl+D deletes right of the cursor; on an empty prompt it quits (like a shell)."""
+        if self.text:
+            self.action_delete_right()
+        elif not getattr(self.app, "generating", False):
+            self.app.run_action("quit")

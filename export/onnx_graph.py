@@ -1,0 +1,120 @@
+"""Trace a :class:`CausalLM` to an ONNX decoder with the KV cache as inputs/outputs.
+
+Graph interface (documented in docs/architecture.md):
+  inputs   input_ids int64 [batch, sequence]
+           attention_mask int64 [batch, total_sequence]   (ones; total = past + sequence)
+           logits_positions int64 [num_logits]           (positions of ``sequence`` to score)
+           past_key_values.{i}.key / .value  float [batch, kv_heads, past_sequence, head_dim]
+  outputs  logits float [batch, num_logits, vocab]
+           present.{i}.key / .value  float [batch, kv_heads, total_sequence, head_dim]
+With GroupQueryAttention the runtime may bind one max-length buffer as both past and
+present (onnxruntime then updates it in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxscript.optimizer
+import torch
+
+from moechat.export.lowering import translation_table
+from moechat.models.modeling import CausalLM, MoEFeedForward
+
+MOE_IMPLS = ("contrib", "ops")
+ATTENTION_IMPLS = ("gqa", "ops")
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    kv = [(i, n) for i in range(num_layers) for n in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "logits_positions"]
+    inputs += [f"past_key_values.{i}.{n}" for i, n in kv]
+    outputs = ["logits"] + [f"present.{i}.{n}" for i, n in kv]
+    return inputs, outputs
+
+
+def _example_inputs(model: CausalLM) -> tuple[torch.Tensor, ...]:
+    cfg = model.config
+    seq, past = 3, 5  # distinct sizes > 1 so torch.export keeps them symbolic
+    ids = torch.randint(0, cfg.vocab_size, (1, seq))
+    mask = torch.ones(1, past + seq, dtype=torch.long)
+    kv = [
+        torch.zeros(1, cfg.num_key_value_heads, past, cfg.head_dim)
+        for _ in range(2 * cfg.num_hidden_layers)
+    ]
+    return (ids, mask, torch.arange(seq), *kv)
+
+
+def _dynamic_shapes(num_layers: int) -> dict:
+    dim = torch.export.Dim
+    batch, seq = dim("batch", max=256), dim("sequence", max=1 << 17)
+    total, past = dim("total_sequence", max=1 << 17), dim("past_sequence", max=1 << 17)
+    return {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "logits_positions": {0: dim("num_logits", max=1 << 17)},
+        "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers)),
+    }
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings meant for its developers; keep ours clean."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_decoder(
+    model: CausalLM, path: Path, moe_impl: str = "contrib", attention: str = "gqa"
+) -> None:
+    """Write ``path`` (+ ``path.data`` external weights) for ``model``."""
+    if moe_impl not in MOE_IMPLS:
+        raise ValueError(f"moe_impl must be one of {MOE_IMPLS}")
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}")
+    model.eval()
+    model.set_attention_variant(attention == "gqa")
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            module.freeze_packed()
+    inputs, outputs = io_names(model.config.num_hidden_layers)
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                model,
+                _example_inputs(model),
+                dynamo=True,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=_dynamic_shapes(model.config.num_hidden_layers),
+                custom_translation_table=translation_table(moe_impl),
+                optimize=True,
+            )
+    finally:
+        for module in model.modules():
+            if isinstance(module, MoEFeedForward):
+                module.packed = None
+    proto = program.model_proto
+    # Fold per-expert weight slices/transposes of the standard-op lowering into plain
+    # initializers, so MatMuls read constant weights (and the int8 quantizer finds them).
+    onnxscript.optimizer.fold_constants(proto, input_size_limit=1 << 30, output_size_limit=1 << 30)
+    save_model(proto, path)
+
+
+def save_model(proto: onnx.ModelProto, path: Path) -> None:
+    """Save with weights in ``<name>.data`` beside the graph."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    for p in (path, data):
+        p.unlink(missing_ok=True)
+    onnx.save_model(
+        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data.name, size_threshold=1024,
+    )  # fmt: skip

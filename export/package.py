@@ -1,0 +1,227 @@
+"""Write a self-contained model package: graph, tokenizer and moechat.json.
+
+The package is assembled in a temporary folder beside OUTDIR and renamed into place
+only after parity passed, so a failed export never leaves a half-written package.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime
+import torch
+
+import moechat
+from moechat.export.onnx_graph import export_decoder
+from moechat.export.parity import measure_parity, parity_prompts
+from moechat.models.loading import LoadedCheckpoint
+from moechat.runtime.decoder import Decoder
+from moechat.runtime.errors import MoechatError
+from moechat.runtime.package import FORMAT_VERSION, MANIFEST, sha256_file
+from moechat.runtime.providers import create_session
+from moechat.runtime.tokenizer import TextTokenizer
+
+PARITY_TOLERANCE = 1e-4  # max |Δlogit| relative to the logit scale, fp32
+DEFAULT_SYSTEM = "You are a helpful assistant"
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+@dataclass
+class ExportOptions:
+    moe_impl: str = "contrib"
+    attention: str = "gqa"
+    max_context: int | None = None
+    name: str | None = None
+    force: bool = False
+    defaults: dict = field(default_factory=dict)
+    extra_manifest: dict = field(default_factory=dict)
+
+
+def _chat_template(tokenizer_dir: Path | None) -> tuple[str | None, str]:
+    """(jinja template text or None, default system prompt) from tokenizer_config.json."""
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer_config.json").is_file():
+        return None, DEFAULT_SYSTEM
+    try:
+        cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MoechatError(f"tokenizer_config.json is not valid JSON: {err}") from None
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # several named templates
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    system = DEFAULT_SYSTEM
+    if template:
+        if "<|im_start|>" not in template:
+            raise MoechatError(
+                "the tokenizer's chat template is not ChatML; moechat supports ChatML models"
+            )
+        found = re.search(r"<\|im_start\|>system\\n([^'\"{}+\\]+)<\|im_end\|>", template)
+        if found:
+            system = found.group(1)
+    return template, system
+
+
+def _check_tokenizer(tokenizer: TextTokenizer, vocab_size: int) -> dict:
+    if tokenizer.vocab_size > vocab_size:
+        raise MoechatError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}: "
+            "they do not belong together"
+        )
+    ids = {t: tokenizer.token_id(t) for t in CHATML_TOKENS}  # raises when missing
+    eos = [ids["<|im_end|>"]]
+    try:
+        pad = tokenizer.token_id("<|endoftext|>")
+        eos.append(pad)
+    except MoechatError:
+        pad = eos[0]
+    return {
+        "file": "tokenizer.json",
+        "bos_token_id": ids["<|im_start|>"],
+        "eos_token_ids": eos,
+        "pad_token_id": pad,
+    }
+
+
+def export_package(
+    ckpt: LoadedCheckpoint,
+    outdir: Path,
+    options: ExportOptions,
+    tokenizer_dir: Path | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict:
+    """Export ``ckpt`` to ``outdir``; return the manifest. Raises MoechatError on failure."""
+    outdir = Path(outdir)
+    if outdir.exists() and any(outdir.iterdir()) and not options.force:
+        raise MoechatError(f"{outdir} exists and is not empty (use --force to replace it)")
+    tokenizer_dir = tokenizer_dir or ckpt.tokenizer_dir
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
+        raise MoechatError(
+            "no tokenizer.json found: pass --tokenizer DIR (MiniMind ships one in model/)"
+        )
+    cfg = ckpt.config
+    tokenizer = TextTokenizer.from_file(tokenizer_dir / "tokenizer.json")
+    tokenizer_meta = _check_tokenizer(tokenizer, cfg.vocab_size)
+    jinja, default_system = _chat_template(tokenizer_dir)
+    max_context = options.max_context or min(cfg.max_position_embeddings, 4096)
+    if max_context > ckpt.model.cos_cache.shape[0]:
+        raise MoechatError(
+            f"--max-context {max_context} exceeds the RoPE table the model was built with"
+        )
+
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    try:
+        progress("tracing the model to ONNX")
+        export_decoder(ckpt.model, work / "model.onnx", options.moe_impl, options.attention)
+        shutil.copyfile(tokenizer_dir / "tokenizer.json", work / "tokenizer.json")
+
+        progress("checking parity: PyTorch vs onnxruntime")
+        session = create_session(work / "model.onnx", "CPUExecutionProvider")
+        decoder = Decoder(
+            session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+            max_context=max_context, static_cache=False,
+        )  # fmt: skip
+        texts = [
+            "Hello, who are you?",
+            "你好，请介绍一下你自己。",
+            "def add(a, b):\n    return a + b",
+        ]
+        prompts = parity_prompts(cfg.vocab_size, [tokenizer.encode_text(t) for t in texts])
+        report = measure_parity(ckpt.model, decoder, prompts)
+        del decoder, session
+        if report.relative > PARITY_TOLERANCE:
+            raise MoechatError(
+                f"parity check failed: max |Δlogit| {report.max_abs_diff:.3g} is "
+                f"{report.relative:.2g} of the logit scale {report.logit_scale:.3g} (limit {PARITY_TOLERANCE})"
+            )
+        manifest = build_manifest(ckpt, options, tokenizer_meta, jinja, default_system, max_context)
+        manifest["parity"] = {
+            "reference": "pytorch-fp32",
+            **report.to_dict(),
+            "tolerance": PARITY_TOLERANCE,
+        }
+        manifest.update(options.extra_manifest)
+        write_manifest(work, manifest)
+        _replace_dir(work, outdir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def build_manifest(
+    ckpt: LoadedCheckpoint, options: ExportOptions, tokenizer_meta: dict, jinja: str | None,
+    default_system: str, max_context: int,
+) -> dict:  # fmt: skip
+    cfg = ckpt.config
+    sources = [str(p) for p in ckpt.weight_files]
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": options.name or Path(ckpt.source).stem,
+        "architecture": cfg.to_dict(),
+        "graph": {
+            "file": "model.onnx",
+            "dtype": "float32",
+            "quantization": None,
+            "moe_impl": options.moe_impl,
+            "attention": options.attention,
+            "kv_layout": "BNSH",
+            "kv_dtype": "float32",
+            "inputs": "input_ids, attention_mask, logits_positions, past_key_values.{i}.{key,value}",
+            "outputs": "logits, present.{i}.{key,value}",
+        },
+        "tokenizer": tokenizer_meta,
+        "chat_template": {"format": "chatml", "default_system": default_system, "jinja": jinja},
+        "defaults": {
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": 0,
+            "min_p": 0.05,
+            "repetition_penalty": 1.05,
+            "max_new_tokens": 512,
+            **options.defaults,
+        },  # fmt: skip
+        "max_context": max_context,
+        "provenance": {
+            "source": str(Path(ckpt.source).resolve()),
+            "source_files": sources,
+            "source_sha256": {Path(p).name: sha256_file(Path(p)) for p in ckpt.weight_files},
+            "moechat_version": moechat.__version__,
+            "torch_version": torch.__version__,
+            "onnxruntime_version": onnxruntime.__version__,
+            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Record checksums of the package files, then write moechat.json atomically."""
+    manifest["files"] = {
+        p.name: sha256_file(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    new.chmod(0o755)  # mkdtemp makes it private
+    for f in new.iterdir():
+        f.chmod(0o644)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)

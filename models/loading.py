@@ -1,0 +1,146 @@
+"""Load checkpoints into :class:`CausalLM` without unpickling arbitrary objects.
+
+Formats: a Hugging Face-style folder (config.json + model.safetensors or
+pytorch_model.bin), a MiniMind native ``.pth`` state dict sized by a preset or flags,
+and (see ``moechat.models.gguf``) GGUF files. Code shipped in a checkpoint folder
+(``trust_remote_code`` modules) is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moechat.models.config import ModelConfig, preset
+from moechat.models.modeling import CausalLM
+from moechat.runtime.errors import MoechatError
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadedCheckpoint:
+    config: ModelConfig
+    model: CausalLM
+    source: Path
+    weight_files: list[Path]
+    tokenizer_dir: Path | None  # where tokenizer.json / tokenizer_config.json live
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors, or torch.load(weights_only=True) for .bin/.pth (no arbitrary pickles)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise MoechatError(f"cannot read {path}: {err}") from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoechatError(f"cannot read {path} as a weights-only state dict: {first}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # training checkpoints wrap the weights
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MoechatError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if "rotary_emb" in key or key.endswith(("freqs_cos", "freqs_sin")):
+            continue  # recomputed buffers
+        out[key] = value.float()
+    return out
+
+
+def build_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], max_positions: int = 4096
+) -> CausalLM:
+    """Instantiate ``cfg`` and load ``state`` strictly (names and shapes must match)."""
+    state = normalise_keys(state)
+    if cfg.tie_word_embeddings or "lm_head.weight" not in state:
+        if "lm_head.weight" in state and "model.embed_tokens.weight" not in state:
+            state["model.embed_tokens.weight"] = state["lm_head.weight"]
+        if "lm_head.weight" in state and not torch.equal(
+            state["lm_head.weight"], state["model.embed_tokens.weight"]
+        ):
+            cfg = cfg.with_changes(tie_word_embeddings=False)
+        else:
+            cfg = cfg.with_changes(tie_word_embeddings=True)
+            state.pop("lm_head.weight", None)
+    model = CausalLM(cfg, max_positions=max_positions)
+    expected = dict(model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise MoechatError(f"checkpoint does not match the {cfg.model_type} config: {detail}")
+    for key, tensor in state.items():
+        if tuple(expected[key].shape) != tuple(tensor.shape):
+            raise MoechatError(
+                f"checkpoint does not match the config: {key} has shape {tuple(tensor.shape)}, "
+                f"config expects {tuple(expected[key].shape)} (wrong preset or flags?)"
+            )
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings)
+    return model.eval()
+
+
+def load_hf_folder(folder: Path, max_positions: int = 4096) -> LoadedCheckpoint:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise MoechatError(f"{folder} has no config.json (is it a Hugging Face model folder?)")
+    try:
+        cfg = ModelConfig.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as err:
+        raise MoechatError(f"{config_file} is not valid JSON: {err}") from None
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise MoechatError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(read_state_dict(f))
+    return LoadedCheckpoint(cfg, build_model(cfg, state, max_positions), folder, files, folder)
+
+
+def load_pth(path: Path, cfg: ModelConfig, max_positions: int = 4096) -> LoadedCheckpoint:
+    return LoadedCheckpoint(
+        cfg, build_model(cfg, read_state_dict(path), max_positions), path, [path], None
+    )
+
+
+def load_checkpoint(
+    source: Path,
+    preset_name: str | None = None,
+    overrides: dict | None = None,
+    max_positions: int = 4096,
+) -> LoadedCheckpoint:
+    """Dispatch on the source: folder, ``.pth``/``.pt``/``.bin`` file, or ``.gguf``."""
+    source = Path(source)
+    if not source.exists():
+        raise MoechatError(f"checkpoint not found: {source}")
+    if source.is_dir():
+        return load_hf_folder(source, max_positions)
+    if source.suffix == ".gguf":
+        from moechat.models.gguf import load_gguf
+
+        return load_gguf(source, max_positions=max_positions)
+    if preset_name is None and not overrides:
+        raise MoechatError(
+            f"{source.name} is a bare state dict: give its size with --preset (e.g. minimind2-moe)"
+        )
+    cfg = preset(preset_name) if preset_name else ModelConfig()
+    if overrides:
+        cfg = cfg.with_changes(**overrides)
+    return load_pth(source, cfg, max_positions)

@@ -1,0 +1,178 @@
+"""A ChatML conversation on one model, reusing the KV cache across turns.
+
+The session remembers which token ids sit in the cache. Every turn renders the whole
+conversation to ids, keeps the longest common prefix with the cache and feeds only
+the rest, so a new turn prefills just its new tokens, and regenerate/edit rewind the
+cache rather than recompute it. Assistant replies are rendered from the ids that were
+generated (not re-tokenized text), so the cache stays a prefix of the next prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from moechat.runtime.errors import MoechatError
+from moechat.runtime.events import DoneEvent, GenerationEvent
+from moechat.runtime.generator import generate
+from moechat.runtime.model import LoadedModel
+from moechat.runtime.sampling import SamplingParams
+
+
+def _never() -> bool:
+    return False
+
+
+class ChatSession:
+    def __init__(self, model: LoadedModel, system_prompt: str | None = None) -> None:
+        self.model = model
+        self._system_prompt = system_prompt
+        self.messages: list[dict] = []
+        self._reply_ids: dict[int, list[int]] = {}  # message index -> generated ids
+        self._cache_ids: list[int] = []
+        self.reset()
+
+    # -- facts the UI shows -------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    @property
+    def max_context(self) -> int:
+        return self.model.max_context
+
+    @property
+    def context_used(self) -> int:
+        return self.model.decoder.length
+
+    @property
+    def defaults(self) -> SamplingParams:
+        return self.model.defaults
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self._system_prompt
+
+    @system_prompt.setter
+    def system_prompt(self, value: str | None) -> None:
+        self._system_prompt = value or None
+        self.messages = [m for m in self.messages if m["role"] != "system"]
+        self._reply_ids = {}
+        if self._system_prompt:
+            self.messages.insert(0, {"role": "system", "content": self._system_prompt})
+
+    # -- conversation edits ---------------------------------------------------
+    def reset(self, messages: list[dict] | None = None) -> None:
+        """Start over, or load a stored conversation (its system message, if any, wins)."""
+        self.messages = [dict(role=m["role"], content=m["content"]) for m in (messages or [])]
+        self._reply_ids = {}
+        if self.messages and self.messages[0]["role"] == "system":
+            self._system_prompt = self.messages[0]["content"]
+        elif self._system_prompt:
+            self.messages.insert(0, {"role": "system", "content": self._system_prompt})
+
+    def pop_last_exchange(self) -> str:
+        """Remove the last user message (and the reply after it); return its text."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i]["role"] == "user":
+                text = self.messages[i]["content"]
+                del self.messages[i:]
+                self._reply_ids = {k: v for k, v in self._reply_ids.items() if k < i}
+                return text
+        raise MoechatError("there is no user message to edit")
+
+    # -- generation -------------------------------------------------------------
+    def send(
+        self, user_text: str, params: SamplingParams, should_stop: Callable[[], bool] = _never
+    ) -> Iterator[GenerationEvent]:
+        self.messages.append({"role": "user", "content": user_text})
+        return self._reply(params, should_stop)
+
+    def regenerate(
+        self, params: SamplingParams, should_stop: Callable[[], bool] = _never
+    ) -> Iterator[GenerationEvent]:
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self._reply_ids.pop(len(self.messages) - 1, None)
+            self.messages.pop()
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise MoechatError("there is no reply to regenerate")
+        return self._reply(params, should_stop)
+
+    def _turn_ids(self, index: int) -> list[int]:
+        msg = self.messages[index]
+        template = self.model.template
+        if index in self._reply_ids:
+            return (
+                template.generation_prompt_ids() + self._reply_ids[index] + template.turn_end_ids()
+            )
+        return template.turn_ids(msg["role"], msg["content"])
+
+    def _prompt_ids(self) -> tuple[list[int], int]:
+        """Ids of the conversation + generation prompt, dropping the oldest turns to fit."""
+        template = self.model.template
+        head: list[int] = []
+        start = 0
+        if self.messages and self.messages[0]["role"] == "system":
+            head, start = self._turn_ids(0), 1
+        elif template.default_system is not None:
+            head = template.turn_ids("system", template.default_system)
+        turns = [self._turn_ids(i) for i in range(start, len(self.messages))]
+        budget = self.max_context - max(64, self.max_context // 8)  # room for the reply
+        dropped = 0
+        while (
+            sum(map(len, turns)) + len(head) + len(template.generation_prompt_ids()) > budget
+            and len(turns) > 1
+        ):
+            turns.pop(0)  # the oldest turn; never the system prompt or the new message
+            dropped += 1
+        # Keep user/assistant alternation: do not start on an assistant turn.
+        if dropped and self.messages[start + dropped]["role"] == "assistant":
+            turns.pop(0)
+            dropped += 1
+        ids = head + [t for turn in turns for t in turn] + template.generation_prompt_ids()
+        if len(ids) >= self.max_context:
+            raise MoechatError(
+                f"the message is too long: {len(ids)} tokens for a context of {self.max_context}"
+            )
+        if dropped:
+            del self.messages[start : start + dropped]
+            self._reply_ids = {
+                k - dropped: v for k, v in self._reply_ids.items() if k >= start + dropped
+            }
+        return ids, dropped
+
+    def _reply(
+        self, params: SamplingParams, should_stop: Callable[[], bool]
+    ) -> Iterator[GenerationEvent]:
+        try:
+            ids, dropped = self._prompt_ids()
+        except MoechatError:
+            self.messages.pop()  # leave the conversation as it was
+            raise
+        decoder = self.model.decoder
+        common = 0
+        for a, b in zip(self._cache_ids[: decoder.length], ids[:-1], strict=False):
+            if a != b:
+                break
+            common += 1
+        decoder.truncate(common)
+        self._cache_ids = self._cache_ids[:common]
+        fed = ids[common:]
+        done: DoneEvent | None = None
+        try:
+            for event in generate(self.model, fed, params, should_stop):
+                if isinstance(event, DoneEvent):
+                    done = event
+                    event.dropped_turns = dropped
+                yield event
+        finally:
+            generated = done.token_ids if done else []
+            self._cache_ids = (self._cache_ids + fed + generated)[: decoder.length]
+            if done is None:  # the caller stopped iterating: keep what the cache holds
+                generated = self._cache_ids[len(ids) :]
+            text = done.text if done else self.model.tokenizer.decode(generated)
+            self.messages.append({"role": "assistant", "content": text})
+            self._reply_ids[len(self.messages) - 1] = list(generated)

@@ -1,0 +1,88 @@
+"""ChatML prompt rendering straight to token ids.
+
+Layout::
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{text}<|im_end|>\\n
+    <|im_start|>assistant\\n
+
+Control tokens are emitted as ids; everything between them (``"{role}\\n{content}"`` and
+the ``"\\n"`` after ``<|im_end|>``) is encoded with ``encode_text`` (data), so message text
+can never inject control tokens. ``"{role}\\n{content}"`` is encoded as one piece rather
+than role and content separately: BPE pre-tokenisation would otherwise split a leading
+whitespace run of the content (e.g. ``"\\n\\n\\nx"``) differently from the whole string.
+With one piece per segment between control tokens the ids equal those of encoding
+:meth:`ChatMLTemplate.render_text` with special tokens recognised, for any content free
+of control-token strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import MoechatError
+from .tokenizer import TextTokenizer
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatMLTemplate:
+    """Render ``[{"role": ..., "content": ...}]`` conversations in ChatML."""
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        default_system: str | None = "You are a helpful assistant",
+        im_start: str = "<|im_start|>",
+        im_end: str = "<|im_end|>",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.default_system = default_system
+        self.im_start = im_start
+        self.im_end = im_end
+        self.im_start_id = tokenizer.token_id(im_start)
+        self.im_end_id = tokenizer.token_id(im_end)
+        self._newline_ids = tokenizer.encode_text("\n")
+
+    def with_system(self, messages: Sequence[dict]) -> list[dict]:
+        """The messages with the default system message prepended when one is needed."""
+        msgs = list(messages)
+        if self.default_system is not None and (not msgs or msgs[0].get("role") != "system"):
+            msgs.insert(0, {"role": "system", "content": self.default_system})
+        return msgs
+
+    @staticmethod
+    def _check(role: str, content: str) -> None:
+        if role not in ROLES:
+            raise MoechatError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise MoechatError(f"message content for role {role!r} must be a string")
+
+    def turn_ids(self, role: str, content: str) -> list[int]:
+        """Ids of one complete turn: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``."""
+        self._check(role, content)
+        body = self.tokenizer.encode_text(f"{role}\n{content}")
+        return [self.im_start_id, *body, self.im_end_id, *self._newline_ids]
+
+    def generation_prompt_ids(self) -> list[int]:
+        """Ids of ``<|im_start|>assistant\\n`` (the model continues after it)."""
+        return [self.im_start_id, *self.tokenizer.encode_text("assistant\n")]
+
+    def render_ids(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the whole conversation (plus the generation prompt)."""
+        ids: list[int] = []
+        for msg in self.with_system(messages):
+            ids += self.turn_ids(msg.get("role"), msg.get("content"))
+        if add_generation_prompt:
+            ids += self.generation_prompt_ids()
+        return ids
+
+    def render_text(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The same prompt as a string (for display and debugging)."""
+        parts = []
+        for msg in self.with_system(messages):
+            role, content = msg.get("role"), msg.get("content")
+            self._check(role, content)
+            parts.append(f"{self.im_start}{role}\n{content}{self.im_end}\n")
+        if add_generation_prompt:
+            parts.append(f"{self.im_start}assistant\n")
+        return "".join(parts)

@@ -1,0 +1,103 @@
+"""Load a package into a ready-to-generate model: session, decoder, tokenizer, template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moechat.runtime.chat_template import ChatMLTemplate
+from moechat.runtime.decoder import Decoder
+from moechat.runtime.errors import MoechatError
+from moechat.runtime.package import ModelPackage, load_package
+from moechat.runtime.providers import create_session, resolve_device
+from moechat.runtime.sampling import SamplingParams
+from moechat.runtime.tokenizer import TextTokenizer
+
+
+@dataclass
+class LoadedModel:
+    package: ModelPackage
+    provider: str
+    decoder: Decoder
+    tokenizer: TextTokenizer
+    template: ChatMLTemplate
+    defaults: SamplingParams
+    eos_token_ids: frozenset[int]
+
+    @property
+    def name(self) -> str:
+        return self.package.name
+
+    @property
+    def max_context(self) -> int:
+        return self.decoder.max_context
+
+
+def _graph_variant(package: ModelPackage, provider: str) -> str | None:
+    variants = package.graph.get("variants", {})
+    key = {"DmlExecutionProvider": "dml", "CUDAExecutionProvider": "cuda"}.get(provider)
+    return key if key in variants else None
+
+
+def load_model(
+    path: str | Path,
+    device: str = "auto",
+    max_context: int | None = None,
+    threads: int | None = None,
+    static_cache: bool | None = None,
+) -> LoadedModel:
+    """Open a package; ``max_context`` caps the KV buffers (memory) below the package's."""
+    package = load_package(path)
+    provider = resolve_device(device)
+    if max_context is not None:
+        if max_context < 16:
+            raise MoechatError(f"context cap {max_context} is too small (at least 16 tokens)")
+        if max_context > package.max_context:
+            raise MoechatError(
+                f"context cap {max_context} exceeds the model's maximum context of {package.max_context}"
+            )
+    context = max_context or package.max_context
+    graph = package.graph
+    arch = package.architecture
+    variant = _graph_variant(package, provider)
+    session = create_session(package.graph_path(variant), provider, threads)
+    attention = (
+        graph.get("variant_attention", {}).get(variant, graph["attention"])
+        if variant
+        else graph["attention"]
+    )
+    if static_cache is None:
+        static_cache = attention == "gqa"
+    if static_cache and attention != "gqa":
+        raise MoechatError("a static KV cache needs a GroupQueryAttention graph")
+    kv_dtype = np.float16 if graph.get("kv_dtype", "float32") == "float16" else np.float32
+    decoder = Decoder(
+        session,
+        num_layers=arch["num_hidden_layers"],
+        kv_heads=arch["num_key_value_heads"],
+        head_dim=arch["head_dim"],
+        max_context=context,
+        static_cache=static_cache,
+        kv_dtype=kv_dtype,
+    )
+    tokenizer = TextTokenizer.from_file(package.tokenizer_path)
+    tok_meta = package.manifest["tokenizer"]
+    if tokenizer.vocab_size > arch["vocab_size"]:
+        raise MoechatError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {arch['vocab_size']}: "
+            "the tokenizer does not fit this model"
+        )
+    chat = package.manifest.get("chat_template", {})
+    template = ChatMLTemplate(tokenizer, default_system=chat.get("default_system"))
+    defaults = SamplingParams.from_dict(package.manifest.get("defaults", {}))
+    return LoadedModel(
+        package=package,
+        provider=provider,
+        decoder=decoder,
+        tokenizer=tokenizer,
+        template=template,
+        defaults=defaults,
+        eos_token_ids=frozenset(tok_meta.get("eos_token_ids", [])),
+    )

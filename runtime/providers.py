@@ -1,0 +1,84 @@
+"""Execution-provider choice and onnxruntime session creation.
+
+onnxruntime silently falls back to CPU when a requested provider cannot start; we
+check the providers actually in use and fail loudly instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+
+from moechat.runtime.errors import MoechatError
+
+DEVICES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def resolve_device(device: str, available: list[str] | None = None) -> str:
+    """Map ``auto|cpu|cuda|dml`` to a provider name, checking it is installed."""
+    available = available_providers() if available is None else available
+    if device == "auto":
+        if "CUDAExecutionProvider" in available:
+            return "CUDAExecutionProvider"
+        if sys.platform == "win32" and "DmlExecutionProvider" in available:
+            return "DmlExecutionProvider"
+        return "CPUExecutionProvider"
+    if device not in DEVICES:
+        raise MoechatError(f"unknown device {device!r} (choose auto, cpu, cuda or dml)")
+    provider = DEVICES[device]
+    if provider not in available:
+        package = {"cuda": "onnxruntime-gpu", "dml": "onnxruntime-directml"}.get(device)
+        hint = (
+            f": install {package} (pip install 'moechat[{'directml' if device == 'dml' else device}]')"
+            if package
+            else ""
+        )
+        raise MoechatError(f"device {device!r} is not available in this onnxruntime build{hint}")
+    return provider
+
+
+def session_options(provider: str, threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if provider == "DmlExecutionProvider":
+        # DirectML requires these (onnxruntime docs).
+        opts.enable_mem_pattern = False
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads is None:
+        threads = int(os.environ.get("MOECHAT_THREADS", "0"))
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+def create_session(
+    model_path: Path, provider: str, threads: int | None = None
+) -> ort.InferenceSession:
+    providers = (
+        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    )
+    try:
+        session = ort.InferenceSession(
+            str(model_path), sess_options=session_options(provider, threads), providers=providers
+        )
+    except Exception as err:  # onnxruntime raises several unrelated exception types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MoechatError(f"cannot load {model_path.name} with {provider}: {first}") from None
+    if session.get_providers()[0] != provider:
+        raise MoechatError(
+            f"{provider} could not start (onnxruntime fell back to {session.get_providers()[0]})"
+        )
+    return session
