@@ -127,7 +127,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"architecture  {a['model_type']}: {a['num_hidden_layers']} layers, hidden {a['hidden_size']}, "
         f"{a['num_attention_heads']} heads / {a['num_key_value_heads']} KV heads, vocab {a['vocab_size']}",
         f"ffn           {moe}",
-        f"graph         {g['file']} ({g.get('quantization') or g['dtype']}; MoE {g.get('moe_impl')}, attention {g['attention']})",
+        f"graph         {g['file']} ({(g.get('quantization') or {}).get('method') or g['dtype']}; MoE {g.get('moe_impl')}, attention {g['attention']})",
         f"max context   {m['max_context']}",
         f"parity        {json.dumps(m.get('parity', {}))}",
     ]
@@ -149,6 +149,25 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"export needs the export extra (pip install 'moechat[export]'): {err.name} is missing"
         ) from None
     return run_export(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moechat.runtime.evaluate import ProgressBar, evaluate_perplexity, read_text_file, windows
+    from moechat.runtime.model import load_model
+
+    if args.chunk < 1:
+        raise MoechatError(f"--chunk must be at least 1 (got {args.chunk})")
+    text = read_text_file(args.textfile)
+    model = load_model(Path(args.model), args.device, args.max_context, args.threads)
+    ids = model.tokenizer.encode_text(text)
+    if len(ids) < 2:
+        raise MoechatError(f"{args.textfile} holds {len(ids)} token(s): nothing to score")
+    total = sum(e - s for s, e in windows(len(ids), model.max_context))
+    bar = ProgressBar(total)
+    result = evaluate_perplexity(model.decoder, ids, chunk=args.chunk, progress=bar.update)
+    bar.close(total)
+    print(json.dumps(result.to_dict()))
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -195,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("outdir")
     p.add_argument("--preset", help="size of a bare .pth state dict, e.g. minimind2-moe")
     p.add_argument("--tokenizer", help="folder with tokenizer.json (and tokenizer_config.json)")
-    p.add_argument("--moe-impl", choices=["contrib", "ops"], default="contrib",
-                   help="MoE lowering: onnxruntime's MoE contrib op, or standard ONNX ops")  # fmt: skip
+    p.add_argument("--moe-impl", choices=["contrib", "ops", "qmoe"], default=None,
+                   help="MoE lowering: onnxruntime's MoE contrib op (fp32; default), its int8 "
+                   "QMoE op (--int8; default), or standard ONNX ops")  # fmt: skip
     p.add_argument("--attention", choices=["gqa", "ops"], default="gqa",
                    help="GroupQueryAttention contrib op, or standard ONNX ops")  # fmt: skip
     p.add_argument(
@@ -204,7 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="package name")
     p.add_argument("--force", action="store_true", help="replace OUTDIR")
+    g = p.add_argument_group("int8")
+    g.add_argument("--int8", action="store_true",
+                   help="int8 weights (routers stay fp32); measures fidelity against fp32")  # fmt: skip
+    g.add_argument("--int8-matmuls", choices=["dynamic", "nbits"],
+                   help="int8 kernel for the matmuls outside the MoE op: MatMulInteger "
+                   "(dynamic, default) or MatMulNBits")  # fmt: skip
+    g.add_argument("--heldout", metavar="TEXTFILE",
+                   help="held-out text for the fidelity report (default: the shipped one)")  # fmt: skip
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="perplexity of a package on a text file (teacher forcing)")
+    p.add_argument("model", help="model package directory")
+    p.add_argument("textfile", help="UTF-8 text file")
+    p.add_argument("--chunk", type=int, default=256,
+                   help="tokens fed per step through the KV cache (default: 256)")  # fmt: skip
+    _add_model_options(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

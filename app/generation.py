@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from textual.message import Message
 
@@ -56,6 +56,7 @@ class Generation:
     kind: Literal["send", "regen"]
     conversation_id: int
     seq: int  # the assistant message's seq in the store
+    block: Any = None  # the AssistantMessage widget it streams into
     user_seq: int | None = None
     user_text: str = ""
     previous: tuple[str, bool, str | None] | None = None  # regen: text, partial, reason

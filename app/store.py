@@ -107,6 +107,7 @@ class ConversationStore:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = None  # type: ignore[assignment]
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
             self._conn.row_factory = sqlite3.Row
@@ -115,8 +116,14 @@ class ConversationStore:
                 self._conn.execute("PRAGMA journal_mode = WAL")
                 self._conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate(target_version)
-        except sqlite3.DatabaseError as err:
-            raise MoechatError(f"cannot open the conversations database {self.path}: {err}") from err
+        except (sqlite3.DatabaseError, MoechatError) as err:
+            if self._conn is not None:
+                self._conn.close()
+            if isinstance(err, MoechatError):
+                raise
+            raise MoechatError(
+                f"cannot open the conversations database {self.path}: {err}"
+            ) from err
 
     # -- lifecycle -------------------------------------------------------------------
 

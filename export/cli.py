@@ -7,8 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from moechat.export.int8 import SIZE_RATIO_MAX
 from moechat.export.package import ExportOptions, export_package
 from moechat.models.loading import load_checkpoint
+from moechat.runtime.evaluate import read_text_file
 
 
 def progress_printer():
@@ -23,12 +25,17 @@ def progress_printer():
 def run_export(args: argparse.Namespace) -> int:
     report = progress_printer()
     max_positions = max(args.max_context or 4096, 4096)
-    report(f"loading {args.source}")
-    ckpt = load_checkpoint(Path(args.source), preset_name=args.preset, max_positions=max_positions)
+    heldout = getattr(args, "heldout", None)
     options = ExportOptions(
         moe_impl=args.moe_impl, attention=args.attention, max_context=args.max_context,
-        name=args.name, force=args.force,
+        name=args.name, force=args.force, int8=getattr(args, "int8", False),
+        int8_matmuls=getattr(args, "int8_matmuls", None),
+        heldout=Path(heldout) if heldout else None,
     )  # fmt: skip
+    if options.heldout is not None:
+        read_text_file(options.heldout)  # fail before the slow part
+    report(f"loading {args.source}")
+    ckpt = load_checkpoint(Path(args.source), preset_name=args.preset, max_positions=max_positions)
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
     manifest = export_package(ckpt, Path(args.outdir), options, tokenizer, progress=report)
     parity = manifest["parity"]
@@ -36,4 +43,44 @@ def run_export(args: argparse.Namespace) -> int:
         f"wrote {args.outdir}: parity max |Δlogit| {parity['max_abs_diff']:.3g} "
         f"({parity['relative']:.2g} of logit scale {parity['logit_scale']:.3g})"
     )
+    if options.int8:
+        print_int8_summary(manifest)
     return 0
+
+
+def print_int8_summary(manifest: dict) -> None:
+    """Sizes and fidelity on stdout; a loud warning on stderr when a threshold is missed."""
+    q, f = manifest["graph"]["quantization"], manifest["fidelity"]
+    print(
+        f"size: fp32 package {q['fp32_package_bytes'] / 1e6:.1f} MB, "
+        f"int8 package {q['int8_package_bytes'] / 1e6:.1f} MB ({q['size_ratio']:.1%} of fp32)"
+    )
+    routing = f["routing_agreement"]
+    print(
+        f"fidelity vs fp32 on {f['tokens']} held-out tokens: "
+        f"top-1 agreement {f['top1_agreement']:.2%}, mean KL {f['mean_kl']:.3g}, "
+        f"perplexity ratio {f['perplexity_ratio']:.4f}"
+        + (f", expert-routing agreement {routing:.2%}" if routing is not None else "")
+    )
+    problems = []
+    if q["size_ratio"] > SIZE_RATIO_MAX:
+        problems.append(f"the int8 package is {q['size_ratio']:.0%} of fp32 (target <= 30%)")
+    t = f["thresholds"]
+    if f["perplexity_ratio"] > t["perplexity_ratio_max"]:
+        problems.append(
+            f"perplexity ratio {f['perplexity_ratio']:.4f} exceeds {t['perplexity_ratio_max']}"
+        )
+    if f["top1_agreement"] < t["top1_agreement_min"]:
+        problems.append(
+            f"top-1 agreement {f['top1_agreement']:.2%} is below {t['top1_agreement_min']:.0%}"
+        )
+    if problems:
+        bar = "!" * 72
+        lines = [bar, "WARNING: this int8 package misses its fidelity/size targets:"]
+        lines += [f"  - {p}" for p in problems]
+        lines += [
+            "  (thresholds are for trained models; random weights miss them). Compare with",
+            "  `moechat eval PACKAGE TEXT` on your own text before you rely on it.",
+            bar,
+        ]
+        print("\n".join(lines), file=sys.stderr, flush=True)

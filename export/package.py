@@ -36,13 +36,45 @@ CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 @dataclass
 class ExportOptions:
-    moe_impl: str = "contrib"
+    moe_impl: str | None = None  # None: "contrib" (fp32) or INT8_DEFAULT_MOE (int8)
     attention: str = "gqa"
     max_context: int | None = None
     name: str | None = None
     force: bool = False
     defaults: dict = field(default_factory=dict)
     extra_manifest: dict = field(default_factory=dict)
+    int8: bool = False
+    int8_matmuls: str | None = None  # "dynamic" (default) or "nbits"
+    heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+        if self.moe_impl is None:
+            self.moe_impl = INT8_DEFAULT_MOE if self.int8 else "contrib"
+
+    @property
+    def fp32_moe_impl(self) -> str:
+        """The lowering of the traced fp32 graph (QMoE is rewritten from the MoE op)."""
+        return "contrib" if self.moe_impl == "qmoe" else self.moe_impl
+
+
+INT8_DEFAULT_MOE = "qmoe"  # measured fastest on CPU at decode: docs/benchmarks.md
+
+
+def validate_options(options: ExportOptions) -> None:
+    """Reject option combinations that only make sense for fp32 (or only for int8)."""
+    if options.int8:
+        if options.moe_impl == "contrib":
+            raise MoechatError(
+                "--moe-impl contrib is the fp32 MoE op; with --int8 use qmoe (int8 MoE op) or ops"
+            )
+    else:
+        if options.moe_impl == "qmoe":
+            raise MoechatError("--moe-impl qmoe is the int8 MoE op: it needs --int8")
+        int8_only = (("--heldout", options.heldout), ("--int8-matmuls", options.int8_matmuls))
+        for flag, value in int8_only:
+            if value is not None:
+                raise MoechatError(f"{flag} only applies to --int8 exports")
 
 
 def _chat_template(tokenizer_dir: Path | None) -> tuple[str | None, str]:
@@ -119,7 +151,7 @@ def export_package(
     work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
     try:
         progress("tracing the model to ONNX")
-        export_decoder(ckpt.model, work / "model.onnx", options.moe_impl, options.attention)
+        export_decoder(ckpt.model, work / "model.onnx", options.fp32_moe_impl, options.attention)
         shutil.copyfile(tokenizer_dir / "tokenizer.json", work / "tokenizer.json")
 
         progress("checking parity: PyTorch vs onnxruntime")
@@ -147,6 +179,8 @@ def export_package(
             **report.to_dict(),
             "tolerance": PARITY_TOLERANCE,
         }
+        if options.int8:
+            _quantize(work, manifest, tokenizer, options, max_context, progress)
         manifest.update(options.extra_manifest)
         write_manifest(work, manifest)
         _replace_dir(work, outdir)
@@ -154,6 +188,19 @@ def export_package(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
+
+
+def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None:
+    """Replace the fp32 graph in ``work`` by its int8 version; record how and how well."""
+    from moechat.export.int8 import quantize_package_graph
+
+    result = quantize_package_graph(
+        work, manifest["architecture"], tokenizer, options.moe_impl,
+        options.int8_matmuls or "dynamic", options.heldout, max_context, progress,
+    )  # fmt: skip
+    manifest["graph"]["quantization"] = result.quantization
+    manifest["parity"]["graph"] = "float32, before int8 quantization"
+    manifest["fidelity"] = {"reference": "fp32 graph", **result.fidelity.to_dict()}
 
 
 def build_manifest(

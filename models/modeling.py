@@ -111,6 +111,8 @@ class MoEFeedForward(nn.Module):
             for _ in range(cfg.n_shared_experts)
         )
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pack_key: tuple | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def pack_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fc1 [E, 2I, H] (gate/up rows interleaved) and fc2 [E, H, I]."""
@@ -124,10 +126,19 @@ class MoEFeedForward(nn.Module):
         """Keep packed copies as constants so the exported graph stores them once, packed."""
         self.packed = self.pack_experts()
 
+    def _packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed expert weights, repacked only when a weight changed (packing is costly)."""
+        if self.packed is not None:
+            return self.packed
+        key = tuple((id(p), p._version) for p in self.experts.parameters())
+        if key != self._pack_key or self._cache is None:
+            self._cache, self._pack_key = self.pack_experts(), key
+        return self._cache
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        fc1, fc2 = self.packed if self.packed is not None else self.pack_experts()
+        fc1, fc2 = self._packed_weights()
         y = ops.moe_routed(flat, self.gate(flat), fc1, fc2, self.top_k, self.normalize)
         for shared in self.shared_experts:
             y = y + shared(flat)

@@ -13,6 +13,11 @@ whitespace run of the content (e.g. ``"\\n\\n\\nx"``) differently from the whole
 With one piece per segment between control tokens the ids equal those of encoding
 :meth:`ChatMLTemplate.render_text` with special tokens recognised, for any content free
 of control-token strings.
+
+A reply generated after :meth:`ChatMLTemplate.generation_prompt_ids` is best kept as
+``generation_prompt_ids() + generated + turn_end_ids()`` (the ids the model actually saw);
+``turn_ids("assistant", text)`` re-encodes ``"assistant\n" + text`` as one piece and may
+tokenize differently.
 """
 
 from __future__ import annotations
@@ -61,7 +66,11 @@ class ChatMLTemplate:
         """Ids of one complete turn: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``."""
         self._check(role, content)
         body = self.tokenizer.encode_text(f"{role}\n{content}")
-        return [self.im_start_id, *body, self.im_end_id, *self._newline_ids]
+        return [self.im_start_id, *body, *self.turn_end_ids()]
+
+    def turn_end_ids(self) -> list[int]:
+        """Ids of ``<|im_end|>\n``, closing a reply generated after the generation prompt."""
+        return [self.im_end_id, *self._newline_ids]
 
     def generation_prompt_ids(self) -> list[int]:
         """Ids of ``<|im_start|>assistant\\n`` (the model continues after it)."""

@@ -123,7 +123,8 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {**dataclasses.asdict(self), "stop": list(self.stop)}
+        data = {k: v.item() if isinstance(v, np.generic) else v for k, v in vars(self).items()}
+        return {**data, "stop": list(self.stop)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
@@ -164,7 +165,7 @@ class Sampler:
     """
 
     CUTOFF = 40.0
-    #: candidate pool tried before a full sort for top-p
+    #: first candidate pool (growing x8) tried before a full sort for top-p
     NUCLEUS_POOL = 512
 
     def __init__(self, params: SamplingParams) -> None:
@@ -199,11 +200,14 @@ class Sampler:
         probs /= probs.sum()
 
         if p.top_p < 1.0:
-            if idx.size > 2 * self.NUCLEUS_POOL:
-                n = idx.size - self.NUCLEUS_POOL
+            pool_size = self.NUCLEUS_POOL
+            while idx.size > 2 * pool_size:  # avoid sorting the whole candidate set
+                n = idx.size - pool_size
                 pool = np.argpartition(probs, n)[n:]
                 if probs[pool].sum() >= p.top_p:  # the nucleus lies inside the pool
                     idx, probs = idx[pool], probs[pool]
+                    break
+                pool_size *= 8
             order = np.argsort(-probs, kind="stable")
             cum = np.cumsum(probs[order])
             keep = order[: int(np.searchsorted(cum, p.top_p, side="left")) + 1]

@@ -3,14 +3,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tokenizer_factory import train_tiny_tokenizer
 from tokenizers import Tokenizer
 
 from moechat.runtime.chat_template import ChatMLTemplate
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.tokenizer import TextTokenizer
 
-MINIMIND_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minimind-tokenizer"
+from tokenizer_factory import train_tiny_tokenizer
+
+MINIMIND_DIR = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minimind-tokenizer"
+)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
@@ -95,6 +98,9 @@ def test_turn_and_prompt_ids(template: ChatMLTemplate) -> None:
     assert tok.decode(turn, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>\n"
     gen = template.generation_prompt_ids()
     assert tok.decode(gen, skip_special_tokens=False) == "<|im_start|>assistant\n"
+    end = template.turn_end_ids()
+    assert turn[-len(end) :] == end
+    assert tok.decode(end, skip_special_tokens=False) == "<|im_end|>\n"
 
 
 @pytest.mark.parametrize("msgs", CONVERSATIONS)

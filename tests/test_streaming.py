@@ -4,13 +4,16 @@ import random
 from pathlib import Path
 
 import pytest
-from tokenizer_factory import train_tiny_tokenizer
 from tokenizers import Tokenizer, decoders, models, normalizers
 
 from moechat.runtime.streaming import StreamDecoder
 from moechat.runtime.tokenizer import TextTokenizer
 
-MINIMIND_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minimind-tokenizer"
+from tokenizer_factory import train_tiny_tokenizer
+
+MINIMIND_DIR = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minimind-tokenizer"
+)
 
 TEXTS = [
     "你好，世界！今天天气很好。",
@@ -34,7 +37,12 @@ def _sentencepiece_style() -> TextTokenizer:
     tok = Tokenizer(model)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     return TextTokenizer(tok)

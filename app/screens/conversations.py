@@ -138,6 +138,8 @@ class ConversationListScreen(ModalScreen[Choice | None]):
             self.refresh_list()
 
         self.app.push_screen(
-            ConfirmScreen(f"Delete “{conv.title}” ({conv.message_count} messages)? This cannot be undone."),
+            ConfirmScreen(
+                f"Delete “{conv.title}” ({conv.message_count} messages)? This cannot be undone."
+            ),
             done,
         )

@@ -17,8 +17,8 @@ class PromptInput(TextArea):
     """
 
     BINDINGS = [
-        Binding("ctrl+e", "app.edit_last", "Edit last", show=False),
-        Binding("ctrl+y", "app.copy_last", "Copy reply", show=False),
+        Binding("ctrl+e", "app.edit_last", "Edit"),
+        Binding("ctrl+y", "app.copy_last", "Copy"),
         Binding("ctrl+c", "interrupt", "Stop / copy / quit", show=False),
         Binding("ctrl+d", "delete_or_quit", "Delete right / quit", show=False),
     ]
@@ -39,7 +39,7 @@ class PromptInput(TextArea):
             placeholder=placeholder,
             highlight_cursor_line=False,
         )
-        self.history: list[str] = []
+        self.prompts: list[str] = []
         self._history_index: int | None = None
         self._draft = ""
 
@@ -65,13 +65,13 @@ class PromptInput(TextArea):
 
     def remember(self, text: str) -> None:
         """Add a sent prompt to the history (consecutive duplicates collapse)."""
-        if text.strip() and (not self.history or self.history[-1] != text):
-            self.history.append(text)
+        if text.strip() and (not self.prompts or self.prompts[-1] != text):
+            self.prompts.append(text)
         self._history_index = None
         self._draft = ""
 
     def set_history(self, prompts: list[str]) -> None:
-        self.history = [p for p in prompts if p.strip()]
+        self.prompts = [p for p in prompts if p.strip()]
         self._history_index = None
 
     def _show(self, text: str) -> None:
@@ -79,26 +79,26 @@ class PromptInput(TextArea):
         self.move_cursor(self.document.end)
 
     def action_cursor_up(self, select: bool = False) -> None:
-        if select or self.cursor_location[0] > 0 or not self.history:
+        if select or self.cursor_location[0] > 0 or not self.prompts:
             super().action_cursor_up(select)
             return
         if self._history_index is None:
             self._draft = self.text
-            self._history_index = len(self.history) - 1
+            self._history_index = len(self.prompts) - 1
         elif self._history_index > 0:
             self._history_index -= 1
         else:
             return
-        self._show(self.history[self._history_index])
+        self._show(self.prompts[self._history_index])
 
     def action_cursor_down(self, select: bool = False) -> None:
         last_row = self.document.line_count - 1
         if select or self._history_index is None or self.cursor_location[0] < last_row:
             super().action_cursor_down(select)
             return
-        if self._history_index < len(self.history) - 1:
+        if self._history_index < len(self.prompts) - 1:
             self._history_index += 1
-            self._show(self.history[self._history_index])
+            self._show(self.prompts[self._history_index])
         else:
             self._history_index = None
             self._show(self._draft)

@@ -30,16 +30,27 @@ FIELDS: tuple[tuple[str, str], ...] = (
 )
 
 
+_INTEGER_FIELDS = ("top_k", "max_new_tokens", "seed")
+
+
+def _bound(value: float, integer: bool) -> str:
+    return f"{int(value):,}".replace(",", "_") if integer else f"{value:g}"
+
+
 def allowed(name: str) -> str:
-    rng = SamplingParams.RANGES.get(name)
-    if name == "seed":
-        return f"integer in {rng.describe()} or empty" if rng else "integer or empty"
+    """The allowed range as shown under a field, e.g. ``number in (0, 1]``."""
     if name == "stop":
-        return f"up to {SamplingParams.MAX_STOP} strings"
+        return f"up to {SamplingParams.MAX_STOP} strings; empty = none"
+    rng = SamplingParams.RANGES.get(name)
     if rng is None:
         return ""
-    kind = "integer" if name in ("top_k", "max_new_tokens") else "number"
-    return f"{kind} in {rng.describe()}"
+    integer = name in _INTEGER_FIELDS
+    if name == "seed":
+        return f"integer ≥ {_bound(rng.lo, True)}; empty = random"
+    lo = "(" if rng.lo_open else "["
+    hi = ")" if rng.hi_open else "]"
+    kind = "integer" if integer else "number"
+    return f"{kind} in {lo}{_bound(rng.lo, integer)}, {_bound(rng.hi, integer)}{hi}"
 
 
 def display_value(params: SamplingParams, name: str) -> str:
@@ -72,9 +83,9 @@ class SamplingPanel(VerticalScroll):
         super().__init__(id=id)
         self.params = params
         self.system_prompt = system_prompt
-        self.border_title = "Sampling (Ctrl+S)"
 
     def compose(self) -> ComposeResult:
+        yield Label("Sampling  (Ctrl+S hides)", classes="panel-title")
         for name, title in FIELDS:
             yield Label(title, classes="field-title")
             yield Input(display_value(self.params, name), id=f"param-{name}", compact=True)
@@ -111,7 +122,7 @@ class SamplingPanel(VerticalScroll):
     def _set_error(self, name: str, error: str | None) -> None:
         widget = self.query_one(f"#param-{name}", Input)
         note = self.query_one(f"#range-{name}", Static)
-        widget.set_class(error is not None, "-invalid")
+        widget.set_class(error is not None, "-refused")
         note.set_class(error is not None, "-error")
         note.update(Text(error if error else allowed(name)))
 
@@ -119,7 +130,7 @@ class SamplingPanel(VerticalScroll):
         """Fields whose current text is refused, with the message shown."""
         out = {}
         for name, _ in FIELDS:
-            if self.query_one(f"#param-{name}", Input).has_class("-invalid"):
+            if self.query_one(f"#param-{name}", Input).has_class("-refused"):
                 out[name] = str(self.query_one(f"#range-{name}", Static).content)
         return out
 

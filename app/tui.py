@@ -1,0 +1,951 @@
+"""The chat app (Textual).
+
+State has one owner each: the engine holds the model context, the store holds what the
+user sees (every message is written as it completes; a streaming reply is upserted about
+once a second and kept with ``partial=1`` when stopped), and this class keeps the two in
+step and owns the widgets. Only the UI thread touches the store and the widgets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header
+
+from moechat.app import commands
+from moechat.app.engine import ChatEngine, EngineSource, short_provider
+from moechat.app.export_conversation import FORMATS, export_conversation
+from moechat.app.generation import (
+    FLUSH_INTERVAL_S,
+    SAVE_INTERVAL_S,
+    GenChunk,
+    GenDone,
+    Generation,
+    GenFailed,
+    pump_events,
+)
+from moechat.app.screens.conversations import ConversationListScreen
+from moechat.app.screens.dialogs import ConfirmScreen, TextPromptScreen
+from moechat.app.screens.help import HelpScreen
+from moechat.app.store import ConversationStore, StoredMessage
+from moechat.app.widgets.messages import FINISH_NOTES, AssistantMessage, InfoMessage, UserMessage
+from moechat.app.widgets.prompt_input import PromptInput
+from moechat.app.widgets.sampling_panel import SamplingPanel
+from moechat.app.widgets.status_line import StatusLine
+from moechat.runtime.errors import MoechatError
+from moechat.runtime.events import DoneEvent, TokenEvent
+from moechat.runtime.sampling import SamplingParams
+
+TITLE_CHARS = 60
+
+# Keys handled by the prompt itself (listed on the help screen with the app bindings).
+PROMPT_KEYS: list[tuple[str, str]] = [
+    ("enter", "send the message (or run a /command)"),
+    ("shift+enter, ctrl+j", "insert a newline"),
+    ("up / down", "recall earlier prompts (on the first / last line of the prompt)"),
+    ("ctrl+c", "stop the reply; with a selection, copy it; otherwise quit"),
+    ("ctrl+d", "quit (on an empty prompt)"),
+]
+
+
+def _title_from(text: str) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "New chat")
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+def _note_for(message: StoredMessage) -> tuple[str, str | None]:
+    reason = message.finish_reason
+    if reason == "cancelled":
+        return FINISH_NOTES["cancelled"], "stopped"
+    if message.partial:
+        return FINISH_NOTES["interrupted"], "stopped"
+    if reason in ("length", "context"):
+        return FINISH_NOTES[reason], "info"
+    return "", None
+
+
+class ChatApp(App[int]):
+    """Chat with one model; conversations live in ``store``."""
+
+    CSS_PATH = "chat.tcss"
+    TITLE = "moechat"
+
+    BINDINGS = [
+        Binding(
+            "escape",
+            "stop",
+            "Stop",
+            tooltip="stop the reply being generated (kept, marked stopped)",
+        ),
+        Binding("ctrl+r", "regenerate", "Regen", tooltip="regenerate the last reply"),
+        Binding("ctrl+e", "edit_last", "Edit", tooltip="put the last message back into the prompt"),
+        Binding("ctrl+s", "toggle_sampling", "Sampling", tooltip="show/hide the sampling panel"),
+        Binding("ctrl+l", "conversations", "Chats", tooltip="conversations: open, rename, delete"),
+        Binding("ctrl+n", "new_chat", "New", tooltip="start a new conversation"),
+        Binding("ctrl+y", "copy_last", "Copy", tooltip="copy the last reply to the clipboard"),
+        Binding("f1", "help", "Help", tooltip="this help screen"),
+        Binding(
+            "ctrl+q", "quit", "Quit", tooltip="quit (a reply in progress is saved)", priority=True
+        ),
+    ]
+
+    def __init__(
+        self,
+        engine: EngineSource,
+        store: ConversationStore,
+        *,
+        conversation_id: int | None = None,
+        export_dir: Path | None = None,
+        flush_interval: float = FLUSH_INTERVAL_S,
+        save_interval: float = SAVE_INTERVAL_S,
+    ) -> None:
+        super().__init__()
+        self._engine_source = engine
+        self.engine: ChatEngine | None = None
+        self.engine_error: str | None = None
+        self.store = store
+        self.export_dir = export_dir
+        self.flush_interval = flush_interval
+        self.save_interval = save_interval
+        self.conversation_id: int | None = None
+        self._resume_id = conversation_id
+        self.params = SamplingParams()
+        self.system_prompt: str | None = None
+        self._gen: Generation | None = None
+        self._gen_counter = 0
+        self._busy = False  # loading/switching conversations
+
+    # -- layout ----------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False, icon="◆")
+        with Horizontal(id="main"):
+            yield VerticalScroll(id="chat-log")
+            yield SamplingPanel(self.params, self.system_prompt, id="sampling")
+        yield PromptInput(
+            id="prompt", placeholder="Message (Enter sends, Shift+Enter newline, /help)"
+        )
+        yield StatusLine(id="status")
+        yield Footer()
+
+    @property
+    def chat_log(self) -> VerticalScroll:
+        return self.query_one("#chat-log", VerticalScroll)
+
+    @property
+    def prompt(self) -> PromptInput:
+        return self.query_one("#prompt", PromptInput)
+
+    @property
+    def status(self) -> StatusLine:
+        return self.query_one("#status", StatusLine)
+
+    @property
+    def panel(self) -> SamplingPanel:
+        return self.query_one("#sampling", SamplingPanel)
+
+    @property
+    def generating(self) -> bool:
+        return self._gen is not None
+
+    async def on_mount(self) -> None:
+        self.chat_log.anchor()
+        self.prompt.focus()
+        self._install_signal_handlers()
+        source = self._engine_source
+        if callable(source) and not hasattr(source, "send"):
+            self.status.show(state="loading model…")
+            self._load_engine(source)
+        else:
+            await self._engine_ready(source)  # type: ignore[arg-type]
+
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def _load_engine(self, factory: Callable[[], ChatEngine]) -> None:
+        try:
+            engine = factory()
+        except MoechatError as err:
+            self.call_from_thread(self._engine_failed, str(err))
+        except Exception as err:  # noqa: BLE001 - shown to the user; the app keeps running
+            self.call_from_thread(self._engine_failed, f"{type(err).__name__}: {err}")
+        else:
+            self.call_from_thread(self._engine_ready, engine)
+
+    def _engine_failed(self, error: str) -> None:
+        self.engine_error = error
+        self.status.show(state=f"model failed to load: {error}")
+        self.notify(error, title="Model failed to load", severity="error", timeout=30)
+
+    async def _engine_ready(self, engine: ChatEngine) -> None:
+        self.engine = engine
+        self.status.show(
+            model=engine.model_name,
+            provider=engine.provider,
+            context_used=engine.context_used,
+            max_context=engine.max_context,
+            state="",
+        )
+        if self._resume_id is not None:
+            resume, self._resume_id = self._resume_id, None
+            await self.load_conversation(resume)
+        elif self.conversation_id is not None:
+            self._sync_engine()
+        else:
+            self._set_settings(engine.defaults, None, save=False)
+            self._sync_engine()
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGHUP (terminal closed): save the partial reply, then quit."""
+        import asyncio
+        import signal
+
+        try:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if sig is not None:
+                    loop.add_signal_handler(sig, self._terminate)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # Windows, or not the main thread (tests)
+
+    def _terminate(self) -> None:
+        self.persist_in_progress()
+        self.exit(0)
+
+    # -- small helpers ---------------------------------------------------------------
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: str = "information",
+        timeout: float | None = None,
+        markup: bool = False,
+    ) -> None:
+        """Notifications show model/user text verbatim: markup is off unless asked for."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
+
+    def _db(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a store call; a database error is shown and the app keeps running."""
+        try:
+            return fn(*args, **kwargs)
+        except (MoechatError, sqlite3.Error) as err:
+            self.notify(f"Could not save: {err}", title="Database error", severity="error")
+            return None
+
+    def _refuse_while_generating(self) -> bool:
+        if self._gen is not None:
+            self.notify("A reply is being generated; press Esc to stop it first.", timeout=3)
+            return True
+        if self._busy:
+            return True
+        return False
+
+    def _need_engine(self) -> ChatEngine | None:
+        if self.engine is None:
+            why = self.engine_error or "the model is still loading"
+            self.notify(f"No model: {why}", severity="warning")
+        return self.engine
+
+    def _settings(self) -> dict[str, Any]:
+        return {"params": self.params.to_dict(), "system_prompt": self.system_prompt}
+
+    def _set_settings(
+        self, params: SamplingParams, system_prompt: str | None, *, save: bool = True
+    ) -> None:
+        self.params = params
+        self.system_prompt = system_prompt
+        self.panel.load(params, system_prompt)
+        self.status.show(temperature=params.temperature)
+        if save and self.conversation_id is not None:
+            self._db(self.store.update_settings, self.conversation_id, self._settings())
+
+    def _push_system_prompt(self) -> None:
+        engine = self.engine
+        if engine is not None and engine.system_prompt != self.system_prompt:
+            engine.system_prompt = self.system_prompt
+
+    def _stored(self) -> list[StoredMessage]:
+        if self.conversation_id is None:
+            return []
+        return self._db(self.store.messages, self.conversation_id) or []
+
+    def _sync_engine(self) -> None:
+        """Load the stored conversation into the engine (after a switch or a failure)."""
+        engine = self.engine
+        if engine is None:
+            return
+        history = [m.chatml() for m in self._stored() if m.role != "system"]
+        try:
+            engine.reset(history or None)
+            self._push_system_prompt()
+        except MoechatError as err:
+            self.notify(str(err), title="Model error", severity="error")
+        self.status.show(context_used=engine.context_used, max_context=engine.max_context)
+
+    def _blocks(self) -> list[UserMessage | AssistantMessage]:
+        return [w for w in self.chat_log.children if isinstance(w, (UserMessage, AssistantMessage))]
+
+    def last_reply(self) -> AssistantMessage | None:
+        for widget in reversed(self._blocks()):
+            if isinstance(widget, AssistantMessage):
+                return widget
+        return None
+
+    async def _remove_from(self, seq: int) -> None:
+        for widget in self._blocks():
+            if widget.seq is not None and widget.seq >= seq:
+                await widget.remove()
+
+    async def _log(self, text: str, kind: str = "info") -> InfoMessage:
+        widget = InfoMessage(text, kind=kind)
+        await self.chat_log.mount(widget)
+        self.chat_log.anchor()
+        return widget
+
+    # -- sending ---------------------------------------------------------------------
+
+    @on(PromptInput.Submitted)
+    async def _submitted(self, event: PromptInput.Submitted) -> None:
+        text = event.text
+        if not text.strip():
+            return
+        try:
+            command = commands.parse(text)
+        except MoechatError as err:
+            self.notify(str(err), severity="error")
+            return
+        if command is not None:
+            self.prompt.remember(text.strip())
+            self.prompt.load_text("")
+            await self.run_command(command)
+            return
+        if self._refuse_while_generating() or self._need_engine() is None:
+            return
+        self.prompt.load_text("")
+        await self.send(commands.unescape(text).strip())
+
+    async def send(self, text: str) -> None:
+        engine = self._need_engine()
+        if engine is None or self._refuse_while_generating():
+            return
+        if self.conversation_id is None:
+            cid = self._db(
+                self.store.create_conversation,
+                _title_from(text),
+                model=engine.model_name,
+                settings=self._settings(),
+            )
+            if cid is None:
+                self.prompt.load_text(text)
+                return
+            self.conversation_id = cid
+            self.sub_title = _title_from(text)
+        user_seq = self._db(self.store.add_message, self.conversation_id, "user", text)
+        if user_seq is None:
+            self.prompt.load_text(text)
+            return
+        self.prompt.remember(text)
+        block = AssistantMessage(seq=user_seq + 1)
+        block.set_class(True, "-pending")
+        await self.chat_log.mount_all([UserMessage(text, seq=user_seq), block])
+        self.chat_log.anchor()
+        params = self.params
+        self._start(
+            "send",
+            block,
+            user_seq + 1,
+            lambda stop: engine.send(text, params, stop),
+            user_seq=user_seq,
+            user_text=text,
+        )
+
+    def _start(
+        self,
+        kind: str,
+        block: AssistantMessage,
+        seq: int,
+        run: Callable[[Callable[[], bool]], Iterable[TokenEvent | DoneEvent]],
+        **extra: Any,
+    ) -> None:
+        assert self.conversation_id is not None
+        self._push_system_prompt()
+        self._gen_counter += 1
+        gen = Generation(
+            id=self._gen_counter,
+            kind=kind,
+            conversation_id=self.conversation_id,
+            seq=seq,
+            block=block,
+            **extra,
+        )
+        self._gen = gen
+        self.status.show(state="generating…", tokens_per_s=None, ttft_ms=None)
+        self.refresh_bindings()
+        self._generate(gen, run)
+
+    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
+    def _generate(
+        self, gen: Generation, run: Callable[[Callable[[], bool]], Iterable[Any]]
+    ) -> None:
+        def events() -> Iterator[Any]:
+            yield from run(gen.should_stop)
+
+        pump_events(events(), gen.id, self.post_message, self.flush_interval)
+
+    def _current(self, gen_id: int) -> Generation | None:
+        gen = self._gen
+        return gen if gen is not None and gen.id == gen_id else None
+
+    @on(GenChunk)
+    async def _chunk(self, message: GenChunk) -> None:
+        gen = self._current(message.gen_id)
+        if gen is None:
+            return
+        now = time.monotonic()
+        if gen.first_token_at is None and message.first_token_at is not None:
+            gen.first_token_at = message.first_token_at
+        gen.tokens += message.tokens
+        gen.text += message.text
+        block: AssistantMessage = gen.block
+        block.set_pending(False)
+        await block.append(message.text)
+        first = gen.first_token_at or now
+        rate = (gen.tokens - 1) / (now - first) if gen.tokens > 1 and now > first else None
+        self.status.show(
+            tokens_per_s=rate,
+            ttft_ms=(first - gen.started_at) * 1000.0,
+            state=f"generating… {gen.tokens} tokens"
+            if not gen.stop_event.is_set()
+            else "stopping…",
+        )
+        if now - gen.last_save >= self.save_interval:
+            self._save_reply(gen, gen.text, partial=True, reason=None)
+
+    def _save_reply(
+        self,
+        gen: Generation,
+        text: str,
+        *,
+        partial: bool,
+        reason: str | None,
+        stats: dict[str, Any] | None = None,
+    ) -> None:
+        gen.last_save = time.monotonic()
+        gen.saved_len = len(text)
+        self._db(
+            self.store.upsert_message,
+            gen.conversation_id,
+            gen.seq,
+            "assistant",
+            text,
+            partial=partial,
+            finish_reason=reason,
+            stats=stats,
+        )
+
+    def persist_in_progress(self) -> None:
+        """Save the streaming reply now as a stopped partial (quit, signal, crash path)."""
+        gen = self._gen
+        if gen is None:
+            return
+        gen.stop_event.set()
+        self._save_reply(gen, gen.text, partial=True, reason="cancelled")
+
+    @on(GenDone)
+    async def _done(self, message: GenDone) -> None:
+        gen = self._current(message.gen_id)
+        if gen is None:
+            return
+        done = message.done
+        block: AssistantMessage = gen.block
+        text = done.text if (done.text or not gen.text) else gen.text
+        await block.finish(text)
+        reason = done.finish_reason
+        if reason == "cancelled":
+            block.set_note(FINISH_NOTES["cancelled"], "stopped")
+        elif reason in ("length", "context"):
+            block.set_note(FINISH_NOTES[reason], "info")
+        else:
+            block.set_note("")
+        self._save_reply(
+            gen,
+            text,
+            partial=reason == "cancelled",
+            reason=reason,
+            stats=dataclasses.asdict(done.stats),
+        )
+        self._gen = None
+        stats = done.stats
+        engine = self.engine
+        self.status.show(
+            provider=stats.provider or (engine.provider if engine else ""),
+            tokens_per_s=stats.decode_tokens_per_s,
+            ttft_ms=stats.ttft_ms,
+            context_used=stats.context_used or (engine.context_used if engine else 0),
+            max_context=stats.max_context or (engine.max_context if engine else 0),
+            state="stopped" if reason == "cancelled" else f"{stats.new_tokens} tokens",
+        )
+        if done.dropped_turns:
+            self.notify(
+                f"The {done.dropped_turns} oldest turns no longer fit the context and were "
+                "left out of the prompt.",
+                title="Context full",
+                severity="warning",
+            )
+        self.refresh_bindings()
+
+    @on(GenFailed)
+    async def _failed(self, message: GenFailed) -> None:
+        gen = self._current(message.gen_id)
+        if gen is None:
+            return
+        self._gen = None
+        block: AssistantMessage = gen.block
+        if gen.kind == "send":
+            await block.finish("")
+            first = gen.user_seq if gen.user_seq is not None else gen.seq
+            self._db(self.store.delete_messages_from, gen.conversation_id, first)
+            await self._remove_from(first)
+            if not self.prompt.text.strip():
+                self.prompt.load_text(gen.user_text)
+                self.prompt.move_cursor(self.prompt.document.end)
+            hint = "Your message is back in the prompt."
+        else:
+            old_text, old_partial, old_reason = gen.previous or ("", False, None)
+            await block.finish(old_text)
+            note, kind = _note_for(
+                StoredMessage(0, 0, 0, "assistant", old_text, old_partial, old_reason)
+            )
+            block.set_note(note, kind)
+            self._db(
+                self.store.upsert_message,
+                gen.conversation_id,
+                gen.seq,
+                "assistant",
+                old_text,
+                partial=old_partial,
+                finish_reason=old_reason,
+            )
+            hint = "The previous reply was kept."
+        self._sync_engine()
+        await self._log(f"Model error: {message.error}", kind="error")
+        self.notify(f"{message.error}\n{hint}", title="Model error", severity="error", timeout=10)
+        self.status.show(state="error")
+        self.refresh_bindings()
+
+    # -- actions ---------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "stop":
+            return True if self._gen is not None else None
+        if action in ("regenerate", "edit_last", "new_chat"):
+            return None if self._gen is not None else True
+        return True
+
+    def action_stop(self) -> None:
+        """Esc: stop the reply now; what was generated so far is kept, marked stopped."""
+        gen = self._gen
+        if gen is None:
+            return
+        gen.stop_event.set()
+        self.status.show(state="stopping…")
+
+    async def action_regenerate(self) -> None:
+        if self._refuse_while_generating():
+            return
+        engine = self._need_engine()
+        if engine is None:
+            return
+        stored = self._stored()
+        if not stored:
+            self.notify("Nothing to regenerate yet.")
+            return
+        last = stored[-1]
+        if last.role == "user":
+            # The reply never arrived (the app quit or failed): send the message again.
+            try:
+                text = engine.pop_last_exchange()
+            except MoechatError as err:
+                self.notify(str(err), severity="error")
+                return
+            self._db(self.store.delete_messages_from, last.conversation_id, last.seq)
+            await self._remove_from(last.seq)
+            await self.send(text)
+            return
+        block = self.last_reply()
+        if block is None or block.seq != last.seq:
+            await self.load_conversation(last.conversation_id)
+            block = self.last_reply()
+            if block is None:
+                return
+        await block.finish("")
+        block.set_note("")
+        block.set_pending(True)
+        self.chat_log.anchor()
+        params = self.params
+        self._start(
+            "regen",
+            block,
+            last.seq,
+            lambda stop: engine.regenerate(params, stop),
+            previous=(last.content, last.partial, last.finish_reason),
+        )
+
+    async def action_edit_last(self) -> None:
+        if self._refuse_while_generating():
+            return
+        engine = self._need_engine()
+        if engine is None:
+            return
+        stored = self._stored()
+        users = [m for m in stored if m.role == "user"]
+        if not users:
+            self.notify("No message to edit yet.")
+            return
+        try:
+            text = engine.pop_last_exchange()
+        except MoechatError as err:
+            self.notify(str(err), severity="error")
+            return
+        last_user = users[-1]
+        self._db(self.store.delete_messages_from, last_user.conversation_id, last_user.seq)
+        await self._remove_from(last_user.seq)
+        self.prompt.load_text(text or last_user.content)
+        self.prompt.move_cursor(self.prompt.document.end)
+        self.prompt.focus()
+        self.status.show(context_used=engine.context_used)
+
+    def action_toggle_sampling(self) -> None:
+        panel = self.panel
+        panel.display = not panel.display
+        if panel.display:
+            panel.query_one("#param-temperature").focus()
+        else:
+            self.prompt.focus()
+
+    @on(SamplingPanel.Changed)
+    def _panel_changed(self, message: SamplingPanel.Changed) -> None:
+        self.params = message.params
+        self.system_prompt = message.system_prompt
+        self.status.show(temperature=message.params.temperature)
+        if self.conversation_id is not None:
+            self._db(self.store.update_settings, self.conversation_id, self._settings())
+
+    def action_copy_last(self) -> None:
+        block = self.last_reply()
+        if block is None or not block.text:
+            self.notify("No reply to copy yet.")
+            return
+        self.copy_to_clipboard(block.text)
+        self.notify(f"Copied the last reply ({len(block.text)} characters).", timeout=2)
+
+    def _help_keys(self) -> list[tuple[str, str]]:
+        rows = list(PROMPT_KEYS)
+        for binding in self.BINDINGS:
+            assert isinstance(binding, Binding)
+            rows.append((binding.key, binding.tooltip or binding.description))
+        rows.append(("ctrl+p", "command palette (every action)"))
+        rows.append(("tab / shift+tab", "move between the prompt, log and panel"))
+        return rows
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            self.pop_screen()
+            return
+        self.push_screen(HelpScreen(self._help_keys(), commands.help_lines()))
+
+    async def action_new_chat(self, keep_settings: bool = False) -> None:
+        if self._refuse_while_generating():
+            return
+        self.conversation_id = None
+        self.sub_title = ""
+        await self.chat_log.remove_children()
+        if keep_settings:
+            params, system_prompt = self.params, self.system_prompt
+        else:
+            params = self.engine.defaults if self.engine else SamplingParams()
+            system_prompt = None
+        self._set_settings(params, system_prompt, save=False)
+        if self.engine is not None:
+            try:
+                self.engine.reset()
+            except MoechatError as err:
+                self.notify(str(err), severity="error")
+            self._push_system_prompt()
+            self.status.show(context_used=self.engine.context_used, state="")
+        self.prompt.focus()
+
+    async def load_conversation(self, conversation_id: int) -> None:
+        if self._refuse_while_generating():
+            return
+        conv = self._db(self.store.get_conversation, conversation_id)
+        if conv is None:
+            self.notify(f"Conversation {conversation_id} not found.", severity="error")
+            return
+        self._busy = True
+        try:
+            self.conversation_id = conv.id
+            self.sub_title = conv.title
+            stored = self._stored()
+            defaults = self.engine.defaults if self.engine else SamplingParams()
+            params = defaults
+            raw = conv.settings.get("params")
+            if isinstance(raw, dict):
+                try:
+                    params = SamplingParams.from_dict({**defaults.to_dict(), **raw})
+                except MoechatError as err:
+                    self.notify(f"Stored settings ignored: {err}", severity="warning")
+            system_prompt = conv.settings.get("system_prompt") or None
+            self._set_settings(params, system_prompt, save=False)
+            log = self.chat_log
+            await log.remove_children()
+            widgets: list[UserMessage | AssistantMessage] = []
+            for m in stored:
+                if m.role == "user":
+                    widgets.append(UserMessage(m.content, seq=m.seq))
+                elif m.role == "assistant":
+                    note, kind = _note_for(m)
+                    widgets.append(
+                        AssistantMessage(m.content, seq=m.seq, note=note, note_kind=kind)
+                    )
+            if widgets:
+                await log.mount_all(widgets)
+            log.anchor()
+            self.prompt.set_history([m.content for m in stored if m.role == "user"])
+            self._sync_engine()
+            self.status.show(state="", tokens_per_s=None, ttft_ms=None)
+        finally:
+            self._busy = False
+
+    def action_conversations(self) -> None:
+        if self._refuse_while_generating():
+            return
+
+        async def chosen(choice: tuple[str, int | None] | None) -> None:
+            if choice is None:
+                return
+            what, conv_id = choice
+            if what == "open" and conv_id is not None:
+                await self.load_conversation(conv_id)
+            elif what == "new":
+                await self.action_new_chat()
+
+        def renamed(conv_id: int, title: str) -> None:
+            if conv_id == self.conversation_id:
+                self.sub_title = title
+
+        self.push_screen(
+            ConversationListScreen(self.store, self.conversation_id, self._deleted, renamed),
+            chosen,
+        )
+
+    def _deleted(self, conv_id: int) -> None:
+        if conv_id == self.conversation_id:
+            self.call_later(self.action_new_chat)
+
+    def action_delete_conversation(self) -> None:
+        if self._refuse_while_generating():
+            return
+        conv_id = self.conversation_id
+        if conv_id is None:
+            self.notify("This chat is not saved yet; nothing to delete.")
+            return
+        conv = self.store.get_conversation(conv_id)
+        title = conv.title if conv else "this conversation"
+
+        async def done(yes: bool | None) -> None:
+            if yes:
+                self._db(self.store.delete_conversation, conv_id)
+                self.notify(f"Deleted “{title}”.")
+                await self.action_new_chat()
+
+        self.push_screen(ConfirmScreen(f"Delete “{title}”? This cannot be undone."), done)
+
+    def action_rename_conversation(self, title: str = "") -> None:
+        conv_id = self.conversation_id
+        if conv_id is None:
+            self.notify("Send a message first; new chats are named after it.")
+            return
+
+        def done(new_title: str | None) -> None:
+            if new_title:
+                self._db(self.store.rename_conversation, conv_id, new_title)
+                self.sub_title = new_title.strip()
+
+        if title.strip():
+            done(title)
+        else:
+            conv = self.store.get_conversation(conv_id)
+            self.push_screen(TextPromptScreen("New title:", conv.title if conv else ""), done)
+
+    async def action_export(self, fmt: str = "all", target: str = "") -> list[Path]:
+        conv_id = self.conversation_id
+        conv = self._db(self.store.get_conversation, conv_id) if conv_id is not None else None
+        if conv is None:
+            self.notify("Nothing to export yet.")
+            return []
+        if self._gen is not None:
+            self._save_reply(self._gen, self._gen.text, partial=True, reason=None)
+        formats = FORMATS if fmt in ("all", "both", "") else (fmt,)
+        base = Path(target).expanduser() if target else (self.export_dir or Path.cwd())
+        written: list[Path] = []
+        try:
+            for f in formats:
+                written.append(export_conversation(conv, self._stored(), f, base))
+        except (MoechatError, OSError) as err:
+            self.notify(f"Export failed: {err}", severity="error")
+            return written
+        await self._log("Exported to " + ", ".join(str(p) for p in written))
+        self.notify("Exported " + ", ".join(p.name for p in written), timeout=4)
+        return written
+
+    async def action_quit(self) -> None:
+        self.persist_in_progress()
+        self.exit(0)
+
+    def action_model_info(self) -> None:
+        engine = self.engine
+        if engine is None:
+            self.notify(f"No model: {self.engine_error or 'still loading'}")
+            return
+        self.call_later(
+            self._log,
+            f"Model {engine.model_name} on {short_provider(engine.provider)}; context "
+            f"{engine.context_used}/{engine.max_context} tokens. To chat with another model, "
+            "quit and run: moechat chat MODEL",
+        )
+
+    # -- slash commands ----------------------------------------------------------------
+
+    async def run_command(self, command: commands.SlashCommand) -> None:
+        name, arg = command.name, command.arg
+        if name == "help":
+            self.action_help()
+        elif name == "set":
+            await self._command_set(arg)
+        elif name == "system":
+            await self._command_system(arg)
+        elif name == "clear":
+            await self.action_new_chat(keep_settings=True)
+        elif name == "new":
+            await self.action_new_chat()
+        elif name == "regen":
+            await self.action_regenerate()
+        elif name == "edit":
+            await self.action_edit_last()
+        elif name == "copy":
+            self.action_copy_last()
+        elif name == "export":
+            fmt, _, target = arg.partition(" ")
+            if fmt.lower() in (*FORMATS, "all", "both", "markdown"):
+                fmt = "md" if fmt.lower() == "markdown" else fmt.lower()
+            else:
+                fmt, target = "all", arg
+            await self.action_export(fmt, target.strip())
+        elif name == "list":
+            self.action_conversations()
+        elif name == "rename":
+            self.action_rename_conversation(arg)
+        elif name == "delete":
+            self.action_delete_conversation()
+        elif name == "model":
+            self.action_model_info()
+        elif name == "stop":
+            self.action_stop()
+        elif name == "quit":
+            await self.action_quit()
+
+    async def _command_set(self, arg: str) -> None:
+        if not arg:
+            lines = [f"{k} = {v!r}" for k, v in self.params.to_dict().items()]
+            lines.append(f"system = {self.system_prompt!r}")
+            await self._log("Sampling settings:\n" + "\n".join(lines))
+            return
+        key, value = commands.split_set(arg)
+        if key in ("defaults", "default", "reset"):
+            defaults = self.engine.defaults if self.engine else SamplingParams()
+            self._set_settings(defaults, self.system_prompt)
+            self.notify("Sampling settings reset to the model's defaults.")
+            return
+        if key in ("system", "system_prompt"):
+            await self._command_system(value)
+            return
+        if not value:
+            self.notify(f"Usage: /set {key} VALUE", severity="warning")
+            return
+        try:
+            params = self.params.set_from_text(key, value)
+        except MoechatError as err:
+            self.notify(str(err), title="Refused", severity="error")
+            return
+        before = self.params.to_dict()
+        self._set_settings(params, self.system_prompt)
+        shown = ", ".join(f"{k} = {v!r}" for k, v in params.to_dict().items() if before[k] != v)
+        self.notify(f"{shown or 'unchanged'} (applies to the next reply)", timeout=3)
+
+    async def _command_system(self, arg: str) -> None:
+        if not arg:
+            current = self.system_prompt or "(none: the model's default)"
+            await self._log(f"System prompt: {current}\nSet it with /system TEXT; /system clear.")
+            return
+        new = None if arg.strip().lower() in ("clear", "none", "off", "default") else arg
+        self._set_settings(self.params, new)
+        self.notify("System prompt " + ("cleared." if new is None else "set for the next reply."))
+
+    # -- command palette -------------------------------------------------------------
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Stop generating", "Stop the reply (Esc)", self.action_stop)
+        yield SystemCommand(
+            "Regenerate reply", "Re-roll the last reply (Ctrl+R)", self.action_regenerate
+        )
+        yield SystemCommand(
+            "Edit last message", "Put it back into the prompt (Ctrl+E)", self.action_edit_last
+        )
+        yield SystemCommand(
+            "Sampling panel", "Show or hide the settings (Ctrl+S)", self.action_toggle_sampling
+        )
+        yield SystemCommand(
+            "Conversations", "Open, rename, delete chats (Ctrl+L)", self.action_conversations
+        )
+        yield SystemCommand("New chat", "Start a new conversation (Ctrl+N)", self.action_new_chat)
+        yield SystemCommand(
+            "Clear chat", "New conversation, same settings (/clear)", self._palette_clear
+        )
+        yield SystemCommand(
+            "Copy last reply", "Copy it to the clipboard (Ctrl+Y)", self.action_copy_last
+        )
+        yield SystemCommand(
+            "Export as Markdown", "Write a .md file (/export md)", self._palette_export_md
+        )
+        yield SystemCommand(
+            "Export as JSON", "Write the ChatML list (/export json)", self._palette_export_json
+        )
+        yield SystemCommand(
+            "Rename conversation", "Give this chat a title", self.action_rename_conversation
+        )
+        yield SystemCommand(
+            "Delete conversation", "Delete this chat (asks first)", self.action_delete_conversation
+        )
+        yield SystemCommand("Model info", "Model, provider, context", self.action_model_info)
+        yield SystemCommand("Keys and commands", "The help screen (F1)", self.action_help)
+
+    async def _palette_clear(self) -> None:
+        await self.action_new_chat(keep_settings=True)
+
+    async def _palette_export_md(self) -> None:
+        await self.action_export("md")
+
+    async def _palette_export_json(self) -> None:
+        await self.action_export("json")

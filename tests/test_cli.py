@@ -1,0 +1,116 @@
+"""The one-shot CLI: output formats, stdin, and one-line errors for bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from moechat.app.cli import main
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if not line.startswith("[")]  # not progress
+    assert len(errors) == 1 and errors[0].startswith("moechat: error: "), err
+    return errors[0]
+
+
+def test_run_json(tiny_package, capsys):
+    assert main(["run", str(tiny_package), "hello", "--greedy", "-n", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "token_ids", "prompt_tokens", "ttft_ms", "decode_tokens_per_s", "provider"}
+    assert len(out["token_ids"]) == 6 and out["provider"] == "CPUExecutionProvider"
+
+
+def test_run_reads_stdin_and_raw(tiny_package):
+    cmd = [sys.executable, "-m", "moechat", "run", str(tiny_package), "-", "--raw", "--greedy", "-n", "4", "--json"]
+    res = subprocess.run(cmd, input="<|im_start|>user", capture_output=True, text=True, check=True)
+    out = json.loads(res.stdout)
+    # Raw mode tokenizes the text as data: the special token text is not a control token.
+    assert out["prompt_tokens"] > 1
+
+
+def test_info(tiny_package, capsys):
+    assert main(["info", str(tiny_package), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "MoE: 4 routed experts, top-2, 1 shared" in out and "checksums     ok" in out
+
+
+def test_missing_package(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope"), "hi"]) == 1
+    assert "model not found" in _err(capsys)
+
+
+def test_corrupt_manifest(tiny_package, tmp_path, capsys):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package, pkg)
+    (pkg / "moechat.json").write_text("{not json")
+    assert main(["run", str(pkg), "hi"]) == 1
+    assert "corrupt" in _err(capsys)
+
+
+def test_corrupt_graph(tiny_package, tmp_path, capsys):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package, pkg)
+    (pkg / "model.onnx").write_bytes(b"garbage")
+    assert main(["run", str(pkg), "hi"]) == 1
+    assert "cannot load model.onnx" in _err(capsys)
+    assert main(["info", str(pkg), "--verify"]) == 1
+    assert "checksum" in _err(capsys)
+
+
+def test_unsupported_architecture(tiny_package, tmp_path, capsys):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package, pkg)
+    manifest = json.loads((pkg / "moechat.json").read_text())
+    manifest["architecture"]["model_type"] = "mamba"
+    (pkg / "moechat.json").write_text(json.dumps(manifest))
+    assert main(["run", str(pkg), "hi"]) == 1
+    assert "unsupported architecture" in _err(capsys)
+
+
+def test_tokenizer_that_does_not_fit(tiny_package, tmp_path, capsys, minimind_tokenizer_dir):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package, pkg)
+    shutil.copy(minimind_tokenizer_dir / "tokenizer.json", pkg / "tokenizer.json")
+    assert main(["run", str(pkg), "hi"]) == 1
+    assert "does not fit" in _err(capsys)
+
+
+def test_prompt_longer_than_context(tiny_package, capsys):
+    assert main(["run", str(tiny_package), "word " * 600, "--max-context", "64"]) == 1
+    assert "context" in _err(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--temperature", "9"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--device", "tpu"], "unknown device"),
+        (["--device", "dml"], "not available"),
+    ],
+)
+def test_bad_options(tiny_package, capsys, argv, message):
+    assert main(["run", str(tiny_package), "hi", *argv]) == 1
+    assert message in _err(capsys)
+
+
+def test_export_errors(tmp_path, tiny_checkpoint, capsys):
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert "not found" in _err(capsys)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    assert main(["export", str(tiny_checkpoint), str(tmp_path / "out")]) == 1
+    assert "--force" in _err(capsys)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+    src = tmp_path / "notok"
+    shutil.copytree(tiny_checkpoint, src)
+    (src / "tokenizer.json").unlink()
+    assert main(["export", str(src), str(tmp_path / "out2")]) == 1
+    assert "tokenizer" in _err(capsys)
+    assert not (tmp_path / "out2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]
