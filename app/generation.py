@@ -66,23 +66,72 @@ class Generation:
     tokens: int = 0
     text: str = ""
     last_save: float = field(default_factory=time.monotonic)
+    last_status: float = 0.0
     saved_len: int = -1
+    gate: FrameGate | None = None
 
     def should_stop(self) -> bool:
         return self.stop_event.is_set()
+
+
+class FrameGate:
+    """Paces chunks by what the UI can draw (shared by the worker and the UI thread).
+
+    A chunk is posted no sooner than ``min_interval`` after the previous one, and only
+    after the UI has drawn the previous one (``drawn`` is called after the refresh) and
+    then stayed idle for as long as drawing it took. So the UI thread is busy at most
+    about half the time at any token rate, and the generation thread, which needs the
+    GIL between tokens, keeps its speed. Without acknowledgements (``drawn`` never
+    called) it falls back to ``min_interval`` pacing after ``max_wait`` seconds.
+    """
+
+    def __init__(self, min_interval: float = FLUSH_INTERVAL_S, max_wait: float = 1.0) -> None:
+        self.min_interval = min_interval
+        self.max_wait = max_wait
+        self._lock = threading.Lock()
+        self._posted_at: float | None = None
+        self._drawn_at: float | None = None
+
+    def ready(self, now: float) -> bool:
+        with self._lock:
+            posted, drawn = self._posted_at, self._drawn_at
+        if posted is None:
+            return True
+        if now - posted < self.min_interval:
+            return False
+        if drawn is None:
+            return now - posted >= self.max_wait
+        return now >= drawn + (drawn - posted)
+
+    def posted(self, now: float) -> None:
+        with self._lock:
+            self._posted_at, self._drawn_at = now, None
+
+    def drawn(self) -> None:
+        with self._lock:
+            if self._posted_at is not None and self._drawn_at is None:
+                self._drawn_at = time.monotonic()
 
 
 def pump_events(
     events: Iterable[TokenEvent | DoneEvent],
     gen_id: int,
     post: Callable[[Message], object],
-    flush_interval: float = FLUSH_INTERVAL_S,
+    gate: FrameGate | None = None,
 ) -> None:
     """Drain the engine's events (in the worker thread), posting batched messages."""
+    gate = gate or FrameGate()
     pending: list[str] = []
     pending_tokens = 0
     first_token_at: float | None = None
-    last_flush = 0.0
+
+    def flush(now: float) -> None:
+        nonlocal pending_tokens
+        gate.posted(now)
+        post(GenChunk(gen_id, "".join(pending), pending_tokens, first_token_at))
+        pending.clear()
+        pending_tokens = 0
+
     try:
         for event in events:
             if isinstance(event, TokenEvent):
@@ -91,18 +140,15 @@ def pump_events(
                     first_token_at = now
                 pending.append(event.text)
                 pending_tokens += 1
-                if now - last_flush >= flush_interval:
-                    post(GenChunk(gen_id, "".join(pending), pending_tokens, first_token_at))
-                    pending.clear()
-                    pending_tokens = 0
-                    last_flush = now
+                if gate.ready(now):
+                    flush(now)
             elif isinstance(event, DoneEvent):
                 if pending_tokens:
-                    post(GenChunk(gen_id, "".join(pending), pending_tokens, first_token_at))
+                    flush(time.monotonic())
                 post(GenDone(gen_id, event))
                 return
         if pending_tokens:
-            post(GenChunk(gen_id, "".join(pending), pending_tokens, first_token_at))
+            flush(time.monotonic())
         post(GenFailed(gen_id, "the model stopped without finishing its reply"))
     except MoechatError as err:
         post(GenFailed(gen_id, str(err)))

@@ -7,6 +7,7 @@ Nothing heavy is imported at module level: the runtime (onnxruntime) is loaded i
 from __future__ import annotations
 
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -47,21 +48,35 @@ def run_chat_app(
         raise MoechatError(f"model package not found: {model_dir}")
     from moechat.app.tui import ChatApp
 
-    def load() -> ChatEngine:
+    def load_package(path: Path) -> ChatEngine:
         from moechat.runtime.chat import ChatSession
         from moechat.runtime.model import load_model
 
-        return ChatSession(load_model(model_dir, device=device), system_prompt=None)
+        return ChatSession(load_model(path, device=device), system_prompt=None)
+
+    def load() -> ChatEngine:
+        return load_package(model_dir)
 
     store = open_store(data_dir)
     try:
         if resume and conversation_id is None:
             recent = store.list_conversations()
             conversation_id = recent[0].id if recent else None
-        app = ChatApp(load, store, conversation_id=conversation_id, export_dir=export_dir)
+        app = ChatApp(
+            load,
+            store,
+            conversation_id=conversation_id,
+            export_dir=export_dir,
+            model_loader=load_package,
+        )
+        # The generation thread needs the GIL between tokens; a short switch interval lets
+        # it take the GIL back quickly while the UI thread renders (default: 5 ms).
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch_interval, 0.001))
         try:
             app.run()
         finally:
+            sys.setswitchinterval(switch_interval)
             app.persist_in_progress()  # KeyboardInterrupt or a crash: keep the partial reply
         return app.return_code or 0
     finally:

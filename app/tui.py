@@ -23,30 +23,32 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header
 
 from moechat.app import commands
+from moechat.app.conversation_list import ConversationListScreen
+from moechat.app.dialogs import ConfirmScreen, TextPromptScreen
 from moechat.app.engine import ChatEngine, EngineSource, short_provider
 from moechat.app.export_conversation import FORMATS, export_conversation
 from moechat.app.generation import (
     FLUSH_INTERVAL_S,
     SAVE_INTERVAL_S,
+    FrameGate,
     GenChunk,
     GenDone,
     Generation,
     GenFailed,
     pump_events,
 )
-from moechat.app.screens.conversations import ConversationListScreen
-from moechat.app.screens.dialogs import ConfirmScreen, TextPromptScreen
-from moechat.app.screens.help import HelpScreen
+from moechat.app.help_screen import HelpScreen
+from moechat.app.messages import FINISH_NOTES, AssistantMessage, InfoMessage, UserMessage
+from moechat.app.prompt_input import PromptInput
+from moechat.app.sampling_panel import SamplingPanel
+from moechat.app.status_line import StatusLine
 from moechat.app.store import ConversationStore, StoredMessage
-from moechat.app.widgets.messages import FINISH_NOTES, AssistantMessage, InfoMessage, UserMessage
-from moechat.app.widgets.prompt_input import PromptInput
-from moechat.app.widgets.sampling_panel import SamplingPanel
-from moechat.app.widgets.status_line import StatusLine
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.events import DoneEvent, TokenEvent
 from moechat.runtime.sampling import SamplingParams
 
 TITLE_CHARS = 60
+STATUS_INTERVAL_S = 0.25  # live tokens/s updates while streaming
 
 # Keys handled by the prompt itself (listed on the help screen with the app bindings).
 PROMPT_KEYS: list[tuple[str, str]] = [
@@ -55,6 +57,8 @@ PROMPT_KEYS: list[tuple[str, str]] = [
     ("up / down", "recall earlier prompts (on the first / last line of the prompt)"),
     ("ctrl+c", "stop the reply; with a selection, copy it; otherwise quit"),
     ("ctrl+d", "quit (on an empty prompt)"),
+    ("pageup / pagedown", "scroll the chat (scrolling up stops following the reply)"),
+    ("ctrl+end", "jump to the end of the chat and follow the reply again"),
 ]
 
 
@@ -108,9 +112,11 @@ class ChatApp(App[int]):
         export_dir: Path | None = None,
         flush_interval: float = FLUSH_INTERVAL_S,
         save_interval: float = SAVE_INTERVAL_S,
+        model_loader: Callable[[Path], ChatEngine] | None = None,
     ) -> None:
         super().__init__()
         self._engine_source = engine
+        self.model_loader = model_loader  # for /model PATH
         self.engine: ChatEngine | None = None
         self.engine_error: str | None = None
         self.store = store
@@ -164,7 +170,7 @@ class ChatApp(App[int]):
         self._install_signal_handlers()
         source = self._engine_source
         if callable(source) and not hasattr(source, "send"):
-            self.status.show(state="loading model…")
+            self.status.show(model="loading model…", state="loading model…")
             self._load_engine(source)
         else:
             await self._engine_ready(source)  # type: ignore[arg-type]
@@ -181,12 +187,19 @@ class ChatApp(App[int]):
             self.call_from_thread(self._engine_ready, engine)
 
     def _engine_failed(self, error: str) -> None:
+        self._busy = False
+        if self.engine is not None:  # a /model switch failed: keep the current model
+            self.status.show(state="")
+            self.notify(error, title="Model failed to load", severity="error", timeout=15)
+            return
         self.engine_error = error
-        self.status.show(state=f"model failed to load: {error}")
+        self.status.show(model="no model", state=f"model failed to load: {error}")
         self.notify(error, title="Model failed to load", severity="error", timeout=30)
 
     async def _engine_ready(self, engine: ChatEngine) -> None:
+        self._busy = False
         self.engine = engine
+        self.engine_error = None
         self.status.show(
             model=engine.model_name,
             provider=engine.provider,
@@ -205,6 +218,8 @@ class ChatApp(App[int]):
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGHUP (terminal closed): save the partial reply, then quit."""
+        if self.is_headless:
+            return
         import asyncio
         import signal
 
@@ -214,10 +229,18 @@ class ChatApp(App[int]):
                 if sig is not None:
                     loop.add_signal_handler(sig, self._terminate)
         except (NotImplementedError, RuntimeError, ValueError):
-            pass  # Windows, or not the main thread (tests)
+            pass  # Windows, or not the main thread
 
     def _terminate(self) -> None:
+        import os
+        import threading
+
         self.persist_in_progress()
+        # With the terminal gone, Textual's output thread can die and block shutdown
+        # forever; everything is saved by now, so make sure the process ends.
+        watchdog = threading.Timer(3.0, os._exit, (0,))
+        watchdog.daemon = True
+        watchdog.start()
         self.exit(0)
 
     # -- small helpers ---------------------------------------------------------------
@@ -247,6 +270,7 @@ class ChatApp(App[int]):
             self.notify("A reply is being generated; press Esc to stop it first.", timeout=3)
             return True
         if self._busy:
+            self.notify("Busy loading; try again in a moment.", timeout=3)
             return True
         return False
 
@@ -316,6 +340,7 @@ class ChatApp(App[int]):
 
     @on(PromptInput.Submitted)
     async def _submitted(self, event: PromptInput.Submitted) -> None:
+        """The prompt already cleared itself; text that is refused goes back into it."""
         text = event.text
         if not text.strip():
             return
@@ -323,16 +348,23 @@ class ChatApp(App[int]):
             command = commands.parse(text)
         except MoechatError as err:
             self.notify(str(err), severity="error")
+            self.restore_prompt(text)
             return
         if command is not None:
             self.prompt.remember(text.strip())
-            self.prompt.load_text("")
             await self.run_command(command)
             return
         if self._refuse_while_generating() or self._need_engine() is None:
+            self.restore_prompt(text)
             return
-        self.prompt.load_text("")
         await self.send(commands.unescape(text).strip())
+
+    def restore_prompt(self, text: str) -> None:
+        """Put refused text back into the prompt, unless the user typed something new."""
+        prompt = self.prompt
+        if not prompt.text.strip():
+            prompt.load_text(text)
+            prompt.move_cursor(prompt.document.end)
 
     async def send(self, text: str) -> None:
         engine = self._need_engine()
@@ -346,13 +378,13 @@ class ChatApp(App[int]):
                 settings=self._settings(),
             )
             if cid is None:
-                self.prompt.load_text(text)
+                self.restore_prompt(text)
                 return
             self.conversation_id = cid
             self.sub_title = _title_from(text)
         user_seq = self._db(self.store.add_message, self.conversation_id, "user", text)
         if user_seq is None:
-            self.prompt.load_text(text)
+            self.restore_prompt(text)
             return
         self.prompt.remember(text)
         block = AssistantMessage(seq=user_seq + 1)
@@ -386,6 +418,7 @@ class ChatApp(App[int]):
             conversation_id=self.conversation_id,
             seq=seq,
             block=block,
+            gate=FrameGate(self.flush_interval),
             **extra,
         )
         self._gen = gen
@@ -400,7 +433,7 @@ class ChatApp(App[int]):
         def events() -> Iterator[Any]:
             yield from run(gen.should_stop)
 
-        pump_events(events(), gen.id, self.post_message, self.flush_interval)
+        pump_events(events(), gen.id, self.post_message, gen.gate)
 
     def _current(self, gen_id: int) -> Generation | None:
         gen = self._gen
@@ -417,17 +450,22 @@ class ChatApp(App[int]):
         gen.tokens += message.tokens
         gen.text += message.text
         block: AssistantMessage = gen.block
-        block.set_pending(False)
+        if block.has_class("-pending"):
+            block.set_pending(False)
         await block.append(message.text)
-        first = gen.first_token_at or now
-        rate = (gen.tokens - 1) / (now - first) if gen.tokens > 1 and now > first else None
-        self.status.show(
-            tokens_per_s=rate,
-            ttft_ms=(first - gen.started_at) * 1000.0,
-            state=f"generating… {gen.tokens} tokens"
-            if not gen.stop_event.is_set()
-            else "stopping…",
-        )
+        if gen.gate is not None:
+            self.call_after_refresh(gen.gate.drawn)
+        if now - gen.last_status >= STATUS_INTERVAL_S:
+            gen.last_status = now
+            first = gen.first_token_at or now
+            rate = (gen.tokens - 1) / (now - first) if gen.tokens > 1 and now > first else None
+            self.status.show(
+                tokens_per_s=rate,
+                ttft_ms=(first - gen.started_at) * 1000.0,
+                state="stopping…"
+                if gen.stop_event.is_set()
+                else f"generating… {gen.tokens} tokens",
+            )
         if now - gen.last_save >= self.save_interval:
             self._save_reply(gen, gen.text, partial=True, reason=None)
 
@@ -516,9 +554,7 @@ class ChatApp(App[int]):
             first = gen.user_seq if gen.user_seq is not None else gen.seq
             self._db(self.store.delete_messages_from, gen.conversation_id, first)
             await self._remove_from(first)
-            if not self.prompt.text.strip():
-                self.prompt.load_text(gen.user_text)
-                self.prompt.move_cursor(self.prompt.document.end)
+            self.restore_prompt(gen.user_text)
             hint = "Your message is back in the prompt."
         else:
             old_text, old_partial, old_reason = gen.previous or ("", False, None)
@@ -624,6 +660,17 @@ class ChatApp(App[int]):
         self.prompt.move_cursor(self.prompt.document.end)
         self.prompt.focus()
         self.status.show(context_used=engine.context_used)
+
+    def action_scroll_log(self, where: str) -> None:
+        """PageUp/PageDown from the prompt scroll the chat; scrolling up pauses following
+        the reply until the view is back at the bottom (Ctrl+End jumps there)."""
+        log = self.chat_log
+        if where == "up":
+            log.scroll_page_up(animate=False)
+        elif where == "down":
+            log.scroll_page_down(animate=False)
+        else:
+            log.anchor()
 
     def action_toggle_sampling(self) -> None:
         panel = self.panel
@@ -818,12 +865,27 @@ class ChatApp(App[int]):
         if engine is None:
             self.notify(f"No model: {self.engine_error or 'still loading'}")
             return
+        switch = "/model PATH loads another package" if self.model_loader else ""
         self.call_later(
             self._log,
             f"Model {engine.model_name} on {short_provider(engine.provider)}; context "
-            f"{engine.context_used}/{engine.max_context} tokens. To chat with another model, "
-            "quit and run: moechat chat MODEL",
+            f"{engine.context_used}/{engine.max_context} tokens. {switch}".rstrip(),
         )
+
+    def switch_model(self, path: Path) -> None:
+        """Load another model package in the background; the conversation carries over."""
+        loader = self.model_loader
+        if loader is None:
+            self.notify("Switching models is not available here; quit and run: moechat chat MODEL")
+            return
+        if self._refuse_while_generating():
+            return
+        if not path.is_dir():
+            self.notify(f"Not a model package folder: {path}", severity="error")
+            return
+        self._busy = True
+        self.status.show(state=f"loading {path.name}…")
+        self._load_engine(lambda: loader(path))
 
     # -- slash commands ----------------------------------------------------------------
 
@@ -859,7 +921,10 @@ class ChatApp(App[int]):
         elif name == "delete":
             self.action_delete_conversation()
         elif name == "model":
-            self.action_model_info()
+            if arg:
+                self.switch_model(Path(arg).expanduser())
+            else:
+                self.action_model_info()
         elif name == "stop":
             self.action_stop()
         elif name == "quit":
@@ -949,3 +1014,17 @@ class ChatApp(App[int]):
 
     async def _palette_export_json(self) -> None:
         await self.action_export("json")
+
+
+def run_chat_app(*args: Any, **kwargs: Any) -> int:
+    """See :func:`moechat.app.launch.run_chat_app` (re-exported for the CLI)."""
+    from moechat.app.launch import run_chat_app as run
+
+    return run(*args, **kwargs)
+
+
+def selfcheck_app(*args: Any, **kwargs: Any) -> int:
+    """See :func:`moechat.app.launch.selfcheck_app`."""
+    from moechat.app.launch import selfcheck_app as check
+
+    return check(*args, **kwargs)

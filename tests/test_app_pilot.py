@@ -9,13 +9,13 @@ import pytest
 from textual import events
 from textual.widgets import Input
 
-from moechat.app.generation import GenChunk, GenDone, pump_events
-from moechat.app.screens.conversations import ConversationListScreen
-from moechat.app.screens.dialogs import ConfirmScreen, TextPromptScreen
-from moechat.app.screens.help import HelpScreen
+from moechat.app.conversation_list import ConversationListScreen
+from moechat.app.dialogs import ConfirmScreen, TextPromptScreen
+from moechat.app.generation import FrameGate, GenChunk, GenDone, pump_events
+from moechat.app.help_screen import HelpScreen
+from moechat.app.messages import AssistantMessage, InfoMessage, UserMessage
 from moechat.app.store import ConversationStore
 from moechat.app.tui import ChatApp
-from moechat.app.widgets.messages import AssistantMessage, InfoMessage, UserMessage
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.events import DoneEvent, TokenEvent
 
@@ -88,7 +88,7 @@ async def test_send_streams_markdown_and_persists(db_path):
 
 @pilot_test
 async def test_reply_streams_in_before_it_finishes(db_path):
-    engine = FakeEngine(LONG_REPLY, delay=0.01)
+    engine = FakeEngine(LONG_REPLY, delay=0.005)
     app = make_app(db_path, engine)
     async with app.run_test(size=SIZE) as pilot:
         await type_and_send(pilot, "go")
@@ -206,8 +206,8 @@ async def test_model_error_is_shown_and_the_app_keeps_running(db_path):
 
 @pilot_test
 async def test_fast_streams_are_batched_and_the_ui_stays_responsive(db_path):
-    reply = " ".join(str(i) for i in range(3000))
-    engine = FakeEngine(reply, delay=0.0005)  # well over 200 tokens/s
+    reply = "\n\n".join(" ".join(str(i * 20 + j) for j in range(20)) for i in range(30))
+    engine = FakeEngine(reply, delay=0.001)  # well over 200 tokens/s
     app = make_app(db_path, engine)
     chunks = []
     original = ChatApp._chunk
@@ -238,13 +238,27 @@ def test_pump_events_batches_by_time():
             yield TokenEvent(f"t{i} ", i)
         yield DoneEvent("x", [], "eos")
 
-    pump_events(events(), 7, posted.append, flush_interval=0.05)
+    gate = FrameGate(0.05, max_wait=0.05)  # nothing acknowledges: paced by time alone
+    pump_events(events(), 7, posted.append, gate)
     chunks = [m for m in posted if isinstance(m, GenChunk)]
     assert isinstance(posted[-1], GenDone)
     assert sum(c.tokens for c in chunks) == 500
     assert "".join(c.text for c in chunks) == "".join(f"t{i} " for i in range(500))
     assert chunks[0].tokens == 1  # the first token is shown at once
     assert len(chunks) < 60
+
+
+def test_frame_gate_waits_for_the_ui_to_draw_and_rest():
+    gate = FrameGate(min_interval=0.05, max_wait=1.0)
+    assert gate.ready(100.0)
+    gate.posted(100.0)
+    assert not gate.ready(100.01)  # sooner than min_interval
+    assert not gate.ready(100.5)  # not drawn yet
+    assert gate.ready(101.0)  # never acknowledged: falls back to max_wait
+    gate.posted(200.0)
+    gate._drawn_at = 200.3  # drawing took 0.3 s
+    assert not gate.ready(200.5)  # the UI gets to rest as long as it drew
+    assert gate.ready(200.61)
 
 
 def test_pump_events_turns_exceptions_into_failures():
@@ -605,3 +619,59 @@ async def test_help_palette_and_copy(db_path):
         await wait_until(pilot, lambda: app.screen.__class__.__name__ == "CommandPalette")
         await pilot.press(*"regenerate", "enter")
         await wait_until(pilot, lambda: app.engine.rolls == 2 and not app.generating)
+
+
+@pilot_test
+async def test_scrolling_up_stops_following_the_reply(db_path):
+    engine = FakeEngine(LONG_REPLY + "\n\n" + LONG_REPLY, delay=0.01)
+    engine.defaults = engine.defaults.replace(max_new_tokens=1000)
+    app = make_app(db_path, engine)
+    async with app.run_test(size=(100, 24)) as pilot:
+        log = app.chat_log
+        await type_and_send(pilot, "go")
+        await wait_until(pilot, lambda: log.max_scroll_y > 10 and log.is_vertical_scroll_end)
+        await pilot.press("pageup")
+        await wait_until(pilot, lambda: not log.is_vertical_scroll_end)
+        held = log.scroll_y
+        grown = log.max_scroll_y
+        await wait_until(pilot, lambda: log.max_scroll_y > grown + 5)
+        assert log.scroll_y == held  # the view stays where the user put it
+        await pilot.press("ctrl+end")
+        grown = log.max_scroll_y
+        await wait_until(pilot, lambda: log.max_scroll_y > grown + 5 and log.is_vertical_scroll_end)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not app.generating)
+
+
+@pilot_test
+async def test_model_command_shows_info_and_switches_packages(db_path, tmp_path):
+    second = FakeEngine("from the second model")
+    second.model_name = "other-moe"
+    loaded = []
+
+    def loader(path):
+        loaded.append(path)
+        if path.name == "broken":
+            raise MoechatError("bad package")
+        return second
+
+    app = make_app(db_path, FakeEngine("first"), model_loader=loader)
+    async with app.run_test(size=SIZE) as pilot:
+        await send_and_wait(pilot, "hi")
+        await type_and_send(pilot, "/model")
+        await wait_until(
+            pilot, lambda: "fake-moe" in str(app.chat_log.query(InfoMessage).last().content)
+        )
+        await type_and_send(pilot, f"/model {tmp_path / 'missing'}")
+        assert loaded == []  # not a folder: refused before loading
+        (tmp_path / "broken").mkdir()
+        await type_and_send(pilot, f"/model {tmp_path / 'broken'}")
+        await wait_until(pilot, lambda: loaded and not app._busy)
+        assert app.engine.model_name == "fake-moe"  # a failed switch keeps the model
+        (tmp_path / "other").mkdir()
+        await type_and_send(pilot, f"/model {tmp_path / 'other'}")
+        await wait_until(pilot, lambda: app.engine is second)
+        assert [m["content"] for m in second.messages] == ["hi", "first"]  # carried over
+        assert "other-moe" in app.status.text
+        await send_and_wait(pilot, "and now?")
+        assert app.last_reply().text == "from the second model"

@@ -14,7 +14,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from moechat.app.screens.dialogs import ConfirmScreen, TextPromptScreen
+from moechat.app.dialogs import ConfirmScreen, TextPromptScreen
 from moechat.app.store import Conversation, ConversationStore
 from moechat.runtime.errors import MoechatError
 

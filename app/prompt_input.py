@@ -21,6 +21,9 @@ class PromptInput(TextArea):
         Binding("ctrl+y", "app.copy_last", "Copy"),
         Binding("ctrl+c", "interrupt", "Stop / copy / quit", show=False),
         Binding("ctrl+d", "delete_or_quit", "Delete right / quit", show=False),
+        Binding("pageup", "app.scroll_log('up')", "Scroll up", show=False),
+        Binding("pagedown", "app.scroll_log('down')", "Scroll down", show=False),
+        Binding("ctrl+end", "app.scroll_log('end')", "Scroll to the end", show=False),
     ]
 
     class Submitted(Message):
@@ -51,7 +54,7 @@ class PromptInput(TextArea):
         if event.key == "enter":
             event.stop()
             event.prevent_default()
-            self.post_message(self.Submitted(self, self.text))
+            self.submit()
             return
         if event.key in ("shift+enter", "ctrl+j", "alt+enter"):
             event.stop()
@@ -60,6 +63,16 @@ class PromptInput(TextArea):
             self._replace_via_keyboard("\n", start, end)
             return
         await super()._on_key(event)
+
+    def submit(self) -> None:
+        """Post the text and clear the prompt at once, so keys typed right after Enter
+        (fast typing, pasted lines) start the next prompt instead of joining this one."""
+        text = self.text
+        if not text.strip():
+            return
+        self.load_text("")
+        self._history_index = None
+        self.post_message(self.Submitted(self, text))
 
     # -- history ---------------------------------------------------------------------
 

@@ -1,1 +1,0 @@
-"""Modal screens: help, conversation list, confirmation and text prompts."""
