@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install install-dev test lint chat binary bench
+.PHONY: install install-dev test lint chat binary binary-smoke bench
 
 install:
 	$(PIP) install -q -e .
@@ -18,3 +18,11 @@ test: install-dev lint
 
 chat: install-dev
 	moechat --yes
+
+# Single-file binary of the runtime and the app (no torch): dist/moechat. See docs/packaging.md.
+binary: install
+	PYTHON=$(PYTHON) bash packaging/build.sh
+
+# CI: build the binary, then smoke-test it in an empty dir with a minimal environment.
+binary-smoke: binary
+	$(PYTHON) packaging/smoke_test.py dist/moechat

