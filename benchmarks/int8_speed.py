@@ -30,6 +30,7 @@ VARIANTS = {
     "fp32-ops": ("ops", None),
     "int8-qmoe-dynamic": ("contrib", ("qmoe", "dynamic")),
     "int8-qmoe-nbits": ("contrib", ("qmoe", "nbits")),
+    "int8-qmoe64-nbits": ("contrib", ("qmoe", "nbits", (64,))),  # QMoE block 64
     "int8-ops-dynamic": ("ops", ("ops", "dynamic")),
     "int8-ops-nbits": ("ops", ("ops", "nbits")),
 }
@@ -39,6 +40,7 @@ MAX_CONTEXT = 1024
 
 
 def build(workdir: Path, names: list[str]) -> dict[str, Path]:
+    from moechat.export import quantize
     from moechat.export.onnx_graph import export_decoder
     from moechat.export.quantize import QuantizeOptions, quantize_decoder
     from moechat.models.config import preset
@@ -61,7 +63,12 @@ def build(workdir: Path, names: list[str]) -> dict[str, Path]:
             path = workdir / f"{name}.onnx"
             if not path.exists():
                 t = time.perf_counter()
-                quantize_decoder(fp32, path, QuantizeOptions(moe=q[0], dense=q[1]))
+                blocks = quantize.QMOE_BLOCK_SIZES
+                quantize.QMOE_BLOCK_SIZES = q[2] if len(q) > 2 else blocks
+                try:
+                    quantize_decoder(fp32, path, QuantizeOptions(moe=q[0], dense=q[1]))
+                finally:
+                    quantize.QMOE_BLOCK_SIZES = blocks
                 print(f"quantised {path.name} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
         paths[name] = path
     return paths

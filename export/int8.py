@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from moechat.export.fidelity import (
@@ -25,6 +26,12 @@ from moechat.runtime.tokenizer import TextTokenizer
 
 GRAPH = "model.onnx"
 SIZE_RATIO_MAX = 0.30
+CALIBRATION_MAX_TOKENS = 1024
+
+
+def calibration_text() -> str:
+    """Text for activation smoothing, distinct from the held-out text (package data)."""
+    return (resources.files("moechat.export") / "data" / "calibration.txt").read_text("utf-8")
 
 
 @dataclass
@@ -54,7 +61,7 @@ def quantize_package_graph(
     arch: dict,
     tokenizer: TextTokenizer,
     moe: str,
-    matmuls: str = "dynamic",
+    matmuls: str = "nbits",
     heldout: Path | None = None,
     max_context: int = WINDOW,
     progress: Callable[[str], None] = lambda msg: None,
@@ -64,7 +71,10 @@ def quantize_package_graph(
     qdir = work / "int8"
     qdir.mkdir()
     progress(f"quantising to int8 (routed experts: {moe}, matmuls: {matmuls})")
-    info = quantize_decoder(work / GRAPH, qdir / GRAPH, QuantizeOptions(moe=moe, dense=matmuls))
+    calibration = tokenizer.encode_text(calibration_text())[:CALIBRATION_MAX_TOKENS]
+    info = quantize_decoder(
+        work / GRAPH, qdir / GRAPH, QuantizeOptions(moe=moe, dense=matmuls), calibration
+    )
     info = {"method": "int8", **info}
 
     if heldout is not None:

@@ -44,7 +44,7 @@ class ExportOptions:
     defaults: dict = field(default_factory=dict)
     extra_manifest: dict = field(default_factory=dict)
     int8: bool = False
-    int8_matmuls: str | None = None  # "dynamic" (default) or "nbits"
+    int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
     heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
 
     def __post_init__(self) -> None:
@@ -196,7 +196,7 @@ def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None
 
     result = quantize_package_graph(
         work, manifest["architecture"], tokenizer, options.moe_impl,
-        options.int8_matmuls or "dynamic", options.heldout, max_context, progress,
+        options.int8_matmuls or "nbits", options.heldout, max_context, progress,
     )  # fmt: skip
     manifest["graph"]["quantization"] = result.quantization
     manifest["parity"]["graph"] = "float32, before int8 quantization"

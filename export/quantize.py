@@ -1,24 +1,32 @@
 """fp32 decoder graph -> int8 decoder graph for onnxruntime.
 
-Weights are quantised symmetrically to int8; activations stay float32 between ops.
+Weights are quantised symmetrically to int8 with float scales per block of 32 along
+the reduction axis; activations stay float32 between ops (the int8 kernels quantise
+them per block on the fly).
 
 - Routed experts, one of two lowerings (``moe``):
   - ``qmoe``: each ``com.microsoft.MoE`` node becomes ``com.microsoft.QMoE`` with 8-bit
-    weights and block-wise scales (block 64/32/16 along the reduction axis, the
-    largest that divides both hidden and intermediate sizes; per row otherwise);
+    weights and block-wise scales (block 32, or 16, along the reduction axis: one
+    that divides both hidden and intermediate sizes; per row otherwise);
   - ``ops``: the standard-op lowering's per-expert MatMuls are quantised like every
     other matmul (below).
 - Other matmuls (attention, shared experts, dense FFN, lm_head), ``dense``:
+  - ``nbits`` (default): 8-bit ``MatMulNBits``, block 32, ``accuracy_level=4`` (int8
+    compute with activations quantised per block; without it the 8-bit kernel is
+    many times slower than fp32 on CPU);
   - ``dynamic``: ``quantize_dynamic`` (MatMulInteger, per-channel int8 weights,
-    activations quantised per tensor at run time);
-  - ``nbits``: 8-bit ``MatMulNBits`` with ``accuracy_level=4`` (int8 compute; without
-    it the 8-bit kernel is many times slower than fp32 on CPU).
+    activations quantised per tensor at run time: fastest prefill, but far less
+    accurate on trained models).
   Gemm nodes are rewritten to MatMul first (the quantisers only convert MatMul).
 - Routers stay float32: every MatMul/Gemm that produces the router logits (input 1 of
   a MoE node, or the input of a Softmax that feeds a TopK) is excluded, so expert
   choice does not flip needlessly.
-- The token embedding becomes an int8 table with one scale per row behind a Gather
-  (Gather -> Cast -> Mul by the gathered row scale; standard ops only).
+- Activation smoothing before quantisation (``moechat.export.smoothing``), when
+  calibration tokens are given.
+- The token embedding becomes an int8 table with block scales behind a Gather
+  (Gather -> Cast -> Mul by the gathered scales; standard ops only). With a tied
+  lm_head, the 32 best int8 logits are recomputed from float activations and that
+  table (``add_lm_head_rescoring``).
 
 See docs/benchmarks.md for the measurements behind the default choice.
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,19 +45,23 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from moechat.export.onnx_graph import save_model
+from moechat.export.smoothing import ALPHA, smooth
 
 INT8_MOE_IMPLS = ("qmoe", "ops")
 DENSE_METHODS = ("dynamic", "nbits")
-QMOE_BLOCK_SIZES = (64, 32, 16)
+QMOE_BLOCK_SIZES = (32, 16)
 NBITS_BLOCK_SIZE = 32
 MSFT_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    moe: str = "ops"  # how routed experts are quantised: "qmoe" or "ops"
-    dense: str = "dynamic"  # the other matmuls: "dynamic" or "nbits"
+    moe: str = "qmoe"  # how routed experts are quantised: "qmoe" or "ops"
+    dense: str = "nbits"  # the other matmuls: "nbits" or "dynamic"
     embedding: bool = True  # int8 token-embedding table
+    smooth: bool = True  # activation smoothing (needs calibration tokens)
+    alpha: float = ALPHA  # smoothing strength: 0 none, 1 all onto the weights
+    symmetric: bool = True  # MatMulNBits weights without zero points
 
     def __post_init__(self) -> None:
         if self.moe not in INT8_MOE_IMPLS:
@@ -189,7 +202,7 @@ def quantize_rows(w: np.ndarray, block: int = 0) -> tuple[np.ndarray, np.ndarray
 
 
 def qmoe_block_size(hidden: int, intermediate: int) -> int:
-    """Largest supported block that divides both reduction sizes (0: per-row scales)."""
+    """The first supported block (32, 16) dividing both reduction sizes (0: per row)."""
     return next((b for b in QMOE_BLOCK_SIZES if hidden % b == 0 and intermediate % b == 0), 0)
 
 
@@ -232,8 +245,26 @@ def moe_to_qmoe(model: onnx.ModelProto) -> dict:
     return {"nodes": count, "block_size": block or "per-row"}
 
 
-def quantize_embedding(model: onnx.ModelProto, ids_input: str = "input_ids") -> list[str]:
-    """int8 rows + one float scale per row for every Gather of a float table by the ids."""
+EMBEDDING_BLOCK = 32
+RESCORE_TOP = 32
+
+
+@dataclass
+class QuantizedTable:
+    source: str  # the fp32 table's initializer name
+    q: str  # int8 [V, H/block, block]
+    scale: str  # float [V, H/block, 1]
+    hidden: int
+    block: int
+
+
+def quantize_embedding(
+    model: onnx.ModelProto, ids_input: str = "input_ids"
+) -> list[QuantizedTable]:
+    """int8 rows + float scales per block of 32 (or per row) for Gathers of a table by the ids.
+
+    Gather(q [V, H/b, b]) -> Cast -> Mul(Gather(scale [V, H/b, 1])) -> Reshape [.., H].
+    """
     graph = model.graph
     inits = _initializers(graph)
     new_nodes = []
@@ -249,24 +280,98 @@ def quantize_embedding(model: onnx.ModelProto, ids_input: str = "input_ids") -> 
         ):
             new_nodes.append(node)
             continue
-        q, scale = quantize_rows(numpy_helper.to_array(table))
-        base = node.input[0]
-        qname, sname = f"{base}_q8", f"{base}_row_scale"
-        graph.initializer.append(numpy_helper.from_array(q, qname))
-        graph.initializer.append(numpy_helper.from_array(scale[:, None], sname))
-        out = node.output[0]
-        n = node.name
+        vocab, hidden = table.dims
+        block = EMBEDDING_BLOCK if hidden % EMBEDDING_BLOCK == 0 else hidden
+        q, scale = quantize_rows(numpy_helper.to_array(table).reshape(vocab, -1, block))
+        base, out, n = node.input[0], node.output[0], node.name
+        qt = QuantizedTable(base, f"{base}_q8", f"{base}_scale", hidden, block)
+        graph.initializer.append(numpy_helper.from_array(q, qt.q))
+        graph.initializer.append(numpy_helper.from_array(scale[..., None], qt.scale))
+        shape = f"{base}_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, hidden]), shape))
         new_nodes += [
-            helper.make_node("Gather", [qname, ids_input], [f"{out}_q8"], f"{n}_q8", axis=0),
-            helper.make_node("Cast", [f"{out}_q8"], [f"{out}_f"], f"{n}_cast", to=TensorProto.FLOAT),
-            helper.make_node("Gather", [sname, ids_input], [f"{out}_s"], f"{n}_scale", axis=0),
-            helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [out], f"{n}_dequant"),
+            helper.make_node("Gather", [qt.q, ids_input], [f"{out}_q8"], f"{n}_q8", axis=0),
+            helper.make_node(
+                "Cast", [f"{out}_q8"], [f"{out}_f"], f"{n}_cast", to=TensorProto.FLOAT
+            ),
+            helper.make_node("Gather", [qt.scale, ids_input], [f"{out}_s"], f"{n}_scale", axis=0),
+            helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [f"{out}_b"], f"{n}_dequant"),
+            helper.make_node("Reshape", [f"{out}_b", shape], [out], f"{n}_reshape"),
         ]
-        done.append(base)
+        done.append(qt)
     del graph.node[:]
     graph.node.extend(new_nodes)
     _drop_unused_initializers(graph)
     return done
+
+
+def find_tied_lm_head(
+    model: onnx.ModelProto, ids_input: str = "input_ids"
+) -> tuple[str, str] | None:
+    """(lm_head MatMul name, embedding table name) when the lm_head weight is the table^T."""
+    graph = model.graph
+    inits = _initializers(graph)
+    lm = next(
+        (n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output and n.input[1] in inits),
+        None,
+    )  # fmt: skip
+    tables = [
+        n.input[0] for n in graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and len(n.input) > 1 and n.input[1] == ids_input
+    ]  # fmt: skip
+    if lm is None or len(tables) != 1:
+        return None
+    w, table = inits[lm.input[1]], inits[tables[0]]
+    if list(w.dims) != list(table.dims)[::-1]:
+        return None
+    if not np.array_equal(numpy_helper.to_array(w).T, numpy_helper.to_array(table)):
+        return None
+    return lm.name, tables[0]
+
+
+def add_lm_head_rescoring(
+    model: onnx.ModelProto, table: QuantizedTable, input_scale: np.ndarray | None, top: int
+) -> None:
+    """Recompute the ``top`` largest int8 logits from float activations and int8 table rows.
+
+    The int8 lm_head quantises its input activations; near-ties between the best
+    candidates then flip. The candidates' logits are recomputed as
+    ``(x * input_scale) . dequant(table[v])`` (float activations, the tied int8
+    embedding rows, no extra weights) and scattered back.
+    """
+    graph = model.graph
+    lm = next(n for n in graph.node if "logits" in n.output)
+    lm.output[list(lm.output).index("logits")] = "logits_int8"
+    x = lm.input[0]
+    nodes = []
+    if input_scale is not None:  # undo the activation smoothing of the lm_head input
+        graph.initializer.append(
+            numpy_helper.from_array(input_scale.astype(np.float32), "lm_rescore_s")
+        )
+        nodes.append(
+            helper.make_node("Mul", [x, "lm_rescore_s"], ["lm_rescore_x"], "lm_rescore_unsmooth")
+        )
+        x = "lm_rescore_x"
+    const = {
+        "lm_rescore_k": np.array([top], np.int64),
+        "lm_rescore_axis2": np.array([2], np.int64),
+        "lm_rescore_axis_last": np.array([-1], np.int64),
+        "lm_rescore_shape": np.array([0, 0, 0, table.hidden], np.int64),
+    }
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in const.items())
+    nodes += [
+        helper.make_node("TopK", ["logits_int8", "lm_rescore_k"], ["lm_rescore_top", "lm_rescore_idx"], "lm_rescore_topk", axis=-1),
+        helper.make_node("Gather", [table.q, "lm_rescore_idx"], ["lm_rescore_q"], "lm_rescore_rows", axis=0),
+        helper.make_node("Cast", ["lm_rescore_q"], ["lm_rescore_qf"], "lm_rescore_cast", to=TensorProto.FLOAT),
+        helper.make_node("Gather", [table.scale, "lm_rescore_idx"], ["lm_rescore_sc"], "lm_rescore_scales", axis=0),
+        helper.make_node("Mul", ["lm_rescore_qf", "lm_rescore_sc"], ["lm_rescore_wb"], "lm_rescore_dequant"),
+        helper.make_node("Reshape", ["lm_rescore_wb", "lm_rescore_shape"], ["lm_rescore_w"], "lm_rescore_reshape"),
+        helper.make_node("Unsqueeze", [x, "lm_rescore_axis2"], ["lm_rescore_xu"], "lm_rescore_unsqueeze"),
+        helper.make_node("Mul", ["lm_rescore_w", "lm_rescore_xu"], ["lm_rescore_prod"], "lm_rescore_mul"),
+        helper.make_node("ReduceSum", ["lm_rescore_prod", "lm_rescore_axis_last"], ["lm_rescore_exact"], "lm_rescore_sum", keepdims=0),
+        helper.make_node("ScatterElements", ["logits_int8", "lm_rescore_idx", "lm_rescore_exact"], ["logits"], "lm_rescore_scatter", axis=-1),
+    ]  # fmt: skip
+    graph.node.extend(nodes)
 
 
 @contextlib.contextmanager
@@ -283,13 +388,15 @@ def _quiet_quantizer():
             lg.setLevel(level)
 
 
-def _quantize_matmuls(model: onnx.ModelProto, dense: str, exclude: list[str]) -> onnx.ModelProto:
+def _quantize_matmuls(
+    model: onnx.ModelProto, dense: str, exclude: list[str], symmetric: bool = True
+) -> onnx.ModelProto:
     if dense == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         with _quiet_quantizer():
             quantizer = MatMulNBitsQuantizer(
-                model, bits=8, block_size=NBITS_BLOCK_SIZE, is_symmetric=True, accuracy_level=4,
+                model, bits=8, block_size=NBITS_BLOCK_SIZE, is_symmetric=symmetric, accuracy_level=4,
                 nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",),
             )  # fmt: skip
             quantizer.process()
@@ -310,8 +417,16 @@ def _matmul_count(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
     return sum(1 for n in model.graph.node if n.op_type in op_types)
 
 
-def quantize_model(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[onnx.ModelProto, dict]:
-    """Return the int8 model and a description for the manifest's graph.quantization."""
+def quantize_model(
+    model: onnx.ModelProto,
+    options: QuantizeOptions,
+    calibration: tuple[Path, Sequence[int]] | None = None,
+) -> tuple[onnx.ModelProto, dict]:
+    """Return the int8 model and a description for the manifest's graph.quantization.
+
+    ``calibration``: (the fp32 graph file ``model`` was loaded from, token ids) for
+    activation smoothing; without it nothing is smoothed.
+    """
     graph = model.graph
     _ensure_node_names(graph)
     routers = find_routers(model)
@@ -322,11 +437,26 @@ def quantize_model(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[on
     gemm_to_matmul(model, keep=set(router_names))
     info: dict = {
         "weights": "int8",
-        "scheme": "symmetric",
+        "scheme": "symmetric" if options.symmetric else "asymmetric (matmuls), symmetric (rest)",
         "activations": "float32",
         "routers": "float32",
         "router_nodes": router_names,
     }
+    tied = find_tied_lm_head(model) if options.embedding and options.dense == "nbits" else None
+    scales: dict[str, np.ndarray] = {}
+    if options.smooth and calibration is not None:
+        scales = smooth(model, calibration[0], calibration[1], options.alpha)
+    info["smoothing"] = (
+        f"{len(scales)} activations (alpha {options.alpha}, {len(calibration[1])} calibration tokens)"
+        if scales
+        else None
+    )
+    lm_input = next((n.input[0] for n in model.graph.node if tied and n.name == tied[0]), None)
+    producers = _producers(model.graph)
+    while lm_input in producers and producers[lm_input].op_type == "Reshape":
+        if lm_input in scales:
+            break
+        lm_input = producers[lm_input].input[0]  # smoothing looks through Reshapes too
     if has_moe:
         if options.moe != "qmoe":
             raise ValueError("the standard-op int8 MoE needs a graph exported with moe_impl ops")
@@ -334,20 +464,28 @@ def quantize_model(model: onnx.ModelProto, options: QuantizeOptions) -> tuple[on
         info["routed_experts"] = f"QMoE int8, block {qmoe['block_size']}"
     elif routers:
         info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options.dense)}"
-    if options.embedding:
-        tables = quantize_embedding(model)
-        info["embedding"] = "int8, one scale per row" if tables else "float32"
-    else:
-        info["embedding"] = "float32"
-    model = _quantize_matmuls(model, options.dense, router_names)
+    tables = quantize_embedding(model) if options.embedding else []
+    info["embedding"] = f"int8, scales per block of {tables[0].block}" if tables else "float32"
+    model = _quantize_matmuls(model, options.dense, router_names, options.symmetric)
     info["matmuls"] = _dense_description(options.dense)
+    info["lm_head_rescoring"] = None
+    if tied and tables:
+        top = min(RESCORE_TOP, _vocab(model, tables[0]))
+        add_lm_head_rescoring(model, tables[0], scales.get(lm_input), top)
+        info["lm_head_rescoring"] = (
+            f"top {top} logits recomputed from float activations and the tied int8 table"
+        )
     # Anything left in float32 besides the routers would be a quantiser miss: report it.
     inits = _initializers(model.graph)
-    info["float_matmuls"] = sorted(
+    info["float_matmuls"] = [
         n.name for n in model.graph.node
         if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits
-    )  # fmt: skip
+    ]  # fmt: skip
     return model, info
+
+
+def _vocab(model: onnx.ModelProto, table: QuantizedTable) -> int:
+    return int(_initializers(model.graph)[table.q].dims[0])
 
 
 def _dense_description(dense: str) -> str:
@@ -360,9 +498,12 @@ def _is_moe_ops_graph(model: onnx.ModelProto) -> bool:
     return any(n.op_type == "TopK" for n in model.graph.node)
 
 
-def quantize_decoder(src: Path, dst: Path, options: QuantizeOptions) -> dict:
+def quantize_decoder(
+    src: Path, dst: Path, options: QuantizeOptions, calibration_ids: Sequence[int] = ()
+) -> dict:
     """Read the fp32 graph ``src`` (+ external data), write the int8 graph ``dst``."""
     model = onnx.load(str(src), load_external_data=True)
-    model, info = quantize_model(model, options)
+    calibration = (Path(src), calibration_ids) if len(calibration_ids) else None
+    model, info = quantize_model(model, options, calibration)
     save_model(model, Path(dst))
     return info

@@ -100,12 +100,15 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr
         self.start = time.perf_counter()
         self._last = 0.0
+        self._shown = -1
 
     def update(self, done: int, force: bool = False) -> None:
         now = time.perf_counter()
         if not force and now - self._last < 0.1:
             return
-        self._last = now
+        if force and done == self._shown:
+            return
+        self._last, self._shown = now, done
         frac = min(done / self.total, 1.0)
         filled = int(frac * self.width)
         rate = done / max(now - self.start, 1e-9)

@@ -1,0 +1,209 @@
+"""Activation smoothing before int8 quantisation (SmoothQuant-style, exact in fp32).
+
+The int8 kernels quantise activations too (per block of 32 along the reduction axis
+for MatMulNBits and QMoE). Trained models have a few input channels with very large
+values, which spoil the precision of every other channel in their block. Smoothing
+divides such a channel by ``s_j`` where the activation is produced and multiplies the
+matching weight row by ``s_j``, so the fp32 function is unchanged:
+
+- norm groups: RMSNorm's weight ``gamma`` (a Mul by a constant [H] vector) feeds only
+  matmuls with constant weights (q/k/v, gate/up, the routers, the MoE op's fc1, the
+  lm_head): ``gamma /= s``, every consumer's rows ``*= s``;
+- FFN down projections: ``down(silu(gate x) * (up x))``: up's output columns ``/= s``,
+  down's rows ``*= s``.
+``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)`` with per-channel maxima of the
+activations measured on calibration text through the fp32 graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ALPHA = 0.5
+_PASS_THROUGH = ("Reshape",)
+
+
+@dataclass
+class _Group:
+    activation: str  # tensor whose channels are smoothed
+    producer: tuple[str, int]  # (initializer, axis) divided by s: gamma (axis 0) or up (axis 1)
+    consumers: list[tuple[str, int]] = field(default_factory=list)  # (initializer, axis) * s
+
+
+def _users(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _weight_consumers(
+    tensor: str, users: dict, inits: dict, graph_outputs: set[str]
+) -> list[tuple[str, int]] | None:
+    """(weight, channel axis) of every consumer of ``tensor``; None if one is not a matmul."""
+    if tensor in graph_outputs:
+        return None
+    out: list[tuple[str, int]] = []
+    for node in users.get(tensor, []):
+        if node.op_type in _PASS_THROUGH and node.input[0] == tensor:
+            more = _weight_consumers(node.output[0], users, inits, graph_outputs)
+            if more is None:
+                return None
+            out += more
+        elif (
+            node.op_type == "MatMul"
+            and node.input[0] == tensor
+            and node.input[1] in inits
+            and len(inits[node.input[1]].dims) == 2
+        ):
+            out.append((node.input[1], 0))  # [K, N]: rows are input channels
+        elif (
+            node.op_type == "MoE"
+            and node.domain == "com.microsoft"
+            and node.input[0] == tensor
+            and node.input[2] in inits
+        ):
+            out.append((node.input[2], 2))  # fc1 [E, 2I, H]
+        else:
+            return None
+    return out or None
+
+
+def find_groups(model: onnx.ModelProto) -> list[_Group]:
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    users = _users(graph)
+    outputs = {o.name for o in graph.output}
+    producers = {o: n for n in graph.node for o in n.output}
+    groups = []
+    for node in graph.node:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        # RMSNorm scale: Mul(gamma [H], normalised x)
+        gamma = next(
+            (i for i in node.input if i in inits and len(inits[i].dims) == 1 and inits[i].dims[0] > 1),
+            None,
+        )  # fmt: skip
+        if gamma is not None:
+            if len(users.get(gamma, [])) != 1:
+                continue  # shared scale vector: not safe to change
+            consumers = _weight_consumers(node.output[0], users, inits, outputs)
+            if consumers:
+                groups.append(_Group(node.output[0], (gamma, 0), consumers))
+            continue
+        # SwiGLU product feeding a down projection: Mul(silu(gate), up)
+        consumers = _weight_consumers(node.output[0], users, inits, outputs)
+        if not consumers or len(consumers) != 1 or consumers[0][1] != 0:
+            continue
+        for i in node.input:
+            up = producers.get(i)
+            if (
+                up is not None
+                and up.op_type == "MatMul"
+                and up.input[1] in inits
+                and len(users.get(i, [])) == 1  # up's output is used only here
+                and len(users.get(up.input[1], [])) == 1
+            ):
+                groups.append(_Group(node.output[0], (up.input[1], 1), consumers))
+                break
+    return groups
+
+
+def _past_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for inp in model.graph.input:
+        if inp.name.startswith("past_key_values."):
+            dims = inp.type.tensor_type.shape.dim
+            shapes[inp.name] = (1, dims[1].dim_value, 0, dims[3].dim_value)
+    return shapes
+
+
+def activation_maxima(
+    graph_path: Path, tensors: Sequence[str], token_ids: Sequence[int], window: int = 256
+) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of ``tensors`` over ``token_ids`` run through the fp32 graph."""
+    from moechat.runtime.providers import create_session
+
+    graph_path = Path(graph_path)
+    probe = onnx.load(str(graph_path), load_external_data=False)
+    existing = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in existing:
+            probe.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+    copy = graph_path.with_name(f".calibrate-{graph_path.name}")
+    onnx.save_model(probe, str(copy))
+    try:
+        session = create_session(copy, "CPUExecutionProvider")
+    finally:
+        copy.unlink(missing_ok=True)
+    pasts = {k: np.zeros(s, np.float32) for k, s in _past_shapes(probe).items()}
+    ids = np.asarray(token_ids, dtype=np.int64)
+    maxima: dict[str, np.ndarray] = {}
+    for start in range(0, len(ids), window):
+        chunk = ids[start : start + window]
+        feeds = {
+            "input_ids": chunk[None],
+            "attention_mask": np.ones((1, len(chunk)), np.int64),
+            "logits_positions": np.arange(len(chunk), dtype=np.int64),
+            **pasts,
+        }
+        for name, value in zip(tensors, session.run(list(tensors), feeds), strict=True):
+            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], m) if name in maxima else m
+    return maxima
+
+
+def smooth(
+    model: onnx.ModelProto, graph_path: Path, token_ids: Sequence[int], alpha: float = ALPHA
+) -> dict[str, np.ndarray]:
+    """Smooth every group found in ``model`` (calibrated on ``graph_path``).
+
+    Returns ``{activation: s}``: the smoothed tensor now holds ``x / s``.
+
+    ``graph_path`` is the fp32 graph file ``model`` was loaded from: activation names
+    are unchanged by the Gemm->MatMul rewrite, so the file serves for calibration.
+    """
+    groups = find_groups(model)
+    if not groups or len(token_ids) == 0:
+        return {}
+    maxima = activation_maxima(graph_path, [g.activation for g in groups], token_ids)
+    inits = {t.name: t for t in model.graph.initializer}
+    arrays: dict[str, np.ndarray] = {}
+    applied: dict[str, np.ndarray] = {}
+
+    def get(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name]).astype(np.float32)
+        return arrays[name]
+
+    for g in groups:
+        x_max = maxima[g.activation]
+        w_max = np.zeros_like(x_max)
+        for name, axis in g.consumers:
+            w = np.abs(get(name))
+            other = tuple(a for a in range(w.ndim) if a != axis)
+            w_max = np.maximum(w_max, w.max(axis=other))
+        s = np.power(np.maximum(x_max, 1e-8), alpha) / np.power(np.maximum(w_max, 1e-8), 1 - alpha)
+        s = np.where((x_max > 0) & (w_max > 0), s, 1.0)
+        s = np.clip(s, 1e-4, 1e4).astype(np.float32)
+        applied[g.activation] = s
+        name, axis = g.producer
+        shape = [1] * get(name).ndim
+        shape[axis] = -1
+        arrays[name] = get(name) / s.reshape(shape)
+        for name, axis in g.consumers:
+            shape = [1] * get(name).ndim
+            shape[axis] = -1
+            arrays[name] = get(name) * s.reshape(shape)
+    for name, value in arrays.items():
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return applied

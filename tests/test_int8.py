@@ -1,0 +1,190 @@
+"""int8 export: runs through the runtime, stays close to fp32, routers stay fp32."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from moechat.export.fidelity import measure_fidelity
+from moechat.export.onnx_graph import export_decoder
+from moechat.export.quantize import QuantizeOptions, find_routers, quantize_decoder
+from moechat.export.smoothing import smooth
+from moechat.models.modeling import random_model
+from moechat.runtime.decoder import Decoder
+from moechat.runtime.providers import create_session
+
+from model_factory import TINY_DENSE, TINY_MOE
+
+
+def _arch(cfg):
+    return {
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+    }
+
+
+def _logits(path, cfg, ids, prefill=24):
+    """Teacher-forced logits: a prefill chunk, then one token at a time (static cache)."""
+    session = create_session(path, "CPUExecutionProvider")
+    dec = Decoder(session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 128, True)
+    out = [dec.forward(ids[:prefill], logits_for="all")]
+    out += [dec.forward([t]) for t in ids[prefill:]]
+    return np.concatenate(out)
+
+
+def _close(ref, got, top1_min=0.9, rel=0.05):
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    rms = float(np.sqrt(((ref - got) ** 2).mean()) / np.sqrt((ref**2).mean()))
+    assert top1 >= top1_min, top1
+    assert rms < rel, rms
+
+
+def _ids(cfg, n=48, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, n).tolist()
+
+
+@pytest.fixture(scope="module")
+def int8_package(tmp_path_factory, tiny_checkpoint):
+    from moechat.app.cli import main
+
+    out = tmp_path_factory.mktemp("int8") / "tiny-moe-int8"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["export", str(tiny_checkpoint), str(out), "--int8"])
+    assert rc == 0, stderr.getvalue()
+    return out, stdout.getvalue()
+
+
+def test_int8_package_records_quantization_fidelity_and_sizes(int8_package):
+    path, printed = int8_package
+    manifest = json.loads((path / "moechat.json").read_text())
+    q, f = manifest["graph"]["quantization"], manifest["fidelity"]
+    assert q["method"] == "int8" and q["routers"] == "float32"
+    assert manifest["graph"]["moe_impl"] == "qmoe"
+    assert q["float_matmuls"] == q["router_nodes"] and len(q["router_nodes"]) == 2
+    assert q["int8_package_bytes"] < q["fp32_package_bytes"]
+    assert manifest["parity"]["graph"].startswith("float32")  # fp32-vs-torch, before quantising
+    for key in ("top1_agreement", "mean_kl", "perplexity_ratio", "routing_agreement", "tokens"):
+        assert key in f
+    assert f["tokens"] > 1000 and 0.8 <= f["routing_agreement"] <= 1.0
+    assert sorted(p.name for p in path.iterdir()) == [
+        "model.onnx", "model.onnx.data", "moechat.json", "tokenizer.json",
+    ]  # fmt: skip
+    assert "fp32 package" in printed and "int8 package" in printed
+    assert "top-1 agreement" in printed and "expert-routing agreement" in printed
+
+
+def test_int8_moe_package_runs_and_stays_close_to_fp32(int8_package, tiny_checkpoint):
+    import torch
+
+    from moechat.models.loading import load_checkpoint
+    from moechat.runtime.generator import generate
+    from moechat.runtime.model import load_model
+    from moechat.runtime.sampling import SamplingParams
+
+    fp32 = load_checkpoint(tiny_checkpoint).model  # the fp32 reference the package came from
+    int8 = load_model(int8_package[0])
+    ids = _ids(TINY_MOE)
+    ref, _ = fp32.step(torch.tensor([ids]), fp32.empty_cache())
+    got = int8.decoder.forward(ids, logits_for="all")
+    _close(ref[0].numpy(), got)
+    int8.decoder.reset()
+    events = list(generate(int8, ids[:10], SamplingParams(temperature=0.0, max_new_tokens=8)))
+    assert len(events[-1].token_ids) == 8
+
+
+def test_routers_stay_fp32_in_the_int8_graph(int8_package):
+    model = onnx.load(str(int8_package[0] / "model.onnx"), load_external_data=True)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QMoE") == TINY_MOE.num_hidden_layers and "MoE" not in ops
+    routers = find_routers(model)
+    assert len(routers) == TINY_MOE.num_hidden_layers
+    for node in routers:
+        weight = inits[node.input[1]]
+        assert weight.data_type == onnx.TensorProto.FLOAT
+        assert sorted(weight.dims) == sorted([TINY_MOE.hidden_size, TINY_MOE.n_routed_experts])
+        qmoe = next(n for n in graph.node if n.op_type == "QMoE" and node.output[0] in n.input)
+        assert list(qmoe.input).index(node.output[0]) == 1  # feeds router_probs directly
+    # every other matmul is int8, and so are the expert weights and the embedding table
+    float_matmuls = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert sorted(n.name for n in float_matmuls) == sorted(n.name for n in routers)
+    assert ops.count("MatMulNBits") >= 5 * TINY_MOE.num_hidden_layers
+    for node in graph.node:
+        if node.op_type == "QMoE":
+            assert inits[node.input[2]].data_type == onnx.TensorProto.UINT8
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
+    assert any(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in gathers)
+
+
+@pytest.mark.parametrize(
+    "cfg,lowering,options",
+    [
+        (TINY_DENSE, "contrib", QuantizeOptions()),
+        (TINY_DENSE.with_changes(tie_word_embeddings=False), "contrib", QuantizeOptions()),
+        (TINY_MOE, "ops", QuantizeOptions(moe="ops")),
+        (TINY_MOE, "contrib", QuantizeOptions(dense="dynamic")),
+    ],
+    ids=["dense", "dense-untied", "moe-standard-ops", "moe-qmoe-dynamic"],
+)
+def test_int8_graphs_stay_close_to_fp32(tmp_path, cfg, lowering, options):
+    model = random_model(cfg, seed=1, max_positions=256)
+    export_decoder(model, tmp_path / "fp32.onnx", lowering)
+    calibration = _ids(cfg, 64, seed=7)
+    info = quantize_decoder(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", options, calibration)
+    ids = _ids(cfg)
+    _close(_logits(tmp_path / "fp32.onnx", cfg, ids), _logits(tmp_path / "int8.onnx", cfg, ids))
+    q = onnx.load(str(tmp_path / "int8.onnx"), load_external_data=False)
+    routers = find_routers(q)
+    assert [n.name for n in routers] == info["router_nodes"]
+    assert info["float_matmuls"] == info["router_nodes"]
+    assert len(routers) == (cfg.num_hidden_layers if cfg.use_moe else 0)
+    if cfg.use_moe:
+        report = measure_fidelity(
+            tmp_path / "fp32.onnx", tmp_path / "int8.onnx", _arch(cfg), _ids(cfg, 200, 3)
+        )
+        assert report.routing_agreement > 0.8
+        assert len(report.routing_agreement_per_layer) == cfg.num_hidden_layers
+
+
+def test_fidelity_of_a_graph_against_itself_is_perfect(tmp_path):
+    cfg = TINY_MOE
+    export_decoder(random_model(cfg, seed=2, max_positions=256), tmp_path / "m.onnx", "contrib")
+    report = measure_fidelity(
+        tmp_path / "m.onnx", tmp_path / "m.onnx", _arch(cfg), _ids(cfg, 300), window=128, chunk=50
+    )
+    assert report.tokens == 299
+    assert report.top1_agreement == 1.0 and report.routing_agreement == 1.0
+    assert abs(report.perplexity_ratio - 1.0) < 1e-6 and abs(report.mean_kl) < 1e-9
+    assert not report.misses and report.to_dict()["passed"]
+
+
+def test_smoothing_leaves_the_fp32_function_unchanged(tmp_path):
+    cfg = TINY_MOE
+    export_decoder(random_model(cfg, seed=4, max_positions=256), tmp_path / "m.onnx", "contrib")
+    from moechat.export.onnx_graph import save_model
+    from moechat.export.quantize import gemm_to_matmul
+
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=True)
+    before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    gemm_to_matmul(model)
+    scales = smooth(model, tmp_path / "m.onnx", _ids(cfg, 64, seed=5))
+    # input norm + post-attention norm per layer, shared-expert down, final norm
+    assert len(scales) == 3 * cfg.num_hidden_layers + 1
+    assert any(not np.allclose(s, 1.0) for s in scales.values())
+    changed = [
+        t.name for t in model.graph.initializer
+        if t.name in before and not np.array_equal(numpy_helper.to_array(t), before[t.name])
+    ]  # fmt: skip
+    assert changed
+    save_model(model, tmp_path / "s.onnx")
+    ids = _ids(cfg)
+    ref, got = _logits(tmp_path / "m.onnx", cfg, ids), _logits(tmp_path / "s.onnx", cfg, ids)
+    assert np.abs(ref - got).max() < 1e-3 * np.abs(ref).max()
