@@ -184,18 +184,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         turns=args.turns,
     )  # fmt: skip
     path = _resolve_model(args.model, args.yes)
-    result = run_bench(path, options)
+    compare = None
     if args.compare:
-        from moechat.runtime.bench_compare import run_compare
+        from moechat.runtime.bench_compare import ANCHORS, run_compare
         from moechat.runtime.package import load_package
 
         def progress(message: str) -> None:
             print(f"moechat bench: {message}", file=sys.stderr, flush=True)
 
         cache = Path(args.cache_dir) if args.cache_dir else None
-        result["compare"] = run_compare(
-            result, load_package(path).manifest, cache, progress=progress
-        )
+        manifest = load_package(path).manifest
+
+        anchors = tuple(a for a in (args.anchors or "").split(",") if a) or ANCHORS
+        unknown = sorted(set(anchors) - set(ANCHORS))
+        if unknown:
+            raise MoechatError(f"unknown anchor {unknown[0]!r} (known: {', '.join(ANCHORS)})")
+
+        def compare(result, ours_run):
+            return run_compare(result, manifest, cache, ours_run, anchors, progress=progress)
+
+    result = run_bench(path, options, compare)
     print(json.dumps(public_result(result), indent=2) if args.json else format_report(result))
     return 0
 
@@ -267,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="package name")
     p.add_argument("--force", action="store_true", help="replace OUTDIR")
+    p.add_argument("--variant", action="append", choices=["dml"], default=[],
+                   help="also write a graph for a provider that needs one (dml: standard "
+                   "ONNX ops, float32, for DirectML); repeatable")  # fmt: skip
     g = p.add_argument_group("int8")
     g.add_argument("--int8", action="store_true",
                    help="int8 weights (routers stay fp32); measures fidelity against fp32")  # fmt: skip
@@ -295,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat turns for the last/first-turn TTFT ratio; 0 skips (default: 10)")  # fmt: skip
     p.add_argument("--compare", action="store_true",
                    help="also run PyTorch, onnxruntime-genai and llama.cpp on the same weights")  # fmt: skip
+    p.add_argument("--anchors", help="with --compare: a comma-separated subset of "
+                   "pytorch,onnxruntime-genai,llama.cpp (default: all)")  # fmt: skip
     p.add_argument("--cache-dir", help="where --compare keeps converted models")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-y", "--yes", action="store_true", help="build the demo model without asking")

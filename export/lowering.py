@@ -124,7 +124,9 @@ def moe_standard_ops(x, router_logits, fc1, fc2, top_k: int, normalize: bool):
         y = op.Mul(
             op.MatMul(act, w2), op.Unsqueeze(op.GatherND(w_e, token), op.Constant(value_ints=[1]))
         )
-        out = op.ScatterND(out, token, y, reduction="add")
+        # Plain ScatterND onto zeros, then Add (each token appears once per expert):
+        # DirectML implements ScatterND but not its reduction attribute.
+        out = op.Add(out, op.ScatterND(op.Mul(x, op.Constant(value_float=0.0)), token, y))
     return out  # fmt: skip
 
 

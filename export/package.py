@@ -46,6 +46,7 @@ class ExportOptions:
     int8: bool = False
     int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
     heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
+    variants: tuple[str, ...] = ()  # extra per-provider graphs: "dml"
 
     def __post_init__(self) -> None:
         validate_options(self)
@@ -181,6 +182,8 @@ def export_package(
         }
         if options.int8:
             _quantize(work, manifest, tokenizer, options, max_context, progress)
+        for variant in options.variants:
+            _export_variant(ckpt, work, manifest, variant, prompts, max_context, progress)
         manifest.update(options.extra_manifest)
         write_manifest(work, manifest)
         _replace_dir(work, outdir)
@@ -188,6 +191,34 @@ def export_package(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return manifest
+
+
+# Graph variants for providers that lack kernels the default graph uses. DirectML has
+# no MoE/QMoE kernel and runs GroupQueryAttention in fp16 only: it gets a float32
+# graph of standard ONNX ops (routing lowered to TopK/NonZero/ScatterND, plain attention).
+VARIANTS = {"dml": ("ops", "ops")}
+
+
+def _export_variant(ckpt, work, manifest, variant, prompts, max_context, progress) -> None:
+    if variant not in VARIANTS:
+        raise MoechatError(f"unknown graph variant {variant!r} (known: {', '.join(VARIANTS)})")
+    moe_impl, attention = VARIANTS[variant]
+    name = f"model.{variant}.onnx"
+    progress(f"tracing the {variant} variant (standard ONNX ops)")
+    export_decoder(ckpt.model, work / name, moe_impl, attention)
+    cfg = ckpt.config
+    session = create_session(work / name, "CPUExecutionProvider")
+    decoder = Decoder(
+        session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+        max_context=max_context, static_cache=False,
+    )  # fmt: skip
+    report = measure_parity(ckpt.model, decoder, prompts)
+    if report.relative > PARITY_TOLERANCE:
+        raise MoechatError(f"parity check of the {variant} variant failed: {report.relative:.2g}")
+    graph = manifest["graph"]
+    graph.setdefault("variants", {})[variant] = name
+    graph.setdefault("variant_attention", {})[variant] = attention
+    graph.setdefault("variant_parity", {})[variant] = report.to_dict()
 
 
 def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None:
