@@ -85,7 +85,9 @@ def open_gguf(path: Path):
         raise
     except Exception as err:  # the reader raises ValueError, IndexError, struct errors ...
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MoechatError(f"{path.name} is not a readable GGUF file (truncated or corrupt?): {first}") from None
+        raise MoechatError(
+            f"{path.name} is not a readable GGUF file (truncated or corrupt?): {first}"
+        ) from None
     return reader
 
 
@@ -166,7 +168,9 @@ def dequantize(tensor) -> np.ndarray:
     try:
         data = _dequantize(tensor.data, tensor.tensor_type)
     except Exception as err:
-        raise MoechatError(f"cannot dequantise {tensor.name} ({tensor.tensor_type.name}): {err}") from None
+        raise MoechatError(
+            f"cannot dequantise {tensor.name} ({tensor.tensor_type.name}): {err}"
+        ) from None
     shape = tuple(int(d) for d in reversed(tensor.shape))
     out = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
     return out if out.flags.writeable else out.copy()  # F32 tensors are views of the file
@@ -223,7 +227,7 @@ def tokenizer_json(reader) -> dict:
     if len(types) != len(tokens) or len(set(tokens)) != len(tokens):
         raise MoechatError("the GGUF tokenizer is corrupt (token list and types disagree)")
     added = []
-    for i, (tok, kind) in enumerate(zip(tokens, types)):
+    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
         if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
             added.append(
                 {

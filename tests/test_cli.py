@@ -21,12 +21,31 @@ def _err(capsys):
 def test_run_json(tiny_package, capsys):
     assert main(["run", str(tiny_package), "hello", "--greedy", "-n", "6", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) >= {"text", "token_ids", "prompt_tokens", "ttft_ms", "decode_tokens_per_s", "provider"}
+    assert set(out) >= {
+        "text",
+        "token_ids",
+        "prompt_tokens",
+        "ttft_ms",
+        "decode_tokens_per_s",
+        "provider",
+    }
     assert len(out["token_ids"]) == 6 and out["provider"] == "CPUExecutionProvider"
 
 
 def test_run_reads_stdin_and_raw(tiny_package):
-    cmd = [sys.executable, "-m", "moechat", "run", str(tiny_package), "-", "--raw", "--greedy", "-n", "4", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moechat",
+        "run",
+        str(tiny_package),
+        "-",
+        "--raw",
+        "--greedy",
+        "-n",
+        "4",
+        "--json",
+    ]
     res = subprocess.run(cmd, input="<|im_start|>user", capture_output=True, text=True, check=True)
     out = json.loads(res.stdout)
     # Raw mode tokenizes the text as data: the special token text is not a control token.

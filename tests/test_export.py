@@ -4,7 +4,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from model_factory import TINY_DENSE, TINY_MOE
 
 from moechat.export.onnx_graph import export_decoder
 from moechat.export.parity import measure_parity, parity_prompts
@@ -13,10 +12,14 @@ from moechat.models.modeling import random_model
 from moechat.runtime.decoder import Decoder
 from moechat.runtime.providers import create_session
 
+from model_factory import TINY_DENSE, TINY_MOE
+
 
 def _decoder(path, cfg, static=False):
     session = create_session(path, "CPUExecutionProvider")
-    return Decoder(session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, static)
+    return Decoder(
+        session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 256, static
+    )
 
 
 @pytest.mark.parametrize(
@@ -34,7 +37,7 @@ def test_parity_prefill_decode_append(tmp_path, cfg, moe_impl, attention):
     model = random_model(cfg, seed=3, max_positions=256)
     path = tmp_path / "model.onnx"
     export_decoder(model, path, moe_impl, attention)
-    for static in ([False, True] if attention == "gqa" else [False]):
+    for static in [False, True] if attention == "gqa" else [False]:
         report = measure_parity(model, _decoder(path, cfg, static), parity_prompts(cfg.vocab_size))
         assert report.relative < 1e-5, report
         assert report.greedy_match
@@ -60,7 +63,9 @@ def test_routing_is_data_dependent_in_the_graph(tmp_path):
         ref, _ = model.step(ids, model.empty_cache())
         assert np.abs(got - ref[0].numpy()).max() < 1e-3
         # A differently routed input after export: still exact (routing is not baked in).
-        other = torch.randint(0, cfg.vocab_size, (1, 13), generator=torch.Generator().manual_seed(9))
+        other = torch.randint(
+            0, cfg.vocab_size, (1, 13), generator=torch.Generator().manual_seed(9)
+        )
         dec.reset()
         got = dec.forward(other[0].tolist(), logits_for="all")
         ref, _ = model.step(other, model.empty_cache())
@@ -71,8 +76,13 @@ def test_graph_variants_use_the_expected_ops(tmp_path):
     model = random_model(TINY_MOE, max_positions=256)
     export_decoder(model, tmp_path / "c.onnx", "contrib", "gqa")
     export_decoder(model, tmp_path / "o.onnx", "ops", "ops")
-    contrib = {n.op_type for n in onnx.load(tmp_path / "c.onnx", load_external_data=False).graph.node}
-    plain = {n.op_type: n.domain for n in onnx.load(tmp_path / "o.onnx", load_external_data=False).graph.node}
+    contrib = {
+        n.op_type for n in onnx.load(tmp_path / "c.onnx", load_external_data=False).graph.node
+    }
+    plain = {
+        n.op_type: n.domain
+        for n in onnx.load(tmp_path / "o.onnx", load_external_data=False).graph.node
+    }
     assert {"MoE", "GroupQueryAttention"} <= contrib
     assert {"TopK", "NonZero", "ScatterND"} <= set(plain)
     assert all(domain in ("", "ai.onnx") for domain in plain.values())

@@ -5,12 +5,13 @@ import pickle
 
 import pytest
 import torch
-from model_factory import TINY_DENSE, TINY_MOE, hf_config, make_hf_folder
 
 from moechat.models.config import ModelConfig, preset
 from moechat.models.loading import load_checkpoint
 from moechat.models.modeling import random_model
 from moechat.runtime.errors import MoechatError
+
+from model_factory import TINY_DENSE, TINY_MOE, hf_config, make_hf_folder
 
 
 def _same_logits(a, b):

@@ -73,7 +73,9 @@ def test_stop_string_and_eos(tiny_package):
 def test_cancel(tiny_package):
     model = load_model(tiny_package)
     calls = iter(range(100))
-    done = _done(generate(model, [5, 6], GREEDY.replace(max_new_tokens=50), lambda: next(calls) >= 3))
+    done = _done(
+        generate(model, [5, 6], GREEDY.replace(max_new_tokens=50), lambda: next(calls) >= 3)
+    )
     assert done.finish_reason == "cancelled" and len(done.token_ids) == 3
 
 
@@ -88,7 +90,13 @@ def test_chat_reuses_cache_across_turns(tiny_package):
     # generation prompt were prefilled.
     assert second.stats.prompt_tokens == 1 + len(new)
     assert chat.context_used > used
-    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in chat.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     # Same result as a fresh session fed the whole conversation at once.
     fresh = load_model(tiny_package)
     ids = chat._prompt_ids()[0]
