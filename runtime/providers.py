@@ -61,6 +61,10 @@ def session_options(provider: str, threads: int | None = None) -> ort.SessionOpt
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if os.environ.get("MOECHAT_SPIN") == "0":
+        # Idle worker threads block instead of spinning: much faster on a CPU shared
+        # with other busy processes (see docs/benchmarks.md, "moechat bench").
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
