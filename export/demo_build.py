@@ -44,7 +44,10 @@ CONTEXT = 2048
 
 # calibration: self-written chats + documentation, in sequences of SEQ_LEN tokens
 SEQ_LEN = 256
-SHARED_SIZES = (1280, 1408)  # shared expert neurons (of 1536); the rest: 4 routed experts
+# shared-expert neurons (of 1536; the rest form the 4 routed experts), tried in order until
+# the perplexity limit is met. Measured on the held-out text: 1024 -> 1.33x the dense
+# perplexity, 1280 -> 1.22x, 1408 -> 1.09x.
+SHARED_SIZES = (1408, 1472)
 CHATS = 8  # sequences the dense model writes (each SEQ_LEN tokens with the prefix)
 GENERATION_TEMPERATURE = 0.8
 DOC_TOKENS = 3072
@@ -77,13 +80,18 @@ def generate_chats(
     prefix += [tokenizer.token_id("<|im_start|>")] + tokenizer.encode_text("user\n")
     g = torch.Generator().manual_seed(seed)
     ids = torch.tensor([prefix] * count)
-    logits, past = model.step(ids, model.empty_cache(count))
-    out = [ids]
-    for _ in range(length - len(prefix)):
-        probs = torch.softmax(logits[:, -1].float() / temperature, -1)
-        token = torch.multinomial(probs, 1, generator=g)
-        out.append(token)
-        logits, past = model.step(token, past)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is as fast and never oversubscribes
+    try:
+        logits, past = model.step(ids, model.empty_cache(count))
+        out = [ids]
+        for _ in range(length - len(prefix)):
+            probs = torch.softmax(logits[:, -1].float() / temperature, -1)
+            token = torch.multinomial(probs, 1, generator=g)
+            out.append(token)
+            logits, past = model.step(token, past)
+    finally:
+        torch.set_num_threads(threads)
     return torch.cat(out, 1)
 
 

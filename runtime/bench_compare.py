@@ -293,12 +293,14 @@ def run_compare(
             final = {}
         engine.close()
         res = {**info[name], **_summarise(runs[name], len(result["prompt_ids"])), **final}
-        out[name] = {**res, **_ratios(ours, res)}
+        out[name] = {**res, **_ratios(ours, res, runs["moechat"], runs[name])}
     return {"moechat": {**ours, "status": "ok", "interleaved": bool(runs["moechat"])}, **out}
 
 
-def _ratios(ours: dict, theirs: dict) -> dict:
-    """moechat's speed divided by the anchor's (> 1: moechat is faster)."""
+def _ratios(ours: dict, theirs: dict, ours_runs=(), their_runs=()) -> dict:
+    """moechat's speed divided by the anchor's (> 1: moechat is faster): the ratio of
+    the medians, and the median of the per-round ratios (``_paired``: each round runs
+    the engines back to back, so this one follows a machine whose load changes)."""
 
     def ratio(key: str, invert: bool = False) -> float | None:
         a, b = ours.get(key), theirs.get(key)
@@ -311,7 +313,15 @@ def _ratios(ours: dict, theirs: dict) -> dict:
         if x != y:
             break
         match += 1
+    pairs = [
+        a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+        for a, b in zip(ours_runs, their_runs, strict=False)
+        if a.get("decode_tokens_per_s") and b.get("decode_tokens_per_s")
+    ]
     return {
+        "moechat_decode_speedup_paired": round(float(statistics.median(pairs)), 3)
+        if pairs
+        else None,
         "moechat_decode_speedup": ratio("decode_tokens_per_s"),
         "moechat_prefill_speedup": ratio("prefill_tokens_per_s"),
         "moechat_ttft_speedup": ratio("ttft_ms", invert=True),
@@ -328,7 +338,7 @@ def format_compare(result: dict) -> str:
         f"{result['repeat']} rounds (medians); speed-up = moechat / engine",
         "",
         "| engine | weights | prefill tok/s | TTFT ms | decode tok/s | peak RSS | "
-        "moechat decode speed-up | greedy tokens agreeing |",
+        "moechat decode speed-up (per round) | greedy tokens agreeing |",
         "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
@@ -345,12 +355,13 @@ def format_compare(result: dict) -> str:
         if r.get("status") != "ok":
             notes.append(f"{name}: {r.get('status')}: {r.get('reason')}")
             continue
-        speed = r.get("moechat_decode_speedup")
+        speed, paired = r.get("moechat_decode_speedup"), r.get("moechat_decode_speedup_paired")
         rows.append(
             f"| {name} {r.get('version', '')} | {r.get('weights', '')} | "
             f"{_num(r.get('prefill_tokens_per_s'))} | {_num(r.get('ttft_ms'))} | "
             f"{_num(r.get('decode_tokens_per_s'))} | {_mb(r.get('peak_rss_bytes'))} | "
-            f"{'-' if speed is None else f'{speed:.2f}x'} | "
+            f"{'-' if speed is None else f'{speed:.2f}x'}"
+            f"{'' if paired is None else f' ({paired:.2f}x)'} | "
             f"{r.get('greedy_tokens_agreeing', '-')}/{result['new_tokens']} |"
         )
     return "\n".join(rows + ([""] + notes if notes else []))

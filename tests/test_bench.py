@@ -110,7 +110,7 @@ def test_compare_reports_pytorch_and_skips_the_rest(tiny_package, capsys):
     assert pt["status"] == "ok", pt
     assert pt["decode_tokens_per_s"] > 0 and pt["ttft_ms"] > 0 and pt["prefill_tokens_per_s"] > 0
     assert pt["peak_rss_bytes"] > 0 and pt["version"] and len(pt["runs"]) == 2
-    assert pt["moechat_decode_speedup"] > 0
+    assert pt["moechat_decode_speedup"] > 0 and pt["moechat_decode_speedup_paired"] > 0
     # same fp32 weights, same prompt: greedy tokens agree (a tiny random model's logits
     # are well separated)
     assert pt["greedy_tokens_agreeing"] == 6
