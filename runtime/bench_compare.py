@@ -80,6 +80,11 @@ def _source_key(manifest: dict) -> str:
     return hashlib.sha256(digest.encode()).hexdigest()[:12]
 
 
+def _source_name(manifest: dict) -> str:
+    src = manifest.get("provenance", {}).get("source") or "source"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(src).stem)[:60]
+
+
 def plan(manifest: dict) -> dict[str, str | None]:
     """For each anchor: None when it can run, else why it is skipped."""
     arch = manifest["architecture"]
@@ -97,6 +102,12 @@ def plan(manifest: dict) -> dict[str, str | None]:
 
     if not _installed("torch"):
         reasons["pytorch"] = f"torch is not installed ({INSTALL['pytorch']})"
+    elif manifest.get("demo") is not None:
+        reasons["pytorch"] = (
+            "not applicable: the demo's MoE weights were converted from its dense source at "
+            "build time and exist only in the package (bench the dense source instead: "
+            "moechat export SOURCE.gguf OUT --int8; moechat bench OUT --compare)"
+        )
     else:
         reasons["pytorch"] = missing
 
@@ -233,7 +244,7 @@ def run_compare(
         "prompt_ids": result["prompt_ids"],
         "new_tokens": result["new_tokens"],
         "threads": result["threads"],
-        "cache_dir": str(cache_dir / f"{Path(result['path']).name}-{_source_key(manifest)}"),
+        "cache_dir": str(cache_dir / f"{_source_name(manifest)}-{_source_key(manifest)}"),
     }
     out: dict[str, dict] = {}
     engines: dict[str, _Engine] = {}
@@ -420,7 +431,17 @@ def _load_reference(manifest: dict, max_positions: int):
 
     source = Path(manifest["provenance"]["source"])
     overrides = manifest["architecture"] if _source_kind(source) == "state_dict" else None
-    return load_checkpoint(source, overrides=overrides, max_positions=max_positions)
+    ckpt = load_checkpoint(source, overrides=overrides, max_positions=max_positions)
+    want, got = manifest["architecture"], ckpt.config.to_dict()
+    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "use_moe")
+    keys += ("intermediate_size", "n_routed_experts") if want.get("use_moe") else ()
+    differ = [k for k in keys if k in want and want[k] != got.get(k)]
+    if differ:
+        raise RuntimeError(
+            f"{source} is not the packaged model ({differ[0]}: {got.get(differ[0])} in the "
+            f"source, {want[differ[0]]} in the package)"
+        )
+    return ckpt
 
 
 def _load_pytorch(spec: dict):

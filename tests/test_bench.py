@@ -145,6 +145,10 @@ def test_plan_reasons(tiny_package, monkeypatch, tmp_path):
     assert moe["pytorch"] is None
     assert "MiniMind" in moe["onnxruntime-genai"] and "MiniMind" in moe["llama.cpp"]
 
+    demo = _manifest(tiny_package)
+    demo["demo"] = {"source": {"model": "SmolLM2"}}
+    assert "exist only in the package" in bench_compare.plan(demo)["pytorch"]
+
     gone = bench_compare.plan(_manifest(tiny_package, provenance__source=str(tmp_path / "gone")))
     assert "not available" in gone["pytorch"]
 
@@ -195,3 +199,12 @@ def test_q8_0_gguf_conversion(tmp_path):
     n = tensors["blk.0.attn_norm.weight"]
     assert n.tensor_type == Q.F32
     np.testing.assert_array_equal(np.asarray(n.data), norm)
+
+
+def test_reference_must_match_the_package(tiny_package):
+    pytest.importorskip("torch")
+    manifest = _manifest(tiny_package)
+    assert bench_compare._load_reference(manifest, 512).config.use_moe
+    manifest["architecture"]["num_hidden_layers"] += 1
+    with pytest.raises(RuntimeError, match="is not the packaged model"):
+        bench_compare._load_reference(manifest, 512)
