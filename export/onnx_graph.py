@@ -23,6 +23,7 @@ import onnx
 import onnxscript.optimizer
 import torch
 
+from moechat.export.graph_rewrites import find_routers, fuse_shared_input_matmuls, gemm_to_matmul
 from moechat.export.lowering import translation_table
 from moechat.models.modeling import CausalLM, MoEFeedForward
 
@@ -105,6 +106,9 @@ def export_decoder(
     # Fold per-expert weight slices/transposes of the standard-op lowering into plain
     # initializers, so MatMuls read constant weights (and the int8 quantizer finds them).
     onnxscript.optimizer.fold_constants(proto, input_size_limit=1 << 30, output_size_limit=1 << 30)
+    routers = {node.name for node in find_routers(proto)}
+    gemm_to_matmul(proto, keep=routers)
+    fuse_shared_input_matmuls(proto, skip=routers)
     save_model(proto, path)
 
 

@@ -44,6 +44,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from moechat.export.graph_rewrites import (
+    MSFT_DOMAIN,
+    attribute,
+    drop_unused_initializers,
+    ensure_node_names,
+    find_routers,
+    gemm_to_matmul,
+    initializers,
+    producers,
+)
 from moechat.export.onnx_graph import save_model
 from moechat.export.smoothing import ALPHA, smooth
 
@@ -51,7 +61,6 @@ INT8_MOE_IMPLS = ("qmoe", "ops")
 DENSE_METHODS = ("dynamic", "nbits")
 QMOE_BLOCK_SIZES = (32, 16)
 NBITS_BLOCK_SIZE = 32
-MSFT_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -68,121 +77,6 @@ class QuantizeOptions:
             raise ValueError(f"moe must be one of {INT8_MOE_IMPLS}")
         if self.dense not in DENSE_METHODS:
             raise ValueError(f"dense must be one of {DENSE_METHODS}")
-
-
-# --------------------------------------------------------------------------- graph helpers
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output if out}
-
-
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                users.setdefault(name, []).append(node)
-    return users
-
-
-def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    return {t.name: t for t in graph.initializer}
-
-
-def _ensure_node_names(graph: onnx.GraphProto) -> None:
-    seen: set[str] = set()
-    for i, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            node.name = f"{node.op_type}_{i}"
-        seen.add(node.name)
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def find_routers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """The MatMul/Gemm nodes that compute router logits, in graph order.
-
-    A router feeds input 1 (``router_probs``) of a ``MoE``/``QMoE`` node, or a Softmax
-    whose output goes into a TopK (the standard-op lowering). Only a MatMul/Gemm with a
-    constant weight counts (a Reshape/Cast in between is looked through).
-    """
-    graph = model.graph
-    producers = _producers(graph)
-    users = _consumers(graph)
-    inits = _initializers(graph)
-    logits: list[str] = []
-    for node in graph.node:
-        if node.op_type in ("MoE", "QMoE") and node.domain == MSFT_DOMAIN and len(node.input) > 1:
-            logits.append(node.input[1])
-        elif node.op_type == "Softmax" and any(
-            u.op_type == "TopK" for u in users.get(node.output[0], [])
-        ):
-            logits.append(node.input[0])
-    found: dict[str, onnx.NodeProto] = {}
-    for name in logits:
-        node = producers.get(name)
-        while node is not None and node.op_type in ("Reshape", "Cast", "Identity"):
-            node = producers.get(node.input[0])
-        if node is not None and node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
-            found[node.name] = node
-    order = {id(n): i for i, n in enumerate(graph.node)}
-    return sorted(found.values(), key=lambda n: order[id(n)])
-
-
-# --------------------------------------------------------------------------- rewrites
-
-
-def gemm_to_matmul(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:
-    """Rewrite Gemm(A, const B[, C]) as MatMul(A, B') (+ Add C); returns how many."""
-    graph = model.graph
-    inits = _initializers(graph)
-    new_nodes = []
-    count = 0
-    for node in graph.node:
-        if (
-            node.op_type != "Gemm"
-            or node.name in keep
-            or node.input[1] not in inits
-            or _attr(node, "transA", 0)
-            or _attr(node, "alpha", 1.0) != 1.0
-        ):
-            new_nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        if _attr(node, "transB", 0):
-            w = w.T
-        w_name = f"{node.input[1]}_matmul"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
-        has_bias = len(node.input) > 2 and node.input[2]
-        out = node.output[0]
-        mm_out = f"{out}_matmul" if has_bias else out
-        new_nodes.append(helper.make_node("MatMul", [node.input[0], w_name], [mm_out], node.name))
-        if has_bias:
-            c = node.input[2]
-            if _attr(node, "beta", 1.0) != 1.0:
-                beta = numpy_helper.to_array(inits[c]) * _attr(node, "beta", 1.0)
-                c = f"{c}_beta"
-                graph.initializer.append(numpy_helper.from_array(beta.astype(np.float32), c))
-            new_nodes.append(helper.make_node("Add", [mm_out, c], [out], f"{node.name}_bias"))
-        count += 1
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    _drop_unused_initializers(graph)
-    return count
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    used |= {o.name for o in graph.output}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
 
 
 def quantize_rows(w: np.ndarray, block: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +103,7 @@ def qmoe_block_size(hidden: int, intermediate: int) -> int:
 def moe_to_qmoe(model: onnx.ModelProto) -> dict:
     """Replace each com.microsoft.MoE with an 8-bit QMoE (uint8 weights, zero point 128)."""
     graph = model.graph
-    inits = _initializers(graph)
+    inits = initializers(graph)
     block = None
     count = 0
     for node in graph.node:
@@ -241,7 +135,7 @@ def moe_to_qmoe(model: onnx.ModelProto) -> dict:
         del node.attribute[:]
         node.attribute.extend(helper.make_attribute(k, v) for k, v in sorted(attrs.items()))
         count += 1
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return {"nodes": count, "block_size": block or "per-row"}
 
 
@@ -266,7 +160,7 @@ def quantize_embedding(
     Gather(q [V, H/b, b]) -> Cast -> Mul(Gather(scale [V, H/b, 1])) -> Reshape [.., H].
     """
     graph = model.graph
-    inits = _initializers(graph)
+    inits = initializers(graph)
     new_nodes = []
     done = []
     for node in graph.node:
@@ -276,7 +170,7 @@ def quantize_embedding(
             or node.input[1] != ids_input
             or table.data_type != TensorProto.FLOAT
             or len(table.dims) != 2
-            or _attr(node, "axis", 0) != 0
+            or attribute(node, "axis", 0) != 0
         ):
             new_nodes.append(node)
             continue
@@ -301,7 +195,7 @@ def quantize_embedding(
         done.append(qt)
     del graph.node[:]
     graph.node.extend(new_nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return done
 
 
@@ -310,7 +204,7 @@ def find_tied_lm_head(
 ) -> tuple[str, str] | None:
     """(lm_head MatMul name, embedding table name) when the lm_head weight is the table^T."""
     graph = model.graph
-    inits = _initializers(graph)
+    inits = initializers(graph)
     lm = next(
         (n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output and n.input[1] in inits),
         None,
@@ -428,7 +322,7 @@ def quantize_model(
     activation smoothing; without it nothing is smoothed.
     """
     graph = model.graph
-    _ensure_node_names(graph)
+    ensure_node_names(graph)
     routers = find_routers(model)
     router_names = [n.name for n in routers]
     has_moe = any(n.op_type == "MoE" and n.domain == MSFT_DOMAIN for n in graph.node)
@@ -452,11 +346,11 @@ def quantize_model(
         else None
     )
     lm_input = next((n.input[0] for n in model.graph.node if tied and n.name == tied[0]), None)
-    producers = _producers(model.graph)
-    while lm_input in producers and producers[lm_input].op_type == "Reshape":
+    producer_of = producers(model.graph)
+    while lm_input in producer_of and producer_of[lm_input].op_type == "Reshape":
         if lm_input in scales:
             break
-        lm_input = producers[lm_input].input[0]  # smoothing looks through Reshapes too
+        lm_input = producer_of[lm_input].input[0]  # smoothing looks through Reshapes too
     if has_moe:
         if options.moe != "qmoe":
             raise ValueError("the standard-op int8 MoE needs a graph exported with moe_impl ops")
@@ -476,7 +370,7 @@ def quantize_model(
             f"top {top} logits recomputed from float activations and the tied int8 table"
         )
     # Anything left in float32 besides the routers would be a quantiser miss: report it.
-    inits = _initializers(model.graph)
+    inits = initializers(model.graph)
     info["float_matmuls"] = [
         n.name for n in model.graph.node
         if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits
@@ -485,7 +379,7 @@ def quantize_model(
 
 
 def _vocab(model: onnx.ModelProto, table: QuantizedTable) -> int:
-    return int(_initializers(model.graph)[table.q].dims[0])
+    return int(initializers(model.graph)[table.q].dims[0])
 
 
 def _dense_description(dense: str) -> str:

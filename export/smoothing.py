@@ -9,8 +9,8 @@ matching weight row by ``s_j``, so the fp32 function is unchanged:
 - norm groups: RMSNorm's weight ``gamma`` (a Mul by a constant [H] vector) feeds only
   matmuls with constant weights (q/k/v, gate/up, the routers, the MoE op's fc1, the
   lm_head): ``gamma /= s``, every consumer's rows ``*= s``;
-- FFN down projections: ``down(silu(gate x) * (up x))``: up's output columns ``/= s``,
-  down's rows ``*= s``.
+- FFN down projections: ``down(silu(gate x) * (up x))``: up's output columns ``/= s``
+  (the up columns of a fused gate/up weight), down's rows ``*= s``.
 ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)`` with per-channel maxima of the
 activations measured on calibration text through the fp32 graph.
 """
@@ -34,6 +34,7 @@ class _Group:
     activation: str  # tensor whose channels are smoothed
     producer: tuple[str, int]  # (initializer, axis) divided by s: gamma (axis 0) or up (axis 1)
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (initializer, axis) * s
+    offset: int = 0  # where the producer's channels start along its axis (fused gate/up)
 
 
 def _users(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -103,17 +104,31 @@ def find_groups(model: onnx.ModelProto) -> list[_Group]:
         if not consumers or len(consumers) != 1 or consumers[0][1] != 0:
             continue
         for i in node.input:
-            up = producers.get(i)
-            if (
-                up is not None
-                and up.op_type == "MatMul"
-                and up.input[1] in inits
-                and len(users.get(i, [])) == 1  # up's output is used only here
-                and len(users.get(up.input[1], [])) == 1
-            ):
-                groups.append(_Group(node.output[0], (up.input[1], 1), consumers))
+            if len(users.get(i, [])) != 1:
+                continue  # up's output must be used only here
+            up, offset = _projection_columns(i, producers, inits)
+            if up is not None and len(users.get(up.input[1], [])) == 1:
+                groups.append(_Group(node.output[0], (up.input[1], 1), consumers, offset))
                 break
     return groups
+
+
+def _projection_columns(tensor: str, producers: dict, inits: dict) -> tuple:
+    """(MatMul with a constant weight, first column) that computes ``tensor``.
+
+    Either the MatMul's own output, or one output of a Split of it (a projection
+    fused with its siblings: ``graph_rewrites.fuse_shared_input_matmuls``).
+    """
+    node, offset = producers.get(tensor), 0
+    if node is not None and node.op_type == "Split" and len(node.input) > 1:
+        if node.input[1] not in inits:
+            return None, 0
+        widths = numpy_helper.to_array(inits[node.input[1]])
+        offset = int(widths[: list(node.output).index(tensor)].sum())
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "MatMul" or node.input[1] not in inits:
+        return None, 0
+    return node, offset
 
 
 def _past_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
@@ -197,9 +212,11 @@ def smooth(
         s = np.clip(s, 1e-4, 1e4).astype(np.float32)
         applied[g.activation] = s
         name, axis = g.producer
+        divisor = np.ones(get(name).shape[axis], np.float32)
+        divisor[g.offset : g.offset + len(s)] = s
         shape = [1] * get(name).ndim
         shape[axis] = -1
-        arrays[name] = get(name) / s.reshape(shape)
+        arrays[name] = get(name) / divisor.reshape(shape)
         for name, axis in g.consumers:
             shape = [1] * get(name).ndim
             shape[axis] = -1

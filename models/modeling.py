@@ -25,7 +25,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x / sqrt(...) rather than x * rsqrt(...): onnxruntime fuses only this form
+        # into one SimplifiedLayerNormalization kernel (five kernels otherwise).
+        normed = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.type_as(x)
 
 

@@ -107,3 +107,18 @@ def test_greedy_sequences_identical(tiny_checkpoint, tiny_package):
         expected.append(token)
         ids = torch.tensor([[token]])
     assert got == expected
+
+
+def test_projections_that_share_an_input_are_fused_and_routers_are_not(tmp_path):
+    from moechat.export.graph_rewrites import find_routers
+
+    cfg = TINY_MOE
+    export_decoder(random_model(cfg, max_positions=256), tmp_path / "m.onnx", "contrib", "gqa")
+    model = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    ops_ = [n.op_type for n in model.graph.node]
+    layers = cfg.num_hidden_layers
+    assert ops_.count("Split") == 2 * layers  # q/k/v and the shared expert's gate/up
+    # per layer: q/k/v, o_proj, router, shared gate/up, shared down; then lm_head
+    assert ops_.count("MatMul") + ops_.count("Gemm") == 5 * layers + 1
+    routers = find_routers(model)
+    assert len(routers) == layers and all(n.op_type in ("MatMul", "Gemm") for n in routers)

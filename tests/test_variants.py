@@ -17,7 +17,7 @@ DML_OPS = {
     "MatMul", "Gemm", "Gather", "GatherND", "GatherElements", "ScatterND", "ScatterElements",
     "TopK", "NonZero", "Range", "Expand", "Concat", "Reshape", "Squeeze", "Unsqueeze", "Slice",
     "Shape", "Transpose", "ReduceSum", "ReduceMean", "Cast", "Where", "Equal", "Greater", "Less",
-    "ConstantOfShape", "Constant", "Identity", "Cos", "Sin", "Trilu",
+    "ConstantOfShape", "Constant", "Identity", "Cos", "Sin", "Trilu", "Split",
 }  # fmt: skip
 
 
