@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", choices=["dml"], default=[],
                    help="also write a graph for a provider that needs one (dml: standard "
                    "ONNX ops, float32, for DirectML); repeatable")  # fmt: skip
+    p.add_argument("--fp16", action="store_true",
+                   help="float16 weights, activations and KV cache: for CUDA GPUs "
+                   "(half the size of fp32; on CPU use --int8)")  # fmt: skip
     g = p.add_argument_group("int8")
     g.add_argument("--int8", action="store_true",
                    help="int8 weights (routers stay fp32); measures fidelity against fp32")  # fmt: skip

@@ -31,7 +31,7 @@ def run_export(args: argparse.Namespace) -> int:
         name=args.name, force=args.force, int8=getattr(args, "int8", False),
         int8_matmuls=getattr(args, "int8_matmuls", None),
         heldout=Path(heldout) if heldout else None,
-        variants=tuple(getattr(args, "variant", ())),
+        variants=tuple(getattr(args, "variant", ())), fp16=getattr(args, "fp16", False),
     )  # fmt: skip
     if options.heldout is not None:
         read_text_file(options.heldout)  # fail before the slow part

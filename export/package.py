@@ -47,6 +47,7 @@ class ExportOptions:
     int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
     heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
     variants: tuple[str, ...] = ()  # extra per-provider graphs: "dml"
+    fp16: bool = False  # float16 graph and KV cache (for CUDA)
 
     def __post_init__(self) -> None:
         validate_options(self)
@@ -64,6 +65,10 @@ INT8_DEFAULT_MOE = "qmoe"  # measured fastest on CPU at decode: docs/benchmarks.
 
 def validate_options(options: ExportOptions) -> None:
     """Reject option combinations that only make sense for fp32 (or only for int8)."""
+    if options.fp16 and options.int8:
+        raise MoechatError("--fp16 and --int8 are alternatives: choose one")
+    if options.fp16 and options.variants:
+        raise MoechatError("--variant adds float32 graphs; it does not combine with --fp16")
     if options.int8:
         if options.moe_impl == "contrib":
             raise MoechatError(
@@ -183,6 +188,8 @@ def export_package(
         }
         if options.int8:
             _quantize(work, manifest, tokenizer, options, max_context, progress)
+        if options.fp16:
+            _to_fp16(ckpt, work, manifest, prompts, max_context, progress)
         for variant in options.variants:
             _export_variant(ckpt, work, manifest, variant, prompts, max_context, progress)
         manifest.update(options.extra_manifest)
@@ -220,6 +227,28 @@ def _export_variant(ckpt, work, manifest, variant, prompts, max_context, progres
     graph.setdefault("variants", {})[variant] = name
     graph.setdefault("variant_attention", {})[variant] = attention
     graph.setdefault("variant_parity", {})[variant] = report.to_dict()
+
+
+def _to_fp16(ckpt, work, manifest, prompts, max_context, progress) -> None:
+    from moechat.export.fp16 import FP16_TOLERANCE, check_fp16_graph, convert_graph_to_fp16
+
+    progress("converting the graph to float16")
+    convert_graph_to_fp16(work / "model.onnx")
+    progress("checking float16 parity: PyTorch fp32 vs onnxruntime fp16 (CPU)")
+    report = check_fp16_graph(ckpt.model, work / "model.onnx", prompts, max_context)
+    if report.relative > FP16_TOLERANCE:
+        raise MoechatError(
+            f"float16 parity check failed: max |Δlogit| {report.max_abs_diff:.3g} is "
+            f"{report.relative:.2g} of the logit scale (limit {FP16_TOLERANCE})"
+        )
+    manifest["graph"].update(dtype="float16", kv_dtype="float16")
+    manifest["parity_fp32"] = manifest["parity"]
+    manifest["parity"] = {
+        "reference": "pytorch-fp32",
+        **report.to_dict(),
+        "tolerance": FP16_TOLERANCE,
+        "graph": "float16 (CPU provider)",
+    }
 
 
 def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None:
