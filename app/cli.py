@@ -186,7 +186,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     path = _resolve_model(args.model, args.yes)
     compare = None
     if args.compare:
-        from moechat.runtime.bench_compare import ANCHORS, run_compare
+        from moechat.export.bench_anchors import ANCHORS, run_compare
         from moechat.runtime.package import load_package
 
         def progress(message: str) -> None:
@@ -204,7 +204,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             return run_compare(result, manifest, cache, ours_run, anchors, progress=progress)
 
     result = run_bench(path, options, compare)
-    print(json.dumps(public_result(result), indent=2) if args.json else format_report(result))
+    if args.json:
+        print(json.dumps(public_result(result), indent=2))
+    elif "compare" in result:
+        from moechat.export.bench_anchors import format_compare
+
+        print(format_report(result) + "\n\n" + format_compare(result))
+    else:
+        print(format_report(result))
     return 0
 
 

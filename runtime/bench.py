@@ -6,9 +6,9 @@ ignored so every run makes exactly ``new_tokens`` tokens), repeats it and report
 medians, then a multi-turn :class:`~moechat.runtime.chat.ChatSession` with equal-length
 user messages (time to first token of the last turn vs the first), and resident memory
 against ``package size + KV buffers + 150 MB``. ``--compare`` (see
-:mod:`moechat.runtime.bench_compare`) adds other engines on the same weights.
+:mod:`moechat.export.bench_anchors`) adds other engines on the same weights.
 
-Definitions (the same for the anchors in ``bench_compare``):
+Definitions (the same for the anchors in ``bench_anchors``):
 - time to first token: from handing the prompt ids to the engine until the first new
   token id is known (prefill + sampling one token);
 - prefill tokens/s: prompt tokens / prefill time (moechat: the forward pass only);
@@ -480,10 +480,6 @@ def format_report(result: dict[str, Any]) -> str:
             f"{chat['reply_tokens']}-token replies, {chat['context_at_last_turn']} tokens "
             "cached at the last turn |"
         )
-    if "compare" in result:
-        from moechat.runtime.bench_compare import format_compare
-
-        lines += ["", format_compare(result)]
     return "\n".join(lines)
 
 

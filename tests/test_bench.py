@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from moechat.app.cli import main
-from moechat.runtime import bench, bench_compare
+from moechat.export import bench_anchors as bench_compare
+from moechat.runtime import bench
 from moechat.runtime.bench import (
     BenchOptions,
     format_report,
@@ -125,7 +126,7 @@ def test_compare_table_lists_skips(tiny_package, capsys, monkeypatch):
     result["compare"] = bench_compare.run_compare(
         result, load_package(tiny_package).manifest, anchors=("onnxruntime-genai", "llama.cpp")
     )
-    text = format_report(result)
+    text = bench_compare.format_compare(result)
     assert "onnxruntime-genai: skipped: not installed" in text
     assert "llama.cpp: skipped: llama-cpp-python is not installed" in text
     assert public_result(result)["compare"]["llama.cpp"]["status"] == "skipped"

@@ -153,7 +153,7 @@ def plan(manifest: dict) -> dict[str, str | None]:
 
 def _call_worker(action: str, anchor: str, spec: dict, timeout: float) -> dict:
     """Run one worker action to completion (used for ``prepare``)."""
-    cmd = [sys.executable, "-m", "moechat.runtime.bench_compare", action, anchor]
+    cmd = [sys.executable, "-m", "moechat.export.bench_anchors", action, anchor]
     try:
         proc = subprocess.run(
             cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout
@@ -181,7 +181,7 @@ class _Engine:
         self.anchor = anchor
         self.err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moechat.runtime.bench_compare", "serve", anchor],
+            [sys.executable, "-m", "moechat.export.bench_anchors", "serve", anchor],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
             bufsize=1,
         )  # fmt: skip
@@ -687,7 +687,7 @@ def worker_main(argv: list[str]) -> int:
         return 0
     if len(argv) == 2 and argv[0] == "serve" and argv[1] in _LOAD:
         return _serve(argv[1])
-    print("usage: python -m moechat.runtime.bench_compare prepare|serve ANCHOR", file=sys.stderr)
+    print("usage: python -m moechat.export.bench_anchors prepare|serve ANCHOR", file=sys.stderr)
     return 2
 
 
