@@ -8,6 +8,8 @@ from textual.containers import Vertical
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
+from moechat.app.store import StoredMessage
+
 FINISH_NOTES = {
     "cancelled": "■ stopped",
     "length": "… max new tokens reached (/set max_new_tokens N for longer replies)",
@@ -15,6 +17,18 @@ FINISH_NOTES = {
     "interrupted": "■ partial (the app quit before the reply finished)",
     "error": "✖ failed",
 }
+
+
+def note_for(message: StoredMessage) -> tuple[str, str | None]:
+    """(note under a stored reply, its style) from how the reply ended."""
+    reason = message.finish_reason
+    if reason == "cancelled":
+        return FINISH_NOTES["cancelled"], "stopped"
+    if message.partial:
+        return FINISH_NOTES["interrupted"], "stopped"
+    if reason in ("length", "context"):
+        return FINISH_NOTES[reason], "info"
+    return "", None
 
 
 class UserMessage(Static):

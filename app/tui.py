@@ -16,17 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from textual import on, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Footer, Header
 
 from moechat.app import commands
-from moechat.app.conversation_list import ConversationListScreen
-from moechat.app.dialogs import ConfirmScreen, TextPromptScreen
+from moechat.app.conversation_actions import ConversationActions
 from moechat.app.engine import ChatEngine, EngineSource, short_provider
-from moechat.app.export_conversation import FORMATS, export_conversation
 from moechat.app.generation import (
     FLUSH_INTERVAL_S,
     SAVE_INTERVAL_S,
@@ -38,9 +35,10 @@ from moechat.app.generation import (
     pump_events,
 )
 from moechat.app.help_screen import HelpScreen
-from moechat.app.messages import FINISH_NOTES, AssistantMessage, InfoMessage, UserMessage
+from moechat.app.messages import FINISH_NOTES, AssistantMessage, InfoMessage, UserMessage, note_for
 from moechat.app.prompt_input import PromptInput
 from moechat.app.sampling_panel import SamplingPanel
+from moechat.app.slash_commands import CommandActions
 from moechat.app.status_line import StatusLine
 from moechat.app.store import ConversationStore, StoredMessage
 from moechat.runtime.errors import MoechatError
@@ -67,18 +65,7 @@ def _title_from(text: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-def _note_for(message: StoredMessage) -> tuple[str, str | None]:
-    reason = message.finish_reason
-    if reason == "cancelled":
-        return FINISH_NOTES["cancelled"], "stopped"
-    if message.partial:
-        return FINISH_NOTES["interrupted"], "stopped"
-    if reason in ("length", "context"):
-        return FINISH_NOTES[reason], "info"
-    return "", None
-
-
-class ChatApp(App[int]):
+class ChatApp(ConversationActions, CommandActions, App[int]):
     """Chat with one model; conversations live in ``store``."""
 
     CSS_PATH = "chat.tcss"
@@ -559,7 +546,7 @@ class ChatApp(App[int]):
         else:
             old_text, old_partial, old_reason = gen.previous or ("", False, None)
             await block.finish(old_text)
-            note, kind = _note_for(
+            note, kind = note_for(
                 StoredMessage(0, 0, 0, "assistant", old_text, old_partial, old_reason)
             )
             block.set_note(note, kind)
@@ -711,151 +698,6 @@ class ChatApp(App[int]):
             return
         self.push_screen(HelpScreen(self._help_keys(), commands.help_lines()))
 
-    async def action_new_chat(self, keep_settings: bool = False) -> None:
-        if self._refuse_while_generating():
-            return
-        self.conversation_id = None
-        self.sub_title = ""
-        await self.chat_log.remove_children()
-        if keep_settings:
-            params, system_prompt = self.params, self.system_prompt
-        else:
-            params = self.engine.defaults if self.engine else SamplingParams()
-            system_prompt = None
-        self._set_settings(params, system_prompt, save=False)
-        if self.engine is not None:
-            try:
-                self.engine.reset()
-            except MoechatError as err:
-                self.notify(str(err), severity="error")
-            self._push_system_prompt()
-            self.status.show(context_used=self.engine.context_used, state="")
-        self.prompt.focus()
-
-    async def load_conversation(self, conversation_id: int) -> None:
-        if self._refuse_while_generating():
-            return
-        conv = self._db(self.store.get_conversation, conversation_id)
-        if conv is None:
-            self.notify(f"Conversation {conversation_id} not found.", severity="error")
-            return
-        self._busy = True
-        try:
-            self.conversation_id = conv.id
-            self.sub_title = conv.title
-            stored = self._stored()
-            defaults = self.engine.defaults if self.engine else SamplingParams()
-            params = defaults
-            raw = conv.settings.get("params")
-            if isinstance(raw, dict):
-                try:
-                    params = SamplingParams.from_dict({**defaults.to_dict(), **raw})
-                except MoechatError as err:
-                    self.notify(f"Stored settings ignored: {err}", severity="warning")
-            system_prompt = conv.settings.get("system_prompt") or None
-            self._set_settings(params, system_prompt, save=False)
-            log = self.chat_log
-            await log.remove_children()
-            widgets: list[UserMessage | AssistantMessage] = []
-            for m in stored:
-                if m.role == "user":
-                    widgets.append(UserMessage(m.content, seq=m.seq))
-                elif m.role == "assistant":
-                    note, kind = _note_for(m)
-                    widgets.append(
-                        AssistantMessage(m.content, seq=m.seq, note=note, note_kind=kind)
-                    )
-            if widgets:
-                await log.mount_all(widgets)
-            log.anchor()
-            self.prompt.set_history([m.content for m in stored if m.role == "user"])
-            self._sync_engine()
-            self.status.show(state="", tokens_per_s=None, ttft_ms=None)
-        finally:
-            self._busy = False
-
-    def action_conversations(self) -> None:
-        if self._refuse_while_generating():
-            return
-
-        async def chosen(choice: tuple[str, int | None] | None) -> None:
-            if choice is None:
-                return
-            what, conv_id = choice
-            if what == "open" and conv_id is not None:
-                await self.load_conversation(conv_id)
-            elif what == "new":
-                await self.action_new_chat()
-
-        def renamed(conv_id: int, title: str) -> None:
-            if conv_id == self.conversation_id:
-                self.sub_title = title
-
-        self.push_screen(
-            ConversationListScreen(self.store, self.conversation_id, self._deleted, renamed),
-            chosen,
-        )
-
-    def _deleted(self, conv_id: int) -> None:
-        if conv_id == self.conversation_id:
-            self.call_later(self.action_new_chat)
-
-    def action_delete_conversation(self) -> None:
-        if self._refuse_while_generating():
-            return
-        conv_id = self.conversation_id
-        if conv_id is None:
-            self.notify("This chat is not saved yet; nothing to delete.")
-            return
-        conv = self.store.get_conversation(conv_id)
-        title = conv.title if conv else "this conversation"
-
-        async def done(yes: bool | None) -> None:
-            if yes:
-                self._db(self.store.delete_conversation, conv_id)
-                self.notify(f"Deleted “{title}”.")
-                await self.action_new_chat()
-
-        self.push_screen(ConfirmScreen(f"Delete “{title}”? This cannot be undone."), done)
-
-    def action_rename_conversation(self, title: str = "") -> None:
-        conv_id = self.conversation_id
-        if conv_id is None:
-            self.notify("Send a message first; new chats are named after it.")
-            return
-
-        def done(new_title: str | None) -> None:
-            if new_title:
-                self._db(self.store.rename_conversation, conv_id, new_title)
-                self.sub_title = new_title.strip()
-
-        if title.strip():
-            done(title)
-        else:
-            conv = self.store.get_conversation(conv_id)
-            self.push_screen(TextPromptScreen("New title:", conv.title if conv else ""), done)
-
-    async def action_export(self, fmt: str = "all", target: str = "") -> list[Path]:
-        conv_id = self.conversation_id
-        conv = self._db(self.store.get_conversation, conv_id) if conv_id is not None else None
-        if conv is None:
-            self.notify("Nothing to export yet.")
-            return []
-        if self._gen is not None:
-            self._save_reply(self._gen, self._gen.text, partial=True, reason=None)
-        formats = FORMATS if fmt in ("all", "both", "") else (fmt,)
-        base = Path(target).expanduser() if target else (self.export_dir or Path.cwd())
-        written: list[Path] = []
-        try:
-            for f in formats:
-                written.append(export_conversation(conv, self._stored(), f, base))
-        except (MoechatError, OSError) as err:
-            self.notify(f"Export failed: {err}", severity="error")
-            return written
-        await self._log("Exported to " + ", ".join(str(p) for p in written))
-        self.notify("Exported " + ", ".join(p.name for p in written), timeout=4)
-        return written
-
     async def action_quit(self) -> None:
         self.persist_in_progress()
         self.exit(0)
@@ -886,134 +728,6 @@ class ChatApp(App[int]):
         self._busy = True
         self.status.show(state=f"loading {path.name}…")
         self._load_engine(lambda: loader(path))
-
-    # -- slash commands ----------------------------------------------------------------
-
-    async def run_command(self, command: commands.SlashCommand) -> None:
-        name, arg = command.name, command.arg
-        if name == "help":
-            self.action_help()
-        elif name == "set":
-            await self._command_set(arg)
-        elif name == "system":
-            await self._command_system(arg)
-        elif name == "clear":
-            await self.action_new_chat(keep_settings=True)
-        elif name == "new":
-            await self.action_new_chat()
-        elif name == "regen":
-            await self.action_regenerate()
-        elif name == "edit":
-            await self.action_edit_last()
-        elif name == "copy":
-            self.action_copy_last()
-        elif name == "export":
-            fmt, _, target = arg.partition(" ")
-            if fmt.lower() in (*FORMATS, "all", "both", "markdown"):
-                fmt = "md" if fmt.lower() == "markdown" else fmt.lower()
-            else:
-                fmt, target = "all", arg
-            await self.action_export(fmt, target.strip())
-        elif name == "list":
-            self.action_conversations()
-        elif name == "rename":
-            self.action_rename_conversation(arg)
-        elif name == "delete":
-            self.action_delete_conversation()
-        elif name == "model":
-            if arg:
-                self.switch_model(Path(arg).expanduser())
-            else:
-                self.action_model_info()
-        elif name == "stop":
-            self.action_stop()
-        elif name == "quit":
-            await self.action_quit()
-
-    async def _command_set(self, arg: str) -> None:
-        if not arg:
-            lines = [f"{k} = {v!r}" for k, v in self.params.to_dict().items()]
-            lines.append(f"system = {self.system_prompt!r}")
-            await self._log("Sampling settings:\n" + "\n".join(lines))
-            return
-        key, value = commands.split_set(arg)
-        if key in ("defaults", "default", "reset"):
-            defaults = self.engine.defaults if self.engine else SamplingParams()
-            self._set_settings(defaults, self.system_prompt)
-            self.notify("Sampling settings reset to the model's defaults.")
-            return
-        if key in ("system", "system_prompt"):
-            await self._command_system(value)
-            return
-        if not value:
-            self.notify(f"Usage: /set {key} VALUE", severity="warning")
-            return
-        try:
-            params = self.params.set_from_text(key, value)
-        except MoechatError as err:
-            self.notify(str(err), title="Refused", severity="error")
-            return
-        before = self.params.to_dict()
-        self._set_settings(params, self.system_prompt)
-        shown = ", ".join(f"{k} = {v!r}" for k, v in params.to_dict().items() if before[k] != v)
-        self.notify(f"{shown or 'unchanged'} (applies to the next reply)", timeout=3)
-
-    async def _command_system(self, arg: str) -> None:
-        if not arg:
-            current = self.system_prompt or "(none: the model's default)"
-            await self._log(f"System prompt: {current}\nSet it with /system TEXT; /system clear.")
-            return
-        new = None if arg.strip().lower() in ("clear", "none", "off", "default") else arg
-        self._set_settings(self.params, new)
-        self.notify("System prompt " + ("cleared." if new is None else "set for the next reply."))
-
-    # -- command palette -------------------------------------------------------------
-
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
-        yield SystemCommand("Stop generating", "Stop the reply (Esc)", self.action_stop)
-        yield SystemCommand(
-            "Regenerate reply", "Re-roll the last reply (Ctrl+R)", self.action_regenerate
-        )
-        yield SystemCommand(
-            "Edit last message", "Put it back into the prompt (Ctrl+E)", self.action_edit_last
-        )
-        yield SystemCommand(
-            "Sampling panel", "Show or hide the settings (Ctrl+S)", self.action_toggle_sampling
-        )
-        yield SystemCommand(
-            "Conversations", "Open, rename, delete chats (Ctrl+L)", self.action_conversations
-        )
-        yield SystemCommand("New chat", "Start a new conversation (Ctrl+N)", self.action_new_chat)
-        yield SystemCommand(
-            "Clear chat", "New conversation, same settings (/clear)", self._palette_clear
-        )
-        yield SystemCommand(
-            "Copy last reply", "Copy it to the clipboard (Ctrl+Y)", self.action_copy_last
-        )
-        yield SystemCommand(
-            "Export as Markdown", "Write a .md file (/export md)", self._palette_export_md
-        )
-        yield SystemCommand(
-            "Export as JSON", "Write the ChatML list (/export json)", self._palette_export_json
-        )
-        yield SystemCommand(
-            "Rename conversation", "Give this chat a title", self.action_rename_conversation
-        )
-        yield SystemCommand(
-            "Delete conversation", "Delete this chat (asks first)", self.action_delete_conversation
-        )
-        yield SystemCommand("Model info", "Model, provider, context", self.action_model_info)
-        yield SystemCommand("Keys and commands", "The help screen (F1)", self.action_help)
-
-    async def _palette_clear(self) -> None:
-        await self.action_new_chat(keep_settings=True)
-
-    async def _palette_export_md(self) -> None:
-        await self.action_export("md")
-
-    async def _palette_export_json(self) -> None:
-        await self.action_export("json")
 
 
 def run_chat_app(*args: Any, **kwargs: Any) -> int:

@@ -1,0 +1,150 @@
+"""Slash commands and command-palette entries of the chat app.
+
+A mixin of :class:`moechat.app.tui.ChatApp`: every keyboard action reachable by
+typing (``/set temperature 0.7``) or from the palette (Ctrl+P).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from textual.app import SystemCommand
+from textual.screen import Screen
+
+from moechat.app import commands
+from moechat.app.export_conversation import FORMATS
+from moechat.runtime.errors import MoechatError
+from moechat.runtime.sampling import SamplingParams
+
+
+class CommandActions:
+    """Needs the ChatApp's actions (this mixin only dispatches to them)."""
+
+    # -- slash commands ----------------------------------------------------------------
+
+    async def run_command(self, command: commands.SlashCommand) -> None:
+        name, arg = command.name, command.arg
+        if name == "help":
+            self.action_help()
+        elif name == "set":
+            await self._command_set(arg)
+        elif name == "system":
+            await self._command_system(arg)
+        elif name == "clear":
+            await self.action_new_chat(keep_settings=True)
+        elif name == "new":
+            await self.action_new_chat()
+        elif name == "regen":
+            await self.action_regenerate()
+        elif name == "edit":
+            await self.action_edit_last()
+        elif name == "copy":
+            self.action_copy_last()
+        elif name == "export":
+            fmt, _, target = arg.partition(" ")
+            if fmt.lower() in (*FORMATS, "all", "both", "markdown"):
+                fmt = "md" if fmt.lower() == "markdown" else fmt.lower()
+            else:
+                fmt, target = "all", arg
+            await self.action_export(fmt, target.strip())
+        elif name == "list":
+            self.action_conversations()
+        elif name == "rename":
+            self.action_rename_conversation(arg)
+        elif name == "delete":
+            self.action_delete_conversation()
+        elif name == "model":
+            if arg:
+                self.switch_model(Path(arg).expanduser())
+            else:
+                self.action_model_info()
+        elif name == "stop":
+            self.action_stop()
+        elif name == "quit":
+            await self.action_quit()
+
+    async def _command_set(self, arg: str) -> None:
+        if not arg:
+            lines = [f"{k} = {v!r}" for k, v in self.params.to_dict().items()]
+            lines.append(f"system = {self.system_prompt!r}")
+            await self._log("Sampling settings:\n" + "\n".join(lines))
+            return
+        key, value = commands.split_set(arg)
+        if key in ("defaults", "default", "reset"):
+            defaults = self.engine.defaults if self.engine else SamplingParams()
+            self._set_settings(defaults, self.system_prompt)
+            self.notify("Sampling settings reset to the model's defaults.")
+            return
+        if key in ("system", "system_prompt"):
+            await self._command_system(value)
+            return
+        if not value:
+            self.notify(f"Usage: /set {key} VALUE", severity="warning")
+            return
+        try:
+            params = self.params.set_from_text(key, value)
+        except MoechatError as err:
+            self.notify(str(err), title="Refused", severity="error")
+            return
+        before = self.params.to_dict()
+        self._set_settings(params, self.system_prompt)
+        shown = ", ".join(f"{k} = {v!r}" for k, v in params.to_dict().items() if before[k] != v)
+        self.notify(f"{shown or 'unchanged'} (applies to the next reply)", timeout=3)
+
+    async def _command_system(self, arg: str) -> None:
+        if not arg:
+            current = self.system_prompt or "(none: the model's default)"
+            await self._log(f"System prompt: {current}\nSet it with /system TEXT; /system clear.")
+            return
+        new = None if arg.strip().lower() in ("clear", "none", "off", "default") else arg
+        self._set_settings(self.params, new)
+        self.notify("System prompt " + ("cleared." if new is None else "set for the next reply."))
+
+    # -- command palette -------------------------------------------------------------
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Stop generating", "Stop the reply (Esc)", self.action_stop)
+        yield SystemCommand(
+            "Regenerate reply", "Re-roll the last reply (Ctrl+R)", self.action_regenerate
+        )
+        yield SystemCommand(
+            "Edit last message", "Put it back into the prompt (Ctrl+E)", self.action_edit_last
+        )
+        yield SystemCommand(
+            "Sampling panel", "Show or hide the settings (Ctrl+S)", self.action_toggle_sampling
+        )
+        yield SystemCommand(
+            "Conversations", "Open, rename, delete chats (Ctrl+L)", self.action_conversations
+        )
+        yield SystemCommand("New chat", "Start a new conversation (Ctrl+N)", self.action_new_chat)
+        yield SystemCommand(
+            "Clear chat", "New conversation, same settings (/clear)", self._palette_clear
+        )
+        yield SystemCommand(
+            "Copy last reply", "Copy it to the clipboard (Ctrl+Y)", self.action_copy_last
+        )
+        yield SystemCommand(
+            "Export as Markdown", "Write a .md file (/export md)", self._palette_export_md
+        )
+        yield SystemCommand(
+            "Export as JSON", "Write the ChatML list (/export json)", self._palette_export_json
+        )
+        yield SystemCommand(
+            "Rename conversation", "Give this chat a title", self.action_rename_conversation
+        )
+        yield SystemCommand(
+            "Delete conversation", "Delete this chat (asks first)", self.action_delete_conversation
+        )
+        yield SystemCommand("Model info", "Model, provider, context", self.action_model_info)
+        yield SystemCommand("Keys and commands", "The help screen (F1)", self.action_help)
+
+    async def _palette_clear(self) -> None:
+        await self.action_new_chat(keep_settings=True)
+
+    async def _palette_export_md(self) -> None:
+        await self.action_export("md")
+
+    async def _palette_export_json(self) -> None:
+        await self.action_export("json")
