@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,24 +57,37 @@ def _sampling_params(args: argparse.Namespace, defaults):
 
 def _resolve_model(arg: str | None, assume_yes: bool = False) -> Path:
     if arg:
+        if not Path(arg).exists():
+            raise MoechatError(f"model not found: {arg}")
         return Path(arg)
     from moechat.app.model_discovery import default_model
 
     return default_model(assume_yes=assume_yes)
 
 
+def _model_and_prompt(model: str | None, prompt: str | None) -> tuple[str | None, str | None]:
+    """``moechat run "text"`` means the default model and that prompt.
+
+    A lone argument is the model only when it names an existing path or looks like
+    one (contains a path separator), so a mistyped package path still fails loudly.
+    """
+    if prompt is None and model is not None and model != "-":
+        if not Path(model).exists() and os.sep not in model and "/" not in model:
+            return None, model
+    return model, prompt
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from moechat.runtime.generator import generate
     from moechat.runtime.model import load_model
 
-    prompt = args.prompt
+    model_arg, prompt = _model_and_prompt(args.model, args.prompt)
+    path = _resolve_model(model_arg, args.yes)  # a bad path fails before stdin is read
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
         prompt = sys.stdin.read()
     if prompt is None:
         raise MoechatError("no prompt: give PROMPT, or pipe it on stdin")
-    model = load_model(
-        _resolve_model(args.model, args.yes), args.device, args.max_context, args.threads
-    )
+    model = load_model(path, args.device, args.max_context, args.threads)
     params = _sampling_params(args, model.defaults)
     if args.raw:
         ids = model.tokenizer.encode_raw(prompt)

@@ -133,3 +133,13 @@ def test_export_errors(tmp_path, tiny_checkpoint, capsys):
     assert "tokenizer" in _err(capsys)
     assert not (tmp_path / "out2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out2")]
+
+
+def test_run_with_only_a_prompt_uses_the_default_model(tiny_package, capsys, monkeypatch):
+    monkeypatch.setenv("MOECHAT_MODEL_DIR", str(tiny_package))
+    args = ["--temperature", "0", "--max-new-tokens", "3", "--json"]
+    assert main(["run", "hello there", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] > 2
+    # something that looks like a path stays a model path, and fails loudly when missing
+    assert main(["run", "no/such/package", *args]) != 0
+    assert "no/such/package" in _err(capsys)
