@@ -174,3 +174,82 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, skip: set[str] = frozenset
         graph.node.insert(at, matmul)
     drop_unused_initializers(graph)
     return len(groups)
+
+
+def _constant(name: str, inits: dict) -> np.ndarray | None:
+    return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def _rms_norm_at(pow_node, users, inits) -> tuple | None:
+    """Match x -> Pow(2) -> ReduceMean(-1) -> Add(eps) -> Sqrt -> Div(x, .) -> Mul(gamma).
+
+    Returns (nodes, gamma, epsilon, output) or None.
+    """
+    x = pow_node.input[0]
+    exponent = _constant(pow_node.input[1], inits)
+    if exponent is None or exponent.size != 1 or float(exponent) != 2.0:
+        return None
+    chain = [pow_node]
+    for op in ("ReduceMean", "Add", "Sqrt", "Div", "Mul"):
+        following = users.get(chain[-1].output[0], [])
+        if len(following) != 1 or following[0].op_type != op:
+            return None
+        chain.append(following[0])
+    mean, add_eps, _, div, mul = chain[1:]
+    axes = _constant(mean.input[1], inits) if len(mean.input) > 1 else None
+    eps = _constant(add_eps.input[1], inits)
+    if axes is None or axes.tolist() not in ([-1], -1) or eps is None or eps.size != 1:
+        return None
+    if div.input[0] != x:
+        return None
+    gamma = next((i for i in mul.input if i != div.output[0]), None)
+    if gamma not in inits or len(inits[gamma].dims) != 1:
+        return None
+    return chain, gamma, float(eps), mul.output[0]
+
+
+def fuse_residual_norms(model: onnx.ModelProto) -> int:
+    """Residual Add + RMSNorm -> com.microsoft.SkipSimplifiedLayerNormalization.
+
+    Every layer adds its attention and FFN output to the residual stream and
+    normalises the sum; onnxruntime fuses the RMSNorm chain into one kernel but not
+    the Add in front of it (its SkipLayerNormFusion needs static shapes and a sum
+    used nowhere else, while the residual sum feeds the next Add). The fused op
+    returns the sum as its 4th output, so the residual stream is unchanged.
+    Returns how many were fused. Only for graphs that may use contrib ops.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    index = {n.output[0]: i for i, n in enumerate(nodes) if n.output}
+    inits = initializers(graph)
+    users = consumers(graph)
+    producer_of = producers(graph)
+    outputs = {o.name for o in graph.output}
+    dropped: set[int] = set()
+    fused_at: dict[int, onnx.NodeProto] = {}
+    for node in nodes:
+        if node.op_type != "Pow":
+            continue
+        add = producer_of.get(node.input[0])
+        if add is None or add.op_type != "Add" or any(i in inits for i in add.input):
+            continue
+        match = _rms_norm_at(node, users, inits)
+        if match is None or match[3] in outputs:
+            continue
+        chain, gamma, eps, out = match
+        fused_at[index[add.output[0]]] = helper.make_node(
+            "SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], gamma],
+            [out, "", "", add.output[0]], name=f"{add.name or 'add'}_skip_rmsnorm",
+            domain=MSFT_DOMAIN, epsilon=eps,
+        )  # fmt: skip
+        dropped.update(index[n.output[0]] for n in chain)
+    if fused_at:
+        # The fused node takes the Add's place: its inputs exist there, and both of
+        # its outputs are only read later (the sum where the Add's was, the norm
+        # where the Mul's was).
+        kept = [fused_at.get(i, n) for i, n in enumerate(nodes) if i not in dropped]
+        del graph.node[:]
+        graph.node.extend(kept)
+        if not any(o.domain == MSFT_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MSFT_DOMAIN, 1))
+    return len(fused_at)

@@ -158,7 +158,10 @@ def export_package(
     work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
     try:
         progress("tracing the model to ONNX")
-        export_decoder(ckpt.model, work / "model.onnx", options.fp32_moe_impl, options.attention)
+        export_decoder(
+            ckpt.model, work / "model.onnx", options.fp32_moe_impl, options.attention,
+            residual_norms=not options.fp16,
+        )  # fmt: skip
         shutil.copyfile(tokenizer_dir / "tokenizer.json", work / "tokenizer.json")
 
         progress("checking parity: PyTorch vs onnxruntime")

@@ -6,7 +6,8 @@ values, which spoil the precision of every other channel in their block. Smoothi
 divides such a channel by ``s_j`` where the activation is produced and multiplies the
 matching weight row by ``s_j``, so the fp32 function is unchanged:
 
-- norm groups: RMSNorm's weight ``gamma`` (a Mul by a constant [H] vector) feeds only
+- norm groups: RMSNorm's weight ``gamma`` (a Mul by a constant [H] vector, or the
+  gamma input of a fused SkipSimplifiedLayerNormalization) feeds only
   matmuls with constant weights (q/k/v, gate/up, the routers, the MoE op's fc1, the
   lm_head): ``gamma /= s``, every consumer's rows ``*= s``;
 - FFN down projections: ``down(silu(gate x) * (up x))``: up's output columns ``/= s``
@@ -85,6 +86,12 @@ def find_groups(model: onnx.ModelProto) -> list[_Group]:
     producers = {o: n for n in graph.node for o in n.output}
     groups = []
     for node in graph.node:
+        if node.op_type == "SkipSimplifiedLayerNormalization":  # residual Add + RMSNorm
+            gamma = node.input[2]
+            consumers = _weight_consumers(node.output[0], users, inits, outputs)
+            if consumers and len(users.get(gamma, [])) == 1:
+                groups.append(_Group(node.output[0], (gamma, 0), consumers))
+            continue
         if node.op_type != "Mul" or len(node.input) != 2:
             continue
         # RMSNorm scale: Mul(gamma [H], normalised x)

@@ -109,7 +109,7 @@ def test_greedy_sequences_identical(tiny_checkpoint, tiny_package):
     assert got == expected
 
 
-def test_projections_that_share_an_input_are_fused_and_routers_are_not(tmp_path):
+def test_fusions_in_the_exported_graph_and_routers_left_alone(tmp_path):
     from moechat.export.graph_rewrites import find_routers
 
     cfg = TINY_MOE
@@ -122,3 +122,5 @@ def test_projections_that_share_an_input_are_fused_and_routers_are_not(tmp_path)
     assert ops_.count("MatMul") + ops_.count("Gemm") == 5 * layers + 1
     routers = find_routers(model)
     assert len(routers) == layers and all(n.op_type in ("MatMul", "Gemm") for n in routers)
+    # residual Add + RMSNorm fused, except the final norm (it follows the logits Gather)
+    assert ops_.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
