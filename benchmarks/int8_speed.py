@@ -30,7 +30,9 @@ VARIANTS = {
     "fp32-ops": ("ops", None),
     "int8-qmoe-dynamic": ("contrib", ("qmoe", "dynamic")),
     "int8-qmoe-nbits": ("contrib", ("qmoe", "nbits")),
-    "int8-qmoe64-nbits": ("contrib", ("qmoe", "nbits", (64,))),  # QMoE block 64
+    # the default before block 16 for q/k/v, o_proj and down: every MatMulNBits block 32
+    "int8-qmoe-nbits32": ("contrib", ("qmoe", "nbits", {"NBITS_FINE_MAX_WIDENING": 0})),
+    "int8-qmoe64-nbits": ("contrib", ("qmoe", "nbits", {"QMOE_BLOCK_SIZES": (64,)})),
     "int8-ops-dynamic": ("ops", ("ops", "dynamic")),
     "int8-ops-nbits": ("ops", ("ops", "nbits")),
 }
@@ -63,12 +65,13 @@ def build(workdir: Path, names: list[str]) -> dict[str, Path]:
             path = workdir / f"{name}.onnx"
             if not path.exists():
                 t = time.perf_counter()
-                blocks = quantize.QMOE_BLOCK_SIZES
-                quantize.QMOE_BLOCK_SIZES = q[2] if len(q) > 2 else blocks
+                overrides = q[2] if len(q) > 2 else {}  # module constants for this variant
+                saved = {k: getattr(quantize, k) for k in overrides}
+                vars(quantize).update(overrides)
                 try:
                     quantize_decoder(fp32, path, QuantizeOptions(moe=q[0], dense=q[1]))
                 finally:
-                    quantize.QMOE_BLOCK_SIZES = blocks
+                    vars(quantize).update(saved)
                 print(f"quantised {path.name} in {time.perf_counter() - t:.0f}s", file=sys.stderr)
         paths[name] = path
     return paths

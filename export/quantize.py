@@ -11,9 +11,13 @@ them per block on the fly).
   - ``ops``: the standard-op lowering's per-expert MatMuls are quantised like every
     other matmul (below).
 - Other matmuls (attention, shared experts, dense FFN, lm_head), ``dense``:
-  - ``nbits`` (default): 8-bit ``MatMulNBits``, block 32, ``accuracy_level=4`` (int8
-    compute with activations quantised per block; without it the 8-bit kernel is
-    many times slower than fp32 on CPU);
+  - ``nbits`` (default): 8-bit ``MatMulNBits``, ``accuracy_level=4`` (int8 compute
+    with activations quantised per block; without it the 8-bit kernel is 40-90x
+    slower than fp32 at decode on CPU). Block 16 for the matmuls that do not widen
+    their input more than 2x (q/k/v, o_proj, down projections: their inputs carry
+    per-token outliers that smoothing cannot remove, and block 16 halves the
+    reach of each), block 32 for the wide ones (gate/up, lm_head: most of the
+    bytes, where a scale per 16 would cost the most size);
   - ``dynamic``: ``quantize_dynamic`` (MatMulInteger, per-channel int8 weights,
     activations quantised per tensor at run time: fastest prefill, but far less
     accurate on trained models).
@@ -60,7 +64,9 @@ from moechat.export.smoothing import ALPHA, smooth
 INT8_MOE_IMPLS = ("qmoe", "ops")
 DENSE_METHODS = ("dynamic", "nbits")
 QMOE_BLOCK_SIZES = (32, 16)
-NBITS_BLOCK_SIZE = 32
+NBITS_BLOCK_SIZE = 32  # wide matmuls (gate/up, lm_head)
+NBITS_FINE_BLOCK_SIZE = 16  # the rest: N <= NBITS_FINE_MAX_WIDENING * K
+NBITS_FINE_MAX_WIDENING = 2
 
 
 @dataclass(frozen=True)
@@ -288,13 +294,17 @@ def _quantize_matmuls(
     if dense == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        with _quiet_quantizer():
-            quantizer = MatMulNBitsQuantizer(
-                model, bits=8, block_size=NBITS_BLOCK_SIZE, is_symmetric=symmetric, accuracy_level=4,
-                nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",),
-            )  # fmt: skip
-            quantizer.process()
-        return quantizer.model.model
+        fine = nbits_fine_matmuls(model, exclude)
+        wide = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in fine]
+        for block, skip in ((NBITS_FINE_BLOCK_SIZE, wide), (NBITS_BLOCK_SIZE, exclude)):
+            with _quiet_quantizer():
+                quantizer = MatMulNBitsQuantizer(
+                    model, bits=8, block_size=block, is_symmetric=symmetric, accuracy_level=4,
+                    nodes_to_exclude=list(skip), op_types_to_quantize=("MatMul",),
+                )  # fmt: skip
+                quantizer.process()
+            model = quantizer.model.model
+        return model
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
@@ -305,6 +315,17 @@ def _quantize_matmuls(
             use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
         )  # fmt: skip
         return onnx.load(str(out), load_external_data=True)
+
+
+def nbits_fine_matmuls(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> set[str]:
+    """MatMuls with a constant [K, N] weight, N <= 2K, quantised with block 16."""
+    inits = initializers(model.graph)
+    return {
+        n.name for n in model.graph.node
+        if n.op_type == "MatMul" and n.name not in exclude and n.input[1] in inits
+        and len(inits[n.input[1]].dims) == 2
+        and inits[n.input[1]].dims[1] <= NBITS_FINE_MAX_WIDENING * inits[n.input[1]].dims[0]
+    }  # fmt: skip
 
 
 def _matmul_count(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
@@ -384,7 +405,11 @@ def _vocab(model: onnx.ModelProto, table: QuantizedTable) -> int:
 
 def _dense_description(dense: str) -> str:
     if dense == "nbits":
-        return f"MatMulNBits 8-bit, block {NBITS_BLOCK_SIZE}, accuracy_level 4"
+        return (
+            f"MatMulNBits 8-bit, accuracy_level 4, block {NBITS_FINE_BLOCK_SIZE} "
+            f"(q/k/v, o_proj, down: N <= {NBITS_FINE_MAX_WIDENING}K) or {NBITS_BLOCK_SIZE} "
+            "(gate/up, lm_head)"
+        )
     return "MatMulInteger (quantize_dynamic), per-channel int8 weights"
 
 
