@@ -253,3 +253,30 @@ def fuse_residual_norms(model: onnx.ModelProto) -> int:
         if not any(o.domain == MSFT_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MSFT_DOMAIN, 1))
     return len(fused_at)
+
+
+def pack_attention_inputs(model: onnx.ModelProto) -> int:
+    """Split(qkv) -> GroupQueryAttention(q, k, v) becomes GroupQueryAttention(qkv, "", "").
+
+    GroupQueryAttention accepts q/k/v packed in one tensor ([q | k | v] along the last
+    axis, exactly what the fused projection computes), which saves a Split kernel per
+    layer. Only where the Split's three outputs feed inputs 0-2 in that order and
+    nothing else (models with q/k norms keep their Split). Returns how many.
+    """
+    graph = model.graph
+    users = consumers(graph)
+    producer_of = producers(graph)
+    packed = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != MSFT_DOMAIN:
+            continue
+        split = producer_of.get(node.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3]):
+            continue
+        if any(len(users.get(out, [])) != 1 for out in split.output):
+            continue
+        node.input[0], node.input[1], node.input[2] = split.input[0], "", ""
+        graph.node.remove(split)
+        packed += 1
+    drop_unused_initializers(graph)
+    return packed

@@ -28,6 +28,7 @@ from moechat.export.graph_rewrites import (
     fuse_residual_norms,
     fuse_shared_input_matmuls,
     gemm_to_matmul,
+    pack_attention_inputs,
 )
 from moechat.export.lowering import translation_table
 from moechat.models.modeling import CausalLM, MoEFeedForward
@@ -124,6 +125,7 @@ def export_decoder(
     routers = {node.name for node in find_routers(proto)}
     gemm_to_matmul(proto, keep=routers)
     fuse_shared_input_matmuls(proto, skip=routers)
+    pack_attention_inputs(proto)
     if residual_norms and attention == "gqa":  # not in standard-op graphs (DirectML)
         fuse_residual_norms(proto)
     save_model(proto, path)

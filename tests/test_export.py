@@ -117,7 +117,9 @@ def test_fusions_in_the_exported_graph_and_routers_left_alone(tmp_path):
     model = onnx.load(tmp_path / "m.onnx", load_external_data=False)
     ops_ = [n.op_type for n in model.graph.node]
     layers = cfg.num_hidden_layers
-    assert ops_.count("Split") == 2 * layers  # q/k/v and the shared expert's gate/up
+    assert ops_.count("Split") == layers  # the shared expert's gate/up
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layers and all(list(n.input[1:3]) == ["", ""] for n in gqa)  # packed qkv
     # per layer: q/k/v, o_proj, router, shared gate/up, shared down; then lm_head
     assert ops_.count("MatMul") + ops_.count("Gemm") == 5 * layers + 1
     routers = find_routers(model)
