@@ -47,6 +47,7 @@ class MoefyOptions:
     massive_neurons: int = 8  # neurons with the largest peak contributions -> shared
     refit_ridge: float | None = 1.0  # least-squares refit of the down projections; None: off
     kmeans_iters: int = 25
+    router: str = "gain"  # least-squares target: "gain" (error reduction) or "norm"
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -156,11 +157,8 @@ def fit_layer(ffn: FeedForward, x: torch.Tensor, options: MoefyOptions) -> Layer
     labels = balanced_kmeans(feats, E, options.kmeans_iters, options.seed)
     groups = [torch.sort(rest[labels == e]).values for e in range(E)]
 
-    # router: least squares onto each expert's output size relative to the token's output
     outs = torch.stack([a[:, g] @ down[:, g].t() for g in groups], 1)  # [N, E, H]
-    size = outs.norm(dim=-1) * token_w.sqrt()[:, None]
-    target = size - size.mean(1, keepdim=True)
-    router = torch.linalg.lstsq(x.double(), target.double()).solution.t().float()
+    router = fit_router(x, outs, token_w, options)
     spread = (x @ router.t()).std().clamp_min(1e-12)
     router = router * (options.router_spread / spread)
 
@@ -180,6 +178,23 @@ def fit_layer(ffn: FeedForward, x: torch.Tensor, options: MoefyOptions) -> Layer
             ((feats @ fit.down[:, cols].t() - y).pow(2).sum(-1) * token_w).mean().item()
         )
     return fit
+
+
+def fit_router(
+    x: torch.Tensor, outs: torch.Tensor, token_w: torch.Tensor, options: MoefyOptions
+) -> torch.Tensor:
+    """Router [E, H], least squares from the inputs ``x`` [N, H] onto a per-token score of
+    each expert, given the experts' outputs ``outs`` [N, E, H] (relative to the token's
+    output size). ``norm``: the size of the expert's output. ``gain``: how much keeping
+    the expert reduces the error, ``2<r, e> - |e|^2`` with ``r`` the sum of all routed
+    outputs (exact for one kept expert; top-k keeps the k best)."""
+    if options.router == "norm":
+        score = outs.norm(dim=-1) * token_w.sqrt()[:, None]
+    else:
+        total = outs.sum(1, keepdim=True)
+        score = (2 * (outs * total).sum(-1) - outs.pow(2).sum(-1)) * token_w[:, None]
+    target = (score - score.mean(1, keepdim=True)).double()
+    return torch.linalg.lstsq(x.double(), target).solution.t().float()
 
 
 def refit_down(

@@ -25,6 +25,7 @@ class ParityReport:
     greedy_match: bool
     prompts: int
     tokens: int
+    decode_steps: int = DECODE_STEPS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +40,11 @@ def parity_prompts(
 
 
 def measure_parity(
-    model: CausalLM, decoder: Decoder, prompts: list[list[int]], append: int = 5
+    model: CausalLM,
+    decoder: Decoder,
+    prompts: list[list[int]],
+    append: int = 5,
+    decode_steps: int = DECODE_STEPS,
 ) -> ParityReport:
     max_diff = scale = 0.0
     greedy_match = True
@@ -52,7 +57,7 @@ def measure_parity(
         got = decoder.forward(prompt, logits_for="all")
         steps = [(ref[0].numpy(), got)]
         token = int(ref[0, -1].argmax())
-        for _ in range(DECODE_STEPS):
+        for _ in range(decode_steps):
             ref, past = model.step(torch.tensor([[token]]), past)
             got = decoder.forward([token])
             steps.append((ref[0].numpy(), got))
@@ -67,5 +72,6 @@ def measure_parity(
             tokens += r.shape[0]
     decoder.reset()
     return ParityReport(
-        max_diff, scale, max_diff / max(scale, 1e-9), greedy_match, len(prompts), tokens
-    )
+        max_diff, scale, max_diff / max(scale, 1e-9), greedy_match, len(prompts), tokens,
+        decode_steps,
+    )  # fmt: skip

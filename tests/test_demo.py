@@ -95,6 +95,24 @@ def test_refit_improves_on_the_calibration_error(dense, calibration):
     assert sum(f.relative_error for f in refit) < sum(f.relative_error for f in plain)
 
 
+def test_both_router_targets_fit(dense, calibration):
+    """The default ("gain") and the "norm" target both give working top-2 routers."""
+    for extra in ({"router": "norm"}, {"router": "gain"}):
+        moe, fits = moefy(dense, calibration, MoefyOptions(top_k=2, **SMALL_OPTIONS, **extra))
+        assert all(min(f.expert_load) > 0.05 for f in fits), extra
+        assert torch.isfinite(_logits(moe, _prompts())).all()
+
+
+def test_build_threads_follow_the_idle_cores(monkeypatch):
+    from moechat.export import demo_build
+
+    monkeypatch.setattr(demo_build.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo_build.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert demo_build.torch_threads() == 2
+    monkeypatch.setattr(demo_build.os, "getloadavg", lambda: (7.0, 5.0, 3.0))
+    assert demo_build.torch_threads() == 1
+
+
 # ---------------------------------------------------------------- build failures
 
 

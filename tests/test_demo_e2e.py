@@ -18,6 +18,8 @@ pytest.importorskip("gguf")
 from bpe_reference import ReferenceBPE  # noqa: E402
 
 pytestmark = pytest.mark.timeout(1800)  # the first test also pays for the build
+SHARED = 1280  # demo_build.SHARED_SIZES[0]: shared-expert neurons of 1536
+BUILD_SECONDS_MAX = 900
 
 from moechat.export import demo_source  # noqa: E402
 from moechat.runtime.errors import MoechatError  # noqa: E402
@@ -97,7 +99,18 @@ def test_demo_perplexity_is_close_to_the_dense_model(demo_build):
     arch = manifest["architecture"]
     assert arch["use_moe"] and arch["n_routed_experts"] == 4 and arch["n_shared_experts"] == 1
     assert arch["num_experts_per_tok"] == 2 and arch["norm_topk_prob"]
+    # sparse: the chosen shared expert, the other neurons in 4 routed experts, half of them
+    # skipped per token
+    assert arch["shared_intermediate_size"] == SHARED, arch
+    assert arch["intermediate_size"] * 4 == 1536 - SHARED
     assert manifest["demo"]["calibration"]["sources"]
+    assert manifest["parity"]["prompts"] == 2 and manifest["parity"]["decode_steps"] == 8
+
+
+def test_demo_build_time(demo_build):
+    """The whole build (issue: 5 minutes on a 2-core machine); generous here because CI
+    machines are shared. The measured time goes into docs/benchmarks.md."""
+    assert demo_build[1] < BUILD_SECONDS_MAX, demo_build[1]
 
 
 def test_demo_package_is_int8_and_verifies(demo_build):
