@@ -200,7 +200,7 @@ class _Engine:
             self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            pass
+            pass  # the worker died: reply() reports it with its last stderr line
 
     def reply(self, timeout: float) -> dict:
         try:

@@ -15,10 +15,8 @@ import numpy as np
 import onnx
 
 from moechat.export.onnx_graph import save_model
-from moechat.export.parity import ParityReport, measure_parity
+from moechat.export.parity import ParityReport, cpu_decoder, measure_parity
 from moechat.models.modeling import CausalLM
-from moechat.runtime.decoder import Decoder
-from moechat.runtime.providers import create_session
 
 # Max |Δlogit| relative to the logit scale: float16 keeps ~3 decimal digits, and
 # rounding adds up over the layers (measured: 4.3e-4 on the tiny MoE).
@@ -40,10 +38,5 @@ def check_fp16_graph(
     model: CausalLM, graph: Path, prompts: list[list[int]], max_context: int
 ) -> ParityReport:
     """Parity of the float16 graph against the fp32 PyTorch model (CPU provider)."""
-    cfg = model.config
-    session = create_session(graph, "CPUExecutionProvider")
-    decoder = Decoder(
-        session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-        max_context=max_context, static_cache=False, kv_dtype=np.float16,
-    )  # fmt: skip
+    decoder = cpu_decoder(graph, model.config, max_context, kv_dtype=np.float16)
     return measure_parity(model, decoder, prompts)

@@ -21,12 +21,10 @@ import torch
 
 import moechat
 from moechat.export.onnx_graph import export_decoder
-from moechat.export.parity import DECODE_STEPS, measure_parity, parity_prompts
+from moechat.export.parity import DECODE_STEPS, cpu_decoder, measure_parity, parity_prompts
 from moechat.models.loading import LoadedCheckpoint
-from moechat.runtime.decoder import Decoder
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.package import FORMAT_VERSION, MANIFEST, sha256_file
-from moechat.runtime.providers import create_session
 from moechat.runtime.tokenizer import TextTokenizer
 
 PARITY_TOLERANCE = 1e-4  # max |Δlogit| relative to the logit scale, fp32
@@ -167,11 +165,7 @@ def export_package(
         shutil.copyfile(tokenizer_dir / "tokenizer.json", work / "tokenizer.json")
 
         progress("checking parity: PyTorch vs onnxruntime")
-        session = create_session(work / "model.onnx", "CPUExecutionProvider")
-        decoder = Decoder(
-            session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-            max_context=max_context, static_cache=False,
-        )  # fmt: skip
+        decoder = cpu_decoder(work / "model.onnx", cfg, max_context)
         texts = [
             "Hello, who are you?",
             "你好，请介绍一下你自己。",
@@ -182,7 +176,7 @@ def export_package(
         if options.quick_parity:  # 7 random tokens and an English prompt
             prompts, steps = [prompts[1], prompts[3]], QUICK_DECODE_STEPS
         report = measure_parity(ckpt.model, decoder, prompts, decode_steps=steps)
-        del decoder, session
+        del decoder  # releases the session (and its open graph files) before the rename
         if report.relative > PARITY_TOLERANCE:
             raise MoechatError(
                 f"parity check failed: max |Δlogit| {report.max_abs_diff:.3g} is "
@@ -222,12 +216,7 @@ def _export_variant(ckpt, work, manifest, variant, prompts, max_context, progres
     name = f"model.{variant}.onnx"
     progress(f"tracing the {variant} variant (standard ONNX ops)")
     export_decoder(ckpt.model, work / name, moe_impl, attention)
-    cfg = ckpt.config
-    session = create_session(work / name, "CPUExecutionProvider")
-    decoder = Decoder(
-        session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-        max_context=max_context, static_cache=False,
-    )  # fmt: skip
+    decoder = cpu_decoder(work / name, ckpt.config, max_context)
     report = measure_parity(ckpt.model, decoder, prompts)
     if report.relative > PARITY_TOLERANCE:
         raise MoechatError(f"parity check of the {variant} variant failed: {report.relative:.2g}")

@@ -7,14 +7,28 @@ the non-empty cache. Tolerance is relative to the logit scale (max |logit|).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from moechat.models.config import ModelConfig
 from moechat.models.modeling import CausalLM
 from moechat.runtime.decoder import Decoder
+from moechat.runtime.providers import create_session
 
 DECODE_STEPS = 16
+
+
+def cpu_decoder(
+    graph: Path, cfg: ModelConfig, max_context: int, kv_dtype: type = np.float32
+) -> Decoder:
+    """A growing-cache decoder on the CPU provider, for checking an exported graph."""
+    session = create_session(graph, "CPUExecutionProvider")
+    return Decoder(
+        session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+        max_context=max_context, static_cache=False, kv_dtype=kv_dtype,
+    )  # fmt: skip
 
 
 @dataclass
