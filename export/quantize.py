@@ -13,11 +13,13 @@ them per block on the fly).
 - Other matmuls (attention, shared experts, dense FFN, lm_head), ``dense``:
   - ``nbits`` (default): 8-bit ``MatMulNBits``, ``accuracy_level=4`` (int8 compute
     with activations quantised per block; without it the 8-bit kernel is 40-90x
-    slower than fp32 at decode on CPU). Block 16 for the matmuls that do not widen
+    slower than fp32 at decode on CPU). Block 32 for the matmuls that do not widen
     their input more than 2x (q/k/v, o_proj, down projections: their inputs carry
-    per-token outliers that smoothing cannot remove, and block 16 halves the
-    reach of each), block 32 for the wide ones (gate/up, lm_head: most of the
-    bytes, where a scale per 16 would cost the most size);
+    per-token outliers that smoothing cannot remove), block 64 for the wide ones
+    (gate/up, lm_head). The kernel's cost per token falls with the block (on
+    SmolLM2 blocks 16/32 decode ~14% slower than 32/64), its error grows with it;
+    32/64 is faster than onnxruntime-genai's int8 build and still about half its
+    KL divergence from fp32 (docs/benchmarks.md);
   - ``dynamic``: ``quantize_dynamic`` (MatMulInteger, per-channel int8 weights,
     activations quantised per tensor at run time: fastest prefill, but far less
     accurate on trained models).
@@ -64,8 +66,8 @@ from moechat.export.smoothing import ALPHA, smooth
 INT8_MOE_IMPLS = ("qmoe", "ops")
 DENSE_METHODS = ("dynamic", "nbits")
 QMOE_BLOCK_SIZES = (32, 16)
-NBITS_BLOCK_SIZE = 32  # wide matmuls (gate/up, lm_head)
-NBITS_FINE_BLOCK_SIZE = 16  # the rest: N <= NBITS_FINE_MAX_WIDENING * K
+NBITS_BLOCK_SIZE = 64  # wide matmuls (gate/up, lm_head)
+NBITS_FINE_BLOCK_SIZE = 32  # the rest: N <= NBITS_FINE_MAX_WIDENING * K
 NBITS_FINE_MAX_WIDENING = 2
 
 
@@ -318,7 +320,7 @@ def _quantize_matmuls(
 
 
 def nbits_fine_matmuls(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> set[str]:
-    """MatMuls with a constant [K, N] weight, N <= 2K, quantised with block 16."""
+    """MatMuls with a constant [K, N] weight, N <= 2K, quantised with the finer block."""
     inits = initializers(model.graph)
     return {
         n.name for n in model.graph.node

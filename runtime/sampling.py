@@ -175,20 +175,24 @@ class Sampler:
     def sample(self, logits: np.ndarray, context_ids: Sequence[int] = ()) -> int:
         """One token id from 1-D ``logits``; ``context_ids`` get the repetition penalty."""
         p = self.params
-        logits = np.array(logits, dtype=np.float32)  # private copy
+        logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1 or logits.size == 0:
             raise ValueError(f"expected 1-D non-empty logits, got shape {logits.shape}")
         vocab = logits.size
         if p.repetition_penalty != 1.0 and len(context_ids):
             ids = np.unique(np.asarray(context_ids, dtype=np.int64))
             ids = ids[(ids >= 0) & (ids < vocab)]
+            logits = logits.copy()  # the caller's logits stay as they were
             sel = logits[ids]
             logits[ids] = np.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
-        top = np.nanmax(logits) if np.isnan(logits.max()) else logits.max()
+        top = logits.max()
+        has_nan = bool(np.isnan(top))
+        if has_nan:
+            top = np.nanmax(logits)
         if not np.isfinite(top):
             raise ValueError("cannot sample: no finite logits")
         if p.greedy:
-            return int(np.nanargmax(logits))
+            return int(np.nanargmax(logits) if has_nan else np.argmax(logits))
 
         # Candidates: ids within CUTOFF of the max after temperature (NaN compares False).
         idx = np.flatnonzero(logits >= top - self.CUTOFF * p.temperature)

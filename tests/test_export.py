@@ -126,3 +126,36 @@ def test_fusions_in_the_exported_graph_and_routers_left_alone(tmp_path):
     assert len(routers) == layers and all(n.op_type in ("MatMul", "Gemm") for n in routers)
     # residual Add + RMSNorm fused, except the final norm (it follows the logits Gather)
     assert ops_.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
+
+
+def test_static_cpu_cache_grows_in_place_and_matches_the_plain_cache(tmp_path):
+    """The CPU buffers start small and double (re-laid out in place) up to max_context."""
+    cfg = TINY_MOE.with_changes(num_key_value_heads=4)  # heads that move past each other
+    model = random_model(cfg, seed=4, max_positions=256)
+    path = tmp_path / "model.onnx"
+    export_decoder(model, path, "contrib", "gqa")
+    session = create_session(path, "CPUExecutionProvider")
+    dims = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    plain = Decoder(session, *dims, 50, static_cache=False)
+    grown = Decoder(session, *dims, 50, static_cache=True, initial_capacity=4)
+    assert grown.capacity == 4
+    rng = np.random.default_rng(0)
+    capacities = []
+
+    def step(ids):
+        want, got = plain.forward(ids, "all"), grown.forward(ids, "all")
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        capacities.append(grown.capacity)
+
+    step(rng.integers(0, cfg.vocab_size, 3))
+    for _ in range(6):  # 9 cached
+        step(rng.integers(0, cfg.vocab_size, 1))
+    step(rng.integers(0, cfg.vocab_size, 7))  # 16 cached
+    plain.truncate(10)
+    grown.truncate(10)
+    for _ in range(3):
+        step(rng.integers(0, cfg.vocab_size, 13))  # 23, 36 (64 is past the cap), 49
+    step(rng.integers(0, cfg.vocab_size, 1))  # 50: the cap, not 64
+    assert capacities == [4, 4, 8, 8, 8, 8, 16, 16, 32, 50, 50, 50]
+    with pytest.raises(Exception, match="context full"):
+        grown.forward([1])

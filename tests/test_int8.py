@@ -125,18 +125,19 @@ def test_routers_stay_fp32_in_the_int8_graph(int8_package):
     assert any(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in gathers)
 
 
-def test_narrow_matmuls_get_block_16_wide_ones_block_32(int8_package):
+def test_narrow_matmuls_get_block_32_wide_ones_block_64(int8_package):
     graph = onnx.load(str(int8_package[0] / "model.onnx"), load_external_data=False).graph
     blocks = {}
     for node in graph.node:
         if node.op_type == "MatMulNBits":
             a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
             assert a["bits"] == 8 and a["accuracy_level"] == 4
-            assert a["block_size"] == (16 if a["N"] <= 2 * a["K"] else 32), (node.name, a)
+            expected = 32 if a["N"] <= 2 * a["K"] else 64
+            assert a["block_size"] == expected, (node.name, a)
             blocks[a["block_size"]] = blocks.get(a["block_size"], 0) + 1
-    # per layer: q/k/v, o_proj and shared down at 16; shared gate/up at 32; lm_head at 32
+    # per layer: q/k/v, o_proj and shared down at 32; shared gate/up at 64; lm_head at 64
     layers = TINY_MOE.num_hidden_layers
-    assert blocks == {16: 3 * layers, 32: layers + 1}
+    assert blocks == {32: 3 * layers, 64: layers + 1}
 
 
 @pytest.mark.parametrize(
