@@ -30,8 +30,8 @@ VARIANTS = {
     "fp32-ops": ("ops", None),
     "int8-qmoe-dynamic": ("contrib", ("qmoe", "dynamic")),
     "int8-qmoe-nbits": ("contrib", ("qmoe", "nbits")),
-    # the default before block 16 for q/k/v, o_proj and down: every MatMulNBits block 32
-    "int8-qmoe-nbits32": ("contrib", ("qmoe", "nbits", {"NBITS_FINE_MAX_WIDENING": 0})),
+    # --int8-block 32 (the default is 64)
+    "int8-qmoe-nbits32": ("contrib", ("qmoe", "nbits", {}, {"block": 32})),
     "int8-qmoe64-nbits": ("contrib", ("qmoe", "nbits", {"QMOE_BLOCK_SIZES": (64,)})),
     "int8-ops-dynamic": ("ops", ("ops", "dynamic")),
     "int8-ops-nbits": ("ops", ("ops", "nbits")),
@@ -69,7 +69,8 @@ def build(workdir: Path, names: list[str]) -> dict[str, Path]:
                 saved = {k: getattr(quantize, k) for k in overrides}
                 vars(quantize).update(overrides)
                 try:
-                    quantize_decoder(fp32, path, QuantizeOptions(moe=q[0], dense=q[1]))
+                    options = QuantizeOptions(moe=q[0], dense=q[1], **(q[3] if len(q) > 3 else {}))
+                    quantize_decoder(fp32, path, options)
                 finally:
                     vars(quantize).update(saved)
                 print(f"quantised {path.name} in {time.perf_counter() - t:.0f}s", file=sys.stderr)

@@ -60,8 +60,7 @@ def quantize_package_graph(
     work: Path,
     arch: dict,
     tokenizer: TextTokenizer,
-    moe: str,
-    matmuls: str = "nbits",
+    options: QuantizeOptions,
     heldout: Path | None = None,
     max_context: int = WINDOW,
     progress: Callable[[str], None] = lambda msg: None,
@@ -70,11 +69,12 @@ def quantize_package_graph(
     fp32_bytes = package_bytes(work)
     qdir = work / "int8"
     qdir.mkdir()
-    progress(f"quantising to int8 (routed experts: {moe}, matmuls: {matmuls})")
-    calibration = tokenizer.encode_text(calibration_text())[:CALIBRATION_MAX_TOKENS]
-    info = quantize_decoder(
-        work / GRAPH, qdir / GRAPH, QuantizeOptions(moe=moe, dense=matmuls), calibration
+    progress(
+        f"quantising to int8 (routed experts: {options.moe}, matmuls: {options.dense}, "
+        f"block {options.block})"
     )
+    calibration = tokenizer.encode_text(calibration_text())[:CALIBRATION_MAX_TOKENS]
+    info = quantize_decoder(work / GRAPH, qdir / GRAPH, options, calibration)
     info = {"method": "int8", **info}
 
     if heldout is not None:

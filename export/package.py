@@ -44,6 +44,7 @@ class ExportOptions:
     extra_manifest: dict = field(default_factory=dict)
     int8: bool = False
     int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
+    int8_block: int | None = None  # MatMulNBits block (default NBITS_BLOCK_SIZE)
     heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
     variants: tuple[str, ...] = ()  # extra per-provider graphs: "dml"
     fp16: bool = False  # float16 graph and KV cache (for CUDA)
@@ -70,6 +71,10 @@ def validate_options(options: ExportOptions) -> None:
     if options.fp16 and options.variants:
         raise MoechatError("--variant adds float32 graphs; it does not combine with --fp16")
     if options.int8:
+        if options.int8_block is not None and options.int8_matmuls == "dynamic":
+            raise MoechatError(
+                "--int8-block sets MatMulNBits blocks: not with --int8-matmuls dynamic"
+            )
         if options.moe_impl == "contrib":
             raise MoechatError(
                 "--moe-impl contrib is the fp32 MoE op; with --int8 use qmoe (int8 MoE op) or ops"
@@ -77,7 +82,11 @@ def validate_options(options: ExportOptions) -> None:
     else:
         if options.moe_impl == "qmoe":
             raise MoechatError("--moe-impl qmoe is the int8 MoE op: it needs --int8")
-        int8_only = (("--heldout", options.heldout), ("--int8-matmuls", options.int8_matmuls))
+        int8_only = (
+            ("--heldout", options.heldout),
+            ("--int8-matmuls", options.int8_matmuls),
+            ("--int8-block", options.int8_block),
+        )
         for flag, value in int8_only:
             if value is not None:
                 raise MoechatError(f"{flag} only applies to --int8 exports")
@@ -251,11 +260,16 @@ def _to_fp16(ckpt, work, manifest, prompts, max_context, progress) -> None:
 def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None:
     """Replace the fp32 graph in ``work`` by its int8 version; record how and how well."""
     from moechat.export.int8 import quantize_package_graph
+    from moechat.export.quantize import NBITS_BLOCK_SIZE, QuantizeOptions
 
+    quantize = QuantizeOptions(
+        moe=options.moe_impl,
+        dense=options.int8_matmuls or "nbits",
+        block=options.int8_block or NBITS_BLOCK_SIZE,
+    )
     result = quantize_package_graph(
-        work, manifest["architecture"], tokenizer, options.moe_impl,
-        options.int8_matmuls or "nbits", options.heldout, max_context, progress,
-    )  # fmt: skip
+        work, manifest["architecture"], tokenizer, quantize, options.heldout, max_context, progress
+    )
     manifest["graph"]["quantization"] = result.quantization
     manifest["parity"]["graph"] = "float32, before int8 quantization"
     manifest["fidelity"] = {"reference": "fp32 graph", **result.fidelity.to_dict()}

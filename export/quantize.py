@@ -1,7 +1,7 @@
 """fp32 decoder graph -> int8 decoder graph for onnxruntime.
 
-Weights are quantised symmetrically to int8 with float scales per block of 32 along
-the reduction axis; activations stay float32 between ops (the int8 kernels quantise
+Weights are quantised symmetrically to int8 with float scales per block along the
+reduction axis; activations stay float32 between ops (the int8 kernels quantise
 them per block on the fly).
 
 - Routed experts, one of two lowerings (``moe``):
@@ -13,13 +13,12 @@ them per block on the fly).
 - Other matmuls (attention, shared experts, dense FFN, lm_head), ``dense``:
   - ``nbits`` (default): 8-bit ``MatMulNBits``, ``accuracy_level=4`` (int8 compute
     with activations quantised per block; without it the 8-bit kernel is 40-90x
-    slower than fp32 at decode on CPU). Block 32 for the matmuls that do not widen
-    their input more than 2x (q/k/v, o_proj, down projections: their inputs carry
-    per-token outliers that smoothing cannot remove), block 64 for the wide ones
-    (gate/up, lm_head). The kernel's cost per token falls with the block (on
-    SmolLM2 blocks 16/32 decode ~14% slower than 32/64), its error grows with it;
-    32/64 is faster than onnxruntime-genai's int8 build and still about half its
-    KL divergence from fp32 (docs/benchmarks.md);
+    slower than fp32 at decode on CPU), one block size along K for every matmul
+    (``block``): 64 by default, 32 on request. The kernel costs less per token with
+    larger blocks and errs more (SmolLM2: the block-64 graph costs 11-17% less per
+    decode step than onnxruntime-genai's block-32 graph; block 32, the anchors'
+    granularity, has a third less KL; with smoothing both stay below the anchors' KL:
+    docs/benchmarks.md);
   - ``dynamic``: ``quantize_dynamic`` (MatMulInteger, per-channel int8 weights,
     activations quantised per tensor at run time: fastest prefill, but far less
     accurate on trained models).
@@ -66,9 +65,8 @@ from moechat.export.smoothing import ALPHA, smooth
 INT8_MOE_IMPLS = ("qmoe", "ops")
 DENSE_METHODS = ("dynamic", "nbits")
 QMOE_BLOCK_SIZES = (32, 16)
-NBITS_BLOCK_SIZE = 64  # wide matmuls (gate/up, lm_head)
-NBITS_FINE_BLOCK_SIZE = 32  # the rest: N <= NBITS_FINE_MAX_WIDENING * K
-NBITS_FINE_MAX_WIDENING = 2
+NBITS_BLOCK_SIZE = 64  # default MatMulNBits block along K
+NBITS_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
@@ -79,12 +77,15 @@ class QuantizeOptions:
     smooth: bool = True  # activation smoothing (needs calibration tokens)
     alpha: float = ALPHA  # smoothing strength: 0 none, 1 all onto the weights
     symmetric: bool = True  # MatMulNBits weights without zero points
+    block: int = NBITS_BLOCK_SIZE  # MatMulNBits block along the reduction axis
 
     def __post_init__(self) -> None:
         if self.moe not in INT8_MOE_IMPLS:
             raise ValueError(f"moe must be one of {INT8_MOE_IMPLS}")
         if self.dense not in DENSE_METHODS:
             raise ValueError(f"dense must be one of {DENSE_METHODS}")
+        if self.block not in NBITS_BLOCK_SIZES:
+            raise ValueError(f"block must be one of {NBITS_BLOCK_SIZES}")
 
 
 def quantize_rows(w: np.ndarray, block: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -291,22 +292,18 @@ def _quiet_quantizer():
 
 
 def _quantize_matmuls(
-    model: onnx.ModelProto, dense: str, exclude: list[str], symmetric: bool = True
+    model: onnx.ModelProto, options: QuantizeOptions, exclude: list[str]
 ) -> onnx.ModelProto:
-    if dense == "nbits":
+    if options.dense == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        fine = nbits_fine_matmuls(model, exclude)
-        wide = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in fine]
-        for block, skip in ((NBITS_FINE_BLOCK_SIZE, wide), (NBITS_BLOCK_SIZE, exclude)):
-            with _quiet_quantizer():
-                quantizer = MatMulNBitsQuantizer(
-                    model, bits=8, block_size=block, is_symmetric=symmetric, accuracy_level=4,
-                    nodes_to_exclude=list(skip), op_types_to_quantize=("MatMul",),
-                )  # fmt: skip
-                quantizer.process()
-            model = quantizer.model.model
-        return model
+        with _quiet_quantizer():
+            quantizer = MatMulNBitsQuantizer(
+                model, bits=8, block_size=options.block, is_symmetric=options.symmetric,
+                accuracy_level=4, nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
+            )  # fmt: skip
+            quantizer.process()
+        return quantizer.model.model
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
@@ -317,17 +314,6 @@ def _quantize_matmuls(
             use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
         )  # fmt: skip
         return onnx.load(str(out), load_external_data=True)
-
-
-def nbits_fine_matmuls(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> set[str]:
-    """MatMuls with a constant [K, N] weight, N <= 2K, quantised with the finer block."""
-    inits = initializers(model.graph)
-    return {
-        n.name for n in model.graph.node
-        if n.op_type == "MatMul" and n.name not in exclude and n.input[1] in inits
-        and len(inits[n.input[1]].dims) == 2
-        and inits[n.input[1]].dims[1] <= NBITS_FINE_MAX_WIDENING * inits[n.input[1]].dims[0]
-    }  # fmt: skip
 
 
 def _matmul_count(model: onnx.ModelProto, op_types: tuple[str, ...]) -> int:
@@ -380,11 +366,11 @@ def quantize_model(
         qmoe = moe_to_qmoe(model)
         info["routed_experts"] = f"QMoE int8, block {qmoe['block_size']}"
     elif routers:
-        info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options.dense)}"
+        info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options)}"
     tables = quantize_embedding(model) if options.embedding else []
     info["embedding"] = f"int8, scales per block of {tables[0].block}" if tables else "float32"
-    model = _quantize_matmuls(model, options.dense, router_names, options.symmetric)
-    info["matmuls"] = _dense_description(options.dense)
+    model = _quantize_matmuls(model, options, router_names)
+    info["matmuls"] = _dense_description(options)
     info["lm_head_rescoring"] = None
     if tied and tables:
         top = min(RESCORE_TOP, _vocab(model, tables[0]))
@@ -405,13 +391,9 @@ def _vocab(model: onnx.ModelProto, table: QuantizedTable) -> int:
     return int(initializers(model.graph)[table.q].dims[0])
 
 
-def _dense_description(dense: str) -> str:
-    if dense == "nbits":
-        return (
-            f"MatMulNBits 8-bit, accuracy_level 4, block {NBITS_FINE_BLOCK_SIZE} "
-            f"(q/k/v, o_proj, down: N <= {NBITS_FINE_MAX_WIDENING}K) or {NBITS_BLOCK_SIZE} "
-            "(gate/up, lm_head)"
-        )
+def _dense_description(options: QuantizeOptions) -> str:
+    if options.dense == "nbits":
+        return f"MatMulNBits 8-bit, accuracy_level 4, block {options.block}"
     return "MatMulInteger (quantize_dynamic), per-channel int8 weights"
 
 

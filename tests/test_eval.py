@@ -104,6 +104,8 @@ def test_export_rejects_fp32_only_and_int8_only_combinations(tmp_path, capsys, t
         (["--moe-impl", "qmoe"], "needs --int8"),
         (["--heldout", str(heldout)], "--heldout only applies to --int8"),
         (["--int8-matmuls", "dynamic"], "--int8-matmuls only applies to --int8"),
+        (["--int8-block", "32"], "--int8-block only applies to --int8"),
+        (["--int8", "--int8-matmuls", "dynamic", "--int8-block", "32"], "not with --int8-matmuls"),
         (["--int8", "--heldout", str(tmp_path / "nope.txt")], "text file not found"),
     ]
     for extra, message in cases:

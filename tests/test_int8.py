@@ -125,19 +125,31 @@ def test_routers_stay_fp32_in_the_int8_graph(int8_package):
     assert any(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in gathers)
 
 
-def test_narrow_matmuls_get_block_32_wide_ones_block_64(int8_package):
-    graph = onnx.load(str(int8_package[0] / "model.onnx"), load_external_data=False).graph
-    blocks = {}
+def _nbits_blocks(graph_path) -> dict[int, int]:
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    blocks: dict[int, int] = {}
     for node in graph.node:
         if node.op_type == "MatMulNBits":
             a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-            assert a["bits"] == 8 and a["accuracy_level"] == 4
-            expected = 32 if a["N"] <= 2 * a["K"] else 64
-            assert a["block_size"] == expected, (node.name, a)
+            assert a["bits"] == 8 and a["accuracy_level"] == 4, (node.name, a)
             blocks[a["block_size"]] = blocks.get(a["block_size"], 0) + 1
-    # per layer: q/k/v, o_proj and shared down at 32; shared gate/up at 64; lm_head at 64
-    layers = TINY_MOE.num_hidden_layers
-    assert blocks == {32: 3 * layers, 64: layers + 1}
+    return blocks
+
+
+def test_every_matmul_gets_block_64_by_default(int8_package):
+    # per layer: fused q/k/v, o_proj, shared gate/up, shared down; then the lm_head
+    assert _nbits_blocks(int8_package[0] / "model.onnx") == {64: 4 * TINY_MOE.num_hidden_layers + 1}
+
+
+def test_int8_block_option_sets_every_matmul_block(tmp_path, tiny_checkpoint):
+    from moechat.app.cli import main
+
+    out = tmp_path / "block32"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["export", str(tiny_checkpoint), str(out), "--int8", "--int8-block", "32"]) == 0
+    assert _nbits_blocks(out / "model.onnx") == {32: 4 * TINY_MOE.num_hidden_layers + 1}
+    quantization = json.loads((out / "moechat.json").read_text())["graph"]["quantization"]
+    assert "block 32" in quantization["matmuls"]
 
 
 @pytest.mark.parametrize(
