@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "block-wise int8 activations (default) or MatMulInteger (quantize_dynamic: "
                    "faster prefill, per-tensor activations, less accurate)")  # fmt: skip
     g.add_argument("--int8-block", type=int, choices=[16, 32, 64, 128],
-                   help="MatMulNBits block along the reduction axis (default 64: fastest decode; "
-                   "32: the granularity of llama.cpp Q8_0, a third less error, ~7%% slower)")  # fmt: skip
+                   help="MatMulNBits block along the reduction axis (default: 32 for MoE models, "
+                   "whose routing amplifies the error; 64 for dense models, the fastest decode)")  # fmt: skip
     g.add_argument("--heldout", metavar="TEXTFILE",
                    help="held-out text for the fidelity report (default: the shipped one)")  # fmt: skip
     p.set_defaults(func=cmd_export)

@@ -30,7 +30,8 @@ VARIANTS = {
     "fp32-ops": ("ops", None),
     "int8-qmoe-dynamic": ("contrib", ("qmoe", "dynamic")),
     "int8-qmoe-nbits": ("contrib", ("qmoe", "nbits")),
-    # --int8-block 32 (the default is 64)
+    # MatMulNBits block 32: what `moechat export --int8` uses for MoE models (the variant
+    # above has QuantizeOptions' default, 64, the dense-model default)
     "int8-qmoe-nbits32": ("contrib", ("qmoe", "nbits", {}, {"block": 32})),
     "int8-qmoe64-nbits": ("contrib", ("qmoe", "nbits", {"QMOE_BLOCK_SIZES": (64,)})),
     "int8-ops-dynamic": ("ops", ("ops", "dynamic")),

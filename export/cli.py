@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from moechat.export.fidelity import threshold_misses
 from moechat.export.int8 import SIZE_RATIO_MAX
 from moechat.export.package import ExportOptions, export_package
 from moechat.models.loading import load_checkpoint
@@ -67,15 +68,7 @@ def print_int8_summary(manifest: dict) -> None:
     problems = []
     if q["size_ratio"] > SIZE_RATIO_MAX:
         problems.append(f"the int8 package is {q['size_ratio']:.0%} of fp32 (target <= 30%)")
-    t = f["thresholds"]
-    if f["perplexity_ratio"] > t["perplexity_ratio_max"]:
-        problems.append(
-            f"perplexity ratio {f['perplexity_ratio']:.4f} exceeds {t['perplexity_ratio_max']}"
-        )
-    if f["top1_agreement"] < t["top1_agreement_min"]:
-        problems.append(
-            f"top-1 agreement {f['top1_agreement']:.2%} is below {t['top1_agreement_min']:.0%}"
-        )
+    problems += threshold_misses(f)
     if problems:
         bar = "!" * 72
         lines = [bar, "WARNING: this int8 package misses its fidelity/size targets:"]

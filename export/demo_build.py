@@ -11,7 +11,8 @@ Steps (each reported through ``progress``):
 5. perplexity of the dense and the MoE model on held-out text (the project's
    ``heldout.txt`` and held-out Python documentation, neither used for calibration);
 6. export through the normal path (``export_package``, int8, a shorter parity check:
-   2 prompts x 8 decode steps), recording the numbers under ``"demo"`` in moechat.json.
+   2 prompts x 8 decode steps; int8 fidelity on the same English held-out text as
+   step 5), recording the numbers under ``"demo"`` in moechat.json.
 PyTorch runs on the idle cores only (:func:`torch_threads`).
 Everything happens in a temporary folder; the package appears only when complete.
 """
@@ -33,7 +34,7 @@ import torch
 from moechat.export import demo_source
 from moechat.export.demo_calibration import load_text, paragraphs, token_sequences
 from moechat.export.demo_moefy import MoefyOptions, moefy, perplexity
-from moechat.export.fidelity import heldout_text
+from moechat.export.fidelity import heldout_text, threshold_misses
 from moechat.export.int8 import calibration_text
 from moechat.export.package import ExportOptions, export_package
 from moechat.models.gguf import load_gguf
@@ -58,6 +59,7 @@ GENERATION_TEMPERATURE = 0.8
 DOC_TOKENS = 4096
 PROSE_TOKENS = 1280  # cap for calibration.txt (evenly spread paragraphs: 512 come out)
 HELDOUT_WINDOW = 512
+FIDELITY_TEXT = "heldout-english-and-python-docs.txt"  # int8 fidelity text (written at build)
 HELDOUT_DOC_TOKENS = 1024
 
 CHAT_PREFIX = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
@@ -174,7 +176,19 @@ def build_demo(
         f"{demo['perplexity']['moe']:.2f} (dense {demo['perplexity']['dense']:.2f}, "
         f"ratio {demo['perplexity']['ratio']:.3f}) on held-out text"
     )
+    if "fidelity" in manifest:
+        progress(_fidelity_line(manifest["fidelity"]))
     return outdir
+
+
+def _fidelity_line(f: dict) -> str:
+    misses = threshold_misses(f)
+    return (
+        f"int8 vs fp32 on {f['tokens']} held-out tokens: top-1 agreement "
+        f"{f['top1_agreement']:.2%}, mean KL {f['mean_kl']:.3g}, perplexity ratio "
+        f"{f['perplexity_ratio']:.4f}, expert routing {f['routing_agreement']:.2%}"
+        + (f" (target missed: {'; '.join(misses)})" if misses else "")
+    )
 
 
 def _convert_and_export(ckpt, outdir, work, progress, int8, force) -> dict:
@@ -261,9 +275,13 @@ def _convert_and_export(ckpt, outdir, work, progress, int8, force) -> dict:
         "python": sys.version.split()[0],
     }
     export_ckpt = LoadedCheckpoint(moe.config, moe, ckpt.source, [], tokenizer_dir)
+    # int8 fidelity on the same English held-out text as the perplexity: two thirds of
+    # the shipped heldout.txt's SmolLM2 tokens are Chinese, which this model cannot read.
+    fidelity_text = work / FIDELITY_TEXT
+    fidelity_text.write_text(english_heldout() + "\n\n" + "\n\n".join(text.held_out), "utf-8")
     export_options = ExportOptions(
         name=DEMO_NAME, force=True, max_context=CONTEXT, int8=int8, quick_parity=True,
-        extra_manifest={"demo": demo},
+        heldout=fidelity_text, extra_manifest={"demo": demo},
     )  # fmt: skip
     manifest = export_package(export_ckpt, outdir, export_options, tokenizer_dir, progress)
     return manifest

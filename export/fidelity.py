@@ -47,18 +47,7 @@ class FidelityReport:
 
     @property
     def misses(self) -> list[str]:
-        out = []
-        if self.perplexity_ratio > self.thresholds["perplexity_ratio_max"]:
-            out.append(
-                f"perplexity ratio {self.perplexity_ratio:.4f} > "
-                f"{self.thresholds['perplexity_ratio_max']}"
-            )
-        if self.top1_agreement < self.thresholds["top1_agreement_min"]:
-            out.append(
-                f"top-1 agreement {self.top1_agreement:.2%} < "
-                f"{self.thresholds['top1_agreement_min']:.0%}"
-            )
-        return out
+        return threshold_misses(self.to_dict())
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,7 +58,7 @@ class FidelityReport:
         for k in ("perplexity_fp32", "perplexity_int8", "perplexity_ratio"):
             d[k] = round(d[k], 5)
         d["routing_agreement_per_layer"] = [round(x, 5) for x in self.routing_agreement_per_layer]
-        d["passed"] = not self.misses
+        d["passed"] = not threshold_misses(d)
         return d
 
     def summary(self) -> str:
@@ -84,6 +73,21 @@ class FidelityReport:
             f"({self.perplexity_int8:.3f} / {self.perplexity_fp32:.3f}){routing} "
             f"on {self.tokens} held-out tokens"
         )
+
+
+def threshold_misses(report: dict) -> list[str]:
+    """The thresholds a fidelity report (``FidelityReport.to_dict()``, as in moechat.json)
+    misses, one phrase each."""
+    t, out = report["thresholds"], []
+    if report["perplexity_ratio"] > t["perplexity_ratio_max"]:
+        out.append(
+            f"perplexity ratio {report['perplexity_ratio']:.4f} exceeds {t['perplexity_ratio_max']}"
+        )
+    if report["top1_agreement"] < t["top1_agreement_min"]:
+        out.append(
+            f"top-1 agreement {report['top1_agreement']:.2%} is below {t['top1_agreement_min']:.0%}"
+        )
+    return out
 
 
 def heldout_text() -> str:

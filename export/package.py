@@ -44,7 +44,7 @@ class ExportOptions:
     extra_manifest: dict = field(default_factory=dict)
     int8: bool = False
     int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
-    int8_block: int | None = None  # MatMulNBits block (default NBITS_BLOCK_SIZE)
+    int8_block: int | None = None  # MatMulNBits block (default: default_nbits_block)
     heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
     variants: tuple[str, ...] = ()  # extra per-provider graphs: "dml"
     fp16: bool = False  # float16 graph and KV cache (for CUDA)
@@ -260,12 +260,12 @@ def _to_fp16(ckpt, work, manifest, prompts, max_context, progress) -> None:
 def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None:
     """Replace the fp32 graph in ``work`` by its int8 version; record how and how well."""
     from moechat.export.int8 import quantize_package_graph
-    from moechat.export.quantize import NBITS_BLOCK_SIZE, QuantizeOptions
+    from moechat.export.quantize import QuantizeOptions, default_nbits_block
 
     quantize = QuantizeOptions(
         moe=options.moe_impl,
         dense=options.int8_matmuls or "nbits",
-        block=options.int8_block or NBITS_BLOCK_SIZE,
+        block=options.int8_block or default_nbits_block(manifest["architecture"]),
     )
     result = quantize_package_graph(
         work, manifest["architecture"], tokenizer, quantize, options.heldout, max_context, progress

@@ -114,11 +114,16 @@ def test_demo_build_time(demo_build):
 
 
 def test_demo_package_is_int8_and_verifies(demo_build):
+    from moechat.export.demo_build import FIDELITY_TEXT
     from moechat.runtime.package import load_package
 
     package = load_package(demo_build[0])
     package.verify_checksums()
     assert package.graph.get("quantization"), "the demo is exported with --int8"
+    assert "block 32" in package.graph["quantization"]["matmuls"]  # the MoE default
+    fidelity = package.manifest["fidelity"]
+    assert fidelity["text"] == FIDELITY_TEXT and fidelity["tokens"] > 2000, fidelity
+    assert fidelity["perplexity_ratio"] <= 1.02, fidelity
 
 
 def test_built_demo_is_not_rebuilt(demo_build, demo_wheel):

@@ -126,6 +126,7 @@ def test_int8_dense_package_evaluates_close_to_fp32(tmp_path, capsys):
     manifest = json.loads((tmp_path / "pkg" / "moechat.json").read_text())
     assert manifest["fidelity"]["routing_agreement"] is None
     assert manifest["graph"]["quantization"]["router_nodes"] == []
+    assert "block 64" in manifest["graph"]["quantization"]["matmuls"]  # the dense default
     text_file = tmp_path / "t.txt"
     text_file.write_text(TEXT, encoding="utf-8")
     rc, out, err = _run(capsys, "eval", str(tmp_path / "pkg"), str(text_file), "--chunk", "9")

@@ -11,7 +11,12 @@ from onnx import numpy_helper
 
 from moechat.export.fidelity import measure_fidelity
 from moechat.export.onnx_graph import export_decoder
-from moechat.export.quantize import QuantizeOptions, find_routers, quantize_decoder
+from moechat.export.quantize import (
+    QuantizeOptions,
+    default_nbits_block,
+    find_routers,
+    quantize_decoder,
+)
 from moechat.export.smoothing import smooth
 from moechat.models.modeling import random_model
 from moechat.runtime.decoder import Decoder
@@ -136,20 +141,22 @@ def _nbits_blocks(graph_path) -> dict[int, int]:
     return blocks
 
 
-def test_every_matmul_gets_block_64_by_default(int8_package):
+def test_every_matmul_of_a_moe_gets_block_32_by_default(int8_package):
     # per layer: fused q/k/v, o_proj, shared gate/up, shared down; then the lm_head
-    assert _nbits_blocks(int8_package[0] / "model.onnx") == {64: 4 * TINY_MOE.num_hidden_layers + 1}
+    assert _nbits_blocks(int8_package[0] / "model.onnx") == {32: 4 * TINY_MOE.num_hidden_layers + 1}
+    assert default_nbits_block({"use_moe": True}) == 32
+    assert default_nbits_block({"use_moe": False}) == default_nbits_block({}) == 64
 
 
 def test_int8_block_option_sets_every_matmul_block(tmp_path, tiny_checkpoint):
     from moechat.app.cli import main
 
-    out = tmp_path / "block32"
+    out = tmp_path / "block64"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert main(["export", str(tiny_checkpoint), str(out), "--int8", "--int8-block", "32"]) == 0
-    assert _nbits_blocks(out / "model.onnx") == {32: 4 * TINY_MOE.num_hidden_layers + 1}
+        assert main(["export", str(tiny_checkpoint), str(out), "--int8", "--int8-block", "64"]) == 0
+    assert _nbits_blocks(out / "model.onnx") == {64: 4 * TINY_MOE.num_hidden_layers + 1}
     quantization = json.loads((out / "moechat.json").read_text())["graph"]["quantization"]
-    assert "block 32" in quantization["matmuls"]
+    assert "block 64" in quantization["matmuls"]
 
 
 @pytest.mark.parametrize(
