@@ -207,8 +207,10 @@ async def test_model_error_is_shown_and_the_app_keeps_running(db_path):
 
 @pilot_test
 async def test_fast_streams_are_batched_and_the_ui_stays_responsive(db_path):
-    reply = "\n\n".join(" ".join(str(i * 20 + j) for j in range(20)) for i in range(30))
-    engine = FakeEngine(reply, delay=0.001)  # well over 200 tokens/s
+    # 2000 tokens at well over 200 tokens/s: long enough (>= 2 s) that a loaded machine
+    # still sees the stream running when it types
+    reply = "\n\n".join(" ".join(str(i * 20 + j) for j in range(20)) for i in range(100))
+    engine = FakeEngine(reply, delay=0.001)
     app = make_app(db_path, engine)
     chunks = []
     original = ChatApp._chunk
@@ -222,10 +224,10 @@ async def test_fast_streams_are_batched_and_the_ui_stays_responsive(db_path):
         engine.defaults = engine.defaults.replace(max_new_tokens=5000)
         app.params = engine.defaults
         await type_and_send(pilot, "count")
-        await wait_until(pilot, lambda: app.generating and app.last_reply().text)
+        await wait_until(pilot, lambda: app.generating and app.last_reply().text, timeout=20)
         await pilot.press(*"typing while it streams")
         assert app.prompt.text == "typing while it streams"
-        await wait_until(pilot, lambda: not app.generating, timeout=20)
+        await wait_until(pilot, lambda: not app.generating, timeout=60)
         assert app.last_reply().text == reply
         assert len(split_tokens(reply)) / max(len(chunks), 1) > 5  # many tokens per UI update
 
