@@ -184,7 +184,7 @@ def build_demo(
 def _fidelity_line(f: dict) -> str:
     misses = threshold_misses(f)
     return (
-        f"int8 vs fp32 on {f['tokens']} held-out tokens: top-1 agreement "
+        f"int8 vs fp32 on {f['tokens']} English held-out tokens: top-1 agreement "
         f"{f['top1_agreement']:.2%}, mean KL {f['mean_kl']:.3g}, perplexity ratio "
         f"{f['perplexity_ratio']:.4f}, expert routing {f['routing_agreement']:.2%}"
         + (f" (target missed: {'; '.join(misses)})" if misses else "")
