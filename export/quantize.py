@@ -14,7 +14,8 @@ them per block on the fly).
   - ``nbits`` (default): 8-bit ``MatMulNBits``, ``accuracy_level=4`` (int8 compute
     with activations quantised per block; without it the 8-bit kernel is 40-90x
     slower than fp32 at decode on CPU), one block size along K for every matmul
-    (``block``): 64 by default, 32 on request. The kernel costs less per token with
+    (``block``; ``moechat export`` takes :func:`default_nbits_block`: 32 for MoE models,
+    64 for dense ones, unless ``--int8-block`` says). The kernel costs less per token with
     larger blocks and errs more (SmolLM2: the block-64 graph costs 11-17% less per
     decode step than onnxruntime-genai's block-32 graph; block 32, the anchors'
     granularity, has a third less KL; with smoothing both stay below the anchors' KL:
