@@ -11,7 +11,10 @@ matching weight row by ``s_j``, so the fp32 function is unchanged:
   matmuls with constant weights (q/k/v, gate/up, the routers, the MoE op's fc1, the
   lm_head): ``gamma /= s``, every consumer's rows ``*= s``;
 - FFN down projections: ``down(silu(gate x) * (up x))``: up's output columns ``/= s``
-  (the up columns of a fused gate/up weight), down's rows ``*= s``.
+  (the up columns of a fused gate/up weight), down's rows ``*= s``;
+- attention output projections: attention is linear in V, so the v columns of a packed
+  q/k/v weight (GroupQueryAttention) ``/= s`` and o_proj's rows ``*= s``, one ``s`` per
+  kv-head channel (the query heads sharing a kv head share its scales).
 ``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)`` with per-channel maxima of the
 activations measured on calibration text through the fp32 graph.
 """
@@ -26,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from moechat.export.graph_rewrites import attribute
+
 ALPHA = 0.5
 _PASS_THROUGH = ("Reshape",)
 
@@ -36,6 +41,21 @@ class _Group:
     producer: tuple[str, int]  # (initializer, axis) divided by s: gamma (axis 0) or up (axis 1)
     consumers: list[tuple[str, int]] = field(default_factory=list)  # (initializer, axis) * s
     offset: int = 0  # where the producer's channels start along its axis (fused gate/up)
+    heads: tuple[int, int] | None = None  # (query, kv) heads: o_proj rows tied per kv head
+
+    def tie(self, per_channel: np.ndarray) -> np.ndarray:
+        """Consumer-channel maxima -> producer-channel maxima (max over tied heads)."""
+        if self.heads is None:
+            return per_channel
+        q_heads, kv_heads = self.heads
+        return per_channel.reshape(kv_heads, q_heads // kv_heads, -1).max(axis=1).reshape(-1)
+
+    def untie(self, s: np.ndarray) -> np.ndarray:
+        """Producer-channel scales -> consumer-channel scales."""
+        if self.heads is None:
+            return s
+        q_heads, kv_heads = self.heads
+        return np.repeat(s.reshape(kv_heads, 1, -1), q_heads // kv_heads, axis=1).reshape(-1)
 
 
 def _users(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -86,6 +106,11 @@ def find_groups(model: onnx.ModelProto) -> list[_Group]:
     producers = {o: n for n in graph.node for o in n.output}
     groups = []
     for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            group = _attention_output_group(node, users, inits, outputs, producers)
+            if group is not None:
+                groups.append(group)
+            continue
         if node.op_type == "SkipSimplifiedLayerNormalization":  # residual Add + RMSNorm
             gamma = node.input[2]
             consumers = _weight_consumers(node.output[0], users, inits, outputs)
@@ -118,6 +143,35 @@ def find_groups(model: onnx.ModelProto) -> list[_Group]:
                 groups.append(_Group(node.output[0], (up.input[1], 1), consumers, offset))
                 break
     return groups
+
+
+def _attention_output_group(
+    node: onnx.NodeProto, users: dict, inits: dict, outputs: set[str], producers: dict
+) -> _Group | None:
+    """v columns of a packed q/k/v weight -> o_proj rows, for a GQA fed packed q/k/v."""
+    if len(node.input) < 3 or node.input[1] or node.input[2]:
+        return None
+    qkv = producers.get(node.input[0])
+    if (
+        qkv is None
+        or qkv.op_type != "MatMul"
+        or qkv.input[1] not in inits
+        or len(users.get(qkv.output[0], [])) != 1
+        or len(users.get(qkv.input[1], [])) != 1
+    ):
+        return None
+    q_heads, kv_heads = attribute(node, "num_heads", 0), attribute(node, "kv_num_heads", 0)
+    width = inits[qkv.input[1]].dims[1]
+    if not q_heads or not kv_heads or q_heads % kv_heads or width % (q_heads + 2 * kv_heads):
+        return None
+    head_dim = width // (q_heads + 2 * kv_heads)
+    consumers = _weight_consumers(node.output[0], users, inits, outputs)
+    if not consumers or any(
+        axis != 0 or inits[w].dims[0] != q_heads * head_dim for w, axis in consumers
+    ):
+        return None
+    offset = (q_heads + kv_heads) * head_dim
+    return _Group(node.output[0], (qkv.input[1], 1), consumers, offset, (q_heads, kv_heads))
 
 
 def _projection_columns(tensor: str, producers: dict, inits: dict) -> tuple:
@@ -208,16 +262,16 @@ def smooth(
         return arrays[name]
 
     for g in groups:
-        x_max = maxima[g.activation]
-        w_max = np.zeros_like(x_max)
+        w_max = np.zeros_like(maxima[g.activation])
         for name, axis in g.consumers:
             w = np.abs(get(name))
             other = tuple(a for a in range(w.ndim) if a != axis)
             w_max = np.maximum(w_max, w.max(axis=other))
+        x_max, w_max = g.tie(maxima[g.activation]), g.tie(w_max)
         s = np.power(np.maximum(x_max, 1e-8), alpha) / np.power(np.maximum(w_max, 1e-8), 1 - alpha)
         s = np.where((x_max > 0) & (w_max > 0), s, 1.0)
         s = np.clip(s, 1e-4, 1e4).astype(np.float32)
-        applied[g.activation] = s
+        applied[g.activation] = g.untie(s)
         name, axis = g.producer
         divisor = np.ones(get(name).shape[axis], np.float32)
         divisor[g.offset : g.offset + len(s)] = s
@@ -227,7 +281,7 @@ def smooth(
         for name, axis in g.consumers:
             shape = [1] * get(name).ndim
             shape[axis] = -1
-            arrays[name] = get(name) * s.reshape(shape)
+            arrays[name] = get(name) * applied[g.activation].reshape(shape)
     for name, value in arrays.items():
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
     return applied

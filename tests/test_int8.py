@@ -211,8 +211,16 @@ def test_smoothing_leaves_the_fp32_function_unchanged(tmp_path):
     before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
     gemm_to_matmul(model)
     scales = smooth(model, tmp_path / "m.onnx", _ids(cfg, 64, seed=5))
-    # input norm + post-attention norm per layer, shared-expert down, final norm
-    assert len(scales) == 3 * cfg.num_hidden_layers + 1
+    # per layer: input norm, attention output (v -> o_proj), post-attention norm,
+    # shared-expert down; and the final norm
+    assert len(scales) == 4 * cfg.num_hidden_layers + 1
+    attention = [n.output[0] for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == cfg.num_hidden_layers and all(a in scales for a in attention)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for a in attention:  # query heads that share a kv head share its scales
+        per_head = scales[a].reshape(cfg.num_key_value_heads, group, cfg.head_dim)
+        assert np.array_equal(per_head, np.repeat(per_head[:, :1], group, axis=1))
+        assert not np.allclose(per_head[0], per_head[1])
     assert any(not np.allclose(s, 1.0) for s in scales.values())
     changed = [
         t.name for t in model.graph.initializer
