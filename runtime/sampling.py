@@ -185,6 +185,10 @@ class Sampler:
             logits = logits.copy()  # the caller's logits stay as they were
             sel = logits[ids]
             logits[ids] = np.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
+        if p.greedy:  # one pass over the vocabulary in the common case (argmax sees NaN as max)
+            best = int(np.argmax(logits))
+            if np.isfinite(logits[best]):
+                return best
         top = logits.max()
         has_nan = bool(np.isnan(top))
         if has_nan:

@@ -273,8 +273,9 @@ def test_masked_and_bad_logits() -> None:
     nan[3] = np.nan
     assert set(_draws(SamplingParams(temperature=1.0, seed=0), nan, 200).tolist()) == {7, 42}
     assert Sampler(SamplingParams(temperature=0)).sample(nan, []) in (7, 42)
-    with pytest.raises(ValueError):
-        Sampler(SamplingParams()).sample(np.full(5, -np.inf), [])
+    for params in (SamplingParams(), SamplingParams(temperature=0)):
+        with pytest.raises(ValueError):
+            Sampler(params).sample(np.full(5, -np.inf), [])
     with pytest.raises(ValueError):
         Sampler(SamplingParams()).sample(np.zeros((2, 3)), [])
 
