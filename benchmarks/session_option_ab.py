@@ -6,9 +6,11 @@ defaults; results in docs/benchmarks.md). Not a test.
         [--rounds 16] [--threads 2]
 
 Each variant loads the package once with the runtime's own session options plus its
-entries (``MOECHAT_DYNAMIC_BLOCK_BASE=0`` in the environment makes the baseline the
-onnxruntime default). Per round and variant: a 256-token prompt, then 127 greedy
-decode steps through ``Decoder.forward``.
+entries. Per round and variant: a 256-token prompt, then 127 greedy decode steps
+through ``Decoder.forward``; each round starts with the next variant. Loading order
+matters on its own (the first session loaded decoded 3-8% slower than an identical
+later one): ``--control`` adds a second, identical baseline session, the fair
+reference for every variant.
 """
 
 from __future__ import annotations
@@ -61,8 +63,11 @@ def main() -> None:
     parser.add_argument("entries", nargs="+", help="KEY=VALUE session config entries")
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--control", action="store_true", help="a second baseline session")
     args = parser.parse_args()
-    variants = {"runtime default": {}}
+    variants: dict[str, dict[str, str]] = {"runtime default": {}}
+    if args.control:
+        variants["runtime default, loaded again"] = {}
     for entry in args.entries:
         key, value = entry.split("=", 1)
         variants[entry] = {key: value}
@@ -71,9 +76,10 @@ def main() -> None:
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     for model in models.values():
         _round(model, ids)  # warm-up
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            results[name].append(_round(model, ids))
+    names = list(models)
+    for r in range(args.rounds):  # each round starts with the next variant: no order bias
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            results[name].append(_round(models[name], ids))
     baseline = [d for _, d in results["runtime default"]]
     for name, rounds in results.items():
         decode = [d for _, d in rounds]

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from moechat.runtime.errors import MoechatError
-from moechat.runtime.providers import DYNAMIC_BLOCK_BASE, dynamic_block_base
 
 MEMORY_ALLOWANCE_BYTES = 150 * 1024 * 1024  # interpreter, onnxruntime, tokenizer, arenas
 CHAT_TTFT_RATIO_TARGET = 1.5
@@ -394,9 +393,6 @@ def run_bench(path: str | Path, options: BenchOptions, compare=None) -> dict[str
         "device": options.device,
         "threads": threads,
         "spinning": os.environ.get("MOECHAT_SPIN") != "0",
-        "dynamic_block_base": dynamic_block_base()
-        if model.provider == "CPUExecutionProvider"
-        else None,
         "max_context": model.max_context,
         "prompt_tokens": len(ids),
         "new_tokens": options.new_tokens,
@@ -457,8 +453,7 @@ def format_report(result: dict[str, Any]) -> str:
     load = " ".join(str(x) for x in m["load_avg"]) if m.get("load_avg") else "?"
     lines = [
         f"moechat bench: {result['model']} ({graph}) on {result['provider']}, "
-        f"{result['threads']} threads{'' if result.get('spinning', True) else ' (MOECHAT_SPIN=0)'}"
-        f"{_block_base_note(result.get('dynamic_block_base'))}, "
+        f"{result['threads']} threads{'' if result.get('spinning', True) else ' (MOECHAT_SPIN=0)'}, "
         f"context {result['max_context']}",
         f"machine: {m['cpu']}, {m['cpus']} CPUs, load {load}; onnxruntime {m['onnxruntime']}",
         f"prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, "
@@ -495,9 +490,3 @@ def public_result(result: dict[str, Any]) -> dict[str, Any]:
     if out["compare"] is None:
         del out["compare"]
     return out
-
-
-def _block_base_note(base: int | None) -> str:
-    if base is None or base == DYNAMIC_BLOCK_BASE:
-        return ""
-    return f" (MOECHAT_DYNAMIC_BLOCK_BASE={base})"

@@ -48,23 +48,6 @@ def resolve_device(device: str, available: list[str] | None = None) -> str:
     return provider
 
 
-# onnxruntime's "session.dynamic_block_base": the intra-op thread pool hands out work in
-# shrinking blocks instead of one equal share per thread, so a thread slowed by another
-# process does not hold up the step. Decode on 2 shared cores: SmolLM2 int8 +2 to +10%
-# (more under load), demo MoE +2%, prefill unchanged (docs/benchmarks.md).
-DYNAMIC_BLOCK_BASE = 4
-
-
-def dynamic_block_base() -> int:
-    """The CPU thread pool's dynamic block base: ``MOECHAT_DYNAMIC_BLOCK_BASE`` (0: off)."""
-    value = os.environ.get("MOECHAT_DYNAMIC_BLOCK_BASE", str(DYNAMIC_BLOCK_BASE)).strip()
-    if not value.isdigit():
-        raise MoechatError(
-            f"MOECHAT_DYNAMIC_BLOCK_BASE must be a whole number (0 turns it off), not {value!r}"
-        )
-    return int(value)
-
-
 def session_options(provider: str, threads: int | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -82,8 +65,6 @@ def session_options(provider: str, threads: int | None = None) -> ort.SessionOpt
         # Idle worker threads block instead of spinning: much faster on a CPU shared
         # with other busy processes (see docs/benchmarks.md, "moechat bench").
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if provider == "CPUExecutionProvider" and dynamic_block_base():
-        opts.add_session_config_entry("session.dynamic_block_base", str(dynamic_block_base()))
     return opts
 
 
@@ -93,9 +74,10 @@ def create_session(
     providers = (
         [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     )
-    options = session_options(provider, threads)
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(
+            str(model_path), sess_options=session_options(provider, threads), providers=providers
+        )
     except Exception as err:  # onnxruntime raises several unrelated exception types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MoechatError(f"cannot load {model_path.name} with {provider}: {first}") from None

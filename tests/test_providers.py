@@ -154,19 +154,3 @@ def test_spinning_can_be_turned_off(monkeypatch):
         session_options(CPU).get_session_config_entry(key)
     monkeypatch.setenv("MOECHAT_SPIN", "0")
     assert session_options(CPU).get_session_config_entry(key) == "0"
-
-
-def test_dynamic_block_base_is_on_for_cpu_and_can_be_changed(monkeypatch):
-    key = "session.dynamic_block_base"
-    monkeypatch.delenv("MOECHAT_DYNAMIC_BLOCK_BASE", raising=False)
-    assert session_options(CPU).get_session_config_entry(key) == "4"
-    with pytest.raises(RuntimeError):  # other providers keep onnxruntime's default
-        session_options(DML).get_session_config_entry(key)
-    monkeypatch.setenv("MOECHAT_DYNAMIC_BLOCK_BASE", "2")
-    assert session_options(CPU).get_session_config_entry(key) == "2"
-    monkeypatch.setenv("MOECHAT_DYNAMIC_BLOCK_BASE", "0")
-    with pytest.raises(RuntimeError):
-        session_options(CPU).get_session_config_entry(key)
-    monkeypatch.setenv("MOECHAT_DYNAMIC_BLOCK_BASE", "fast")
-    with pytest.raises(MoechatError, match="MOECHAT_DYNAMIC_BLOCK_BASE must be a whole number"):
-        session_options(CPU)
