@@ -1,6 +1,6 @@
 """Decode and prefill speed of one package with and without onnxruntime session config
-entries, in one process, alternating rounds (the A/B behind moechat's CPU session
-defaults; results in docs/benchmarks.md). Not a test.
+entries, in one process, alternating rounds (results in docs/benchmarks.md, "Thread-pool
+options, and a bias in one-process A/B runs"). Not a test.
 
     python benchmarks/session_option_ab.py PACKAGE session.dynamic_block_base=4 [...] \\
         [--rounds 16] [--threads 2]
@@ -8,7 +8,7 @@ defaults; results in docs/benchmarks.md). Not a test.
 Each variant loads the package once with the runtime's own session options plus its
 entries. Per round and variant: a 256-token prompt, then 127 greedy decode steps
 through ``Decoder.forward``; each round starts with the next variant. Loading order
-matters on its own (the first session loaded decoded 3-8% slower than an identical
+matters on its own (the first session loaded decoded 3-11% slower than an identical
 later one): ``--control`` adds a second, identical baseline session, the fair
 reference for every variant.
 """
