@@ -409,6 +409,7 @@ def run_bench(path: str | Path, options: BenchOptions, compare=None) -> dict[str
             **mem,
             "package_bytes": pkg,
             "kv_cache_bytes": kv,
+            "huge_page_bytes": model.huge_page_bytes,
             "allowance_bytes": MEMORY_ALLOWANCE_BYTES,
             "budget_bytes": budget,
             "ok": mem["peak_rss_bytes"] <= budget,
@@ -467,6 +468,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"| peak RSS | {_mb(mem['peak_rss_bytes'])} (target <= {_mb(mem['budget_bytes'])} = "
         f"package {_mb(mem['package_bytes'])} + KV {_mb(mem['kv_cache_bytes'])} + "
         f"{mem['allowance_bytes'] // 2**20} MiB): {'ok' if mem['ok'] else 'OVER'} |",
+        f"| weights on huge pages | {_mb(mem.get('huge_page_bytes'))} |",
     ]
     if "skipped" in chat:
         lines.append(f"| chat TTFT ratio | skipped: {chat['skipped']} |")

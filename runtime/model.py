@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moechat.runtime import hugepages
 from moechat.runtime.chat_template import ChatMLTemplate
 from moechat.runtime.decoder import Decoder
 from moechat.runtime.errors import MoechatError
@@ -25,6 +26,7 @@ class LoadedModel:
     template: ChatMLTemplate
     defaults: SamplingParams
     eos_token_ids: frozenset[int]
+    huge_page_bytes: int = 0  # weights moved onto transparent huge pages (runtime/hugepages.py)
 
     @property
     def name(self) -> str:
@@ -62,7 +64,10 @@ def load_model(
     graph = package.graph
     arch = package.architecture
     variant = _graph_variant(package, provider)
+    on_huge_pages = provider == "CPUExecutionProvider" and hugepages.enabled()
+    before = hugepages.writable_private_regions() if on_huge_pages else set()
     session = create_session(package.graph_path(variant), provider, threads)
+    huge_page_bytes = hugepages.collapse_new_memory(before) if on_huge_pages else 0
     attention = (
         graph.get("variant_attention", {}).get(variant, graph["attention"])
         if variant
@@ -100,4 +105,5 @@ def load_model(
         template=template,
         defaults=defaults,
         eos_token_ids=frozenset(tok_meta.get("eos_token_ids", [])),
+        huge_page_bytes=huge_page_bytes,
     )

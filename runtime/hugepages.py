@@ -1,0 +1,92 @@
+"""Move the memory a new onnxruntime session allocated onto transparent huge pages.
+
+Decoding reads every weight once per token, well over the CPU caches' size, so each
+step walks tens of thousands of 4 KiB pages; on 2 MiB pages the TLB misses all but
+disappear (SmolLM2 int8 decodes about 5% faster, docs/benchmarks.md). onnxruntime
+allocates its prepacked weights with plain malloc, and Linux's usual THP mode
+(``madvise``) gives huge pages only to memory that asks for them, so after a session
+is created we ask for the regions it added: ``MADV_HUGEPAGE`` marks them,
+``MADV_COLLAPSE`` (Linux 6.1+) moves their pages now rather than whenever khugepaged
+gets there. Only 2 MiB-aligned stretches that already hold data are collapsed, so
+reserved but untouched memory is not committed. Best effort by design: the kernel may
+refuse (old kernel, THP off, no free huge pages) and the session then simply runs on
+small pages; :func:`collapse_new_memory` returns how much it moved, which ``moechat
+bench`` reports. ``MOECHAT_HUGEPAGES=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from collections.abc import Iterator
+
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_MADV_COLLAPSE = 25
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+Region = tuple[int, int]
+
+
+def enabled() -> bool:
+    """Linux with THP not switched off, and not disabled by ``MOECHAT_HUGEPAGES=0``."""
+    if not sys.platform.startswith("linux") or os.environ.get("MOECHAT_HUGEPAGES") == "0":
+        return False
+    try:
+        with open(_THP_MODE) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+def writable_private_regions() -> set[Region]:
+    """Address ranges of this process's anonymous read-write mappings (and the heap)."""
+    regions = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            path = fields[5] if len(fields) > 5 else ""
+            if fields[1].startswith("rw") and path in ("", "[heap]"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                regions.add((start, end))
+    return regions
+
+
+def _resident_huge_page_spans(regions: set[Region]) -> Iterator[int]:
+    """Start addresses of aligned 2 MiB spans inside ``regions`` with at least one
+    resident page (``mincore``), so collapsing never commits untouched reservations."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    vec = (ctypes.c_ubyte * (HUGE_PAGE // page))()
+    for start, end in sorted(regions):
+        addr = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+        while addr + HUGE_PAGE <= end:
+            if _libc().mincore(addr, HUGE_PAGE, vec) == 0 and any(vec):
+                yield addr
+            addr += HUGE_PAGE
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _LIBC = libc
+    return _LIBC
+
+
+def collapse_new_memory(before: set[Region]) -> int:
+    """Collapse the memory mapped since ``before`` (a :func:`writable_private_regions`
+    snapshot) onto huge pages; return the bytes now on huge pages (0 when refused)."""
+    libc = _libc()
+    moved = 0
+    for addr in _resident_huge_page_spans(writable_private_regions() - before):
+        libc.madvise(addr, HUGE_PAGE, _MADV_HUGEPAGE)
+        if libc.madvise(addr, HUGE_PAGE, _MADV_COLLAPSE) == 0:
+            moved += HUGE_PAGE
+    return moved
