@@ -281,7 +281,7 @@ def _convert_and_export(ckpt, outdir, work, progress, int8, force) -> dict:
     fidelity_text.write_text(english_heldout() + "\n\n" + "\n\n".join(text.held_out), "utf-8")
     export_options = ExportOptions(
         name=DEMO_NAME, force=True, max_context=CONTEXT, int8=int8, quick_parity=True,
-        heldout=fidelity_text, extra_manifest={"demo": demo},
+        heldout=fidelity_text if int8 else None, extra_manifest={"demo": demo},
     )  # fmt: skip
     manifest = export_package(export_ckpt, outdir, export_options, tokenizer_dir, progress)
     return manifest

@@ -7,8 +7,8 @@ allocates its prepacked weights with plain malloc, and Linux's usual THP mode
 (``madvise``) gives huge pages only to memory that asks for them, so after a session
 is created we ask for the regions it added: ``MADV_HUGEPAGE`` marks them,
 ``MADV_COLLAPSE`` (Linux 6.1+) moves their pages now rather than whenever khugepaged
-gets there. Only 2 MiB-aligned stretches that already hold data are collapsed, so
-reserved but untouched memory is not committed. Best effort by design: the kernel may
+gets there. Only 2 MiB-aligned stretches whose pages all hold data are collapsed, so
+nothing reserved but untouched gets committed and resident memory does not grow. Best effort by design: the kernel may
 refuse (old kernel, THP off, no free huge pages) and the session then simply runs on
 small pages; :func:`collapse_new_memory` returns how much it moved, which ``moechat
 bench`` reports. ``MOECHAT_HUGEPAGES=0`` turns it off.
@@ -20,7 +20,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
@@ -28,6 +29,7 @@ _MADV_COLLAPSE = 25
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 Region = tuple[int, int]
+T = TypeVar("T")
 
 
 def enabled() -> bool:
@@ -41,28 +43,44 @@ def enabled() -> bool:
         return False
 
 
-def writable_private_regions() -> set[Region]:
+def writable_private_regions() -> list[Region]:
     """Address ranges of this process's anonymous read-write mappings (and the heap)."""
-    regions = set()
+    regions = []
     with open("/proc/self/maps") as f:
         for line in f:
             fields = line.split()
             path = fields[5] if len(fields) > 5 else ""
             if fields[1].startswith("rw") and path in ("", "[heap]"):
                 start, end = (int(x, 16) for x in fields[0].split("-"))
-                regions.add((start, end))
-    return regions
+                regions.append((start, end))
+    return sorted(regions)
 
 
-def _resident_huge_page_spans(regions: set[Region]) -> Iterator[int]:
-    """Start addresses of aligned 2 MiB spans inside ``regions`` with at least one
-    resident page (``mincore``), so collapsing never commits untouched reservations."""
+def _added(before: list[Region], after: list[Region]) -> Iterator[Region]:
+    """The parts of ``after`` not covered by ``before`` (both sorted): a mapping that grew
+    or merged with a new neighbour contributes only its new part."""
+    for start, end in after:
+        for old_start, old_end in before:
+            if old_end <= start or old_start >= end:
+                continue
+            if old_start > start:
+                yield start, old_start
+            start = max(start, old_end)
+            if start >= end:
+                break
+        if start < end:
+            yield start, end
+
+
+def _resident_huge_page_spans(regions: Iterator[Region]) -> Iterator[int]:
+    """Start addresses of aligned 2 MiB spans inside ``regions`` whose pages are all
+    resident (``mincore``): collapsing them moves data without committing anything new."""
     page = os.sysconf("SC_PAGE_SIZE")
     vec = (ctypes.c_ubyte * (HUGE_PAGE // page))()
-    for start, end in sorted(regions):
+    for start, end in regions:
         addr = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
         while addr + HUGE_PAGE <= end:
-            if _libc().mincore(addr, HUGE_PAGE, vec) == 0 and any(vec):
+            if _libc().mincore(addr, HUGE_PAGE, vec) == 0 and all(v & 1 for v in vec):
                 yield addr
             addr += HUGE_PAGE
 
@@ -80,13 +98,30 @@ def _libc() -> ctypes.CDLL:
     return _LIBC
 
 
-def collapse_new_memory(before: set[Region]) -> int:
+def collapse_new_memory(before: list[Region]) -> int:
     """Collapse the memory mapped since ``before`` (a :func:`writable_private_regions`
     snapshot) onto huge pages; return the bytes now on huge pages (0 when refused)."""
     libc = _libc()
     moved = 0
-    for addr in _resident_huge_page_spans(writable_private_regions() - before):
+    for addr in _resident_huge_page_spans(_added(before, writable_private_regions())):
         libc.madvise(addr, HUGE_PAGE, _MADV_HUGEPAGE)
         if libc.madvise(addr, HUGE_PAGE, _MADV_COLLAPSE) == 0:
             moved += HUGE_PAGE
     return moved
+
+
+def create_on_huge_pages(create: Callable[[], T]) -> tuple[T, int]:
+    """``create()``, then the memory it mapped moved onto huge pages where
+    :func:`enabled`; returns (its result, bytes moved). A process whose /proc cannot be
+    read just keeps its small pages."""
+    if not enabled():
+        return create(), 0
+    try:
+        before = writable_private_regions()
+    except OSError:
+        return create(), 0
+    result = create()
+    try:
+        return result, collapse_new_memory(before)
+    except OSError:
+        return result, 0

@@ -64,10 +64,13 @@ def load_model(
     graph = package.graph
     arch = package.architecture
     variant = _graph_variant(package, provider)
-    on_huge_pages = provider == "CPUExecutionProvider" and hugepages.enabled()
-    before = hugepages.writable_private_regions() if on_huge_pages else set()
-    session = create_session(package.graph_path(variant), provider, threads)
-    huge_page_bytes = hugepages.collapse_new_memory(before) if on_huge_pages else 0
+    graph_path = package.graph_path(variant)
+    if provider == "CPUExecutionProvider":  # weights in host memory: see runtime/hugepages.py
+        session, huge_page_bytes = hugepages.create_on_huge_pages(
+            lambda: create_session(graph_path, provider, threads)
+        )
+    else:
+        session, huge_page_bytes = create_session(graph_path, provider, threads), 0
     attention = (
         graph.get("variant_attention", {}).get(variant, graph["attention"])
         if variant

@@ -30,6 +30,13 @@ def _anon_huge_kib(start: int, end: int) -> int:
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("MOECHAT_HUGEPAGES", "0")
     assert not hugepages.enabled()
+    assert hugepages.create_on_huge_pages(lambda: "session") == ("session", 0)
+
+
+def test_only_the_added_address_ranges_count():
+    before = [(0, 10), (20, 30)]
+    after = [(0, 15), (18, 35), (40, 50)]  # grown, merged with a neighbour, new
+    assert list(hugepages._added(before, after)) == [(10, 15), (18, 20), (30, 35), (40, 50)]
 
 
 @linux_only
