@@ -198,7 +198,7 @@ def measure_fidelity(
         text=text_name,
         tokens=scored,
         top1_agreement=agree / scored,
-        mean_kl=kl / scored,
+        mean_kl=max(kl / scored, 0.0),  # >= 0 in exact arithmetic; rounding gave -9e-170
         perplexity_fp32=ppl_ref,
         perplexity_int8=ppl_q,
         perplexity_ratio=ppl_q / ppl_ref,
