@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sys
 
 import numpy as np
@@ -45,8 +46,13 @@ def test_touched_memory_is_collapsed_and_reservations_are_not(monkeypatch):
     if not hugepages.enabled():
         pytest.skip("transparent huge pages are off on this kernel")
     before = hugepages.writable_private_regions()
-    touched = np.ones(16 << 20, dtype=np.uint8)  # 16 MiB, every page written
-    reserved = np.empty(64 << 20, dtype=np.uint8)  # 64 MiB, never written
+    # Fresh anonymous mappings (malloc could reuse memory mapped before the snapshot).
+    private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    touched_map = mmap.mmap(-1, 16 << 20, flags=private)
+    reserved_map = mmap.mmap(-1, 64 << 20, flags=private)
+    touched = np.frombuffer(touched_map, dtype=np.uint8)
+    reserved = np.frombuffer(reserved_map, dtype=np.uint8)
+    touched[:] = 1  # every page written; ``reserved`` is never written
     moved = hugepages.collapse_new_memory(before)
     if moved == 0:
         pytest.skip("this kernel refused MADV_COLLAPSE (needs Linux 6.1+)")
@@ -56,7 +62,10 @@ def test_touched_memory_is_collapsed_and_reservations_are_not(monkeypatch):
     assert moved <= touched.nbytes + (8 << 20)
     raddr = reserved.ctypes.data
     assert _anon_huge_kib(raddr, raddr + reserved.nbytes) == 0
-    assert touched.sum() == touched.nbytes  # the data survived the move
+    assert int(touched.sum()) == touched.nbytes  # the data survived the move
+    del touched, reserved
+    touched_map.close()
+    reserved_map.close()
 
 
 @linux_only
