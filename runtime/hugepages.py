@@ -8,10 +8,11 @@ allocates its prepacked weights with plain malloc, and Linux's usual THP mode
 is created we ask for the regions it added: ``MADV_HUGEPAGE`` marks them,
 ``MADV_COLLAPSE`` (Linux 6.1+) moves their pages now rather than whenever khugepaged
 gets there. Only 2 MiB-aligned stretches whose pages all hold data are collapsed, so
-nothing reserved but untouched gets committed and resident memory does not grow. Best effort by design: the kernel may
-refuse (old kernel, THP off, no free huge pages) and the session then simply runs on
-small pages; :func:`collapse_new_memory` returns how much it moved, which ``moechat
-bench`` reports. ``MOECHAT_HUGEPAGES=0`` turns it off.
+nothing reserved but untouched gets committed and resident memory does not grow.
+Best effort by design: the kernel may refuse (old kernel, THP off, no free huge
+pages) and the session then simply runs on small pages; :func:`collapse_new_memory`
+returns how much it moved, which ``moechat bench`` reports. ``MOECHAT_HUGEPAGES=0``
+turns it off.
 """
 
 from __future__ import annotations
