@@ -159,3 +159,25 @@ def test_static_cpu_cache_grows_in_place_and_matches_the_plain_cache(tmp_path):
     assert capacities == [4, 4, 8, 8, 8, 8, 16, 16, 32, 50, 50, 50]
     with pytest.raises(Exception, match="context full"):
         grown.forward([1])
+
+
+def test_decode_steps_return_logits_that_the_next_step_does_not_overwrite(tmp_path):
+    """Decode steps write their logits into one reused output buffer; what they return is
+    a copy, so earlier results survive later steps and prefills, and match the plain cache."""
+    cfg = TINY_MOE
+    model = random_model(cfg, seed=5, max_positions=64)
+    path = tmp_path / "model.onnx"
+    export_decoder(model, path, "contrib", "gqa")
+    session = create_session(path, "CPUExecutionProvider")
+    dims = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    plain = Decoder(session, *dims, 40, static_cache=False)
+    fast = Decoder(session, *dims, 40, static_cache=True)
+    assert fast._last_logits is not None  # the reused logits buffer is in use
+    kept = []
+    for ids in ([3, 1, 4], [1], [5], [9, 2], [6], [5], [3]):
+        want, got = plain.forward(ids), fast.forward(ids)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert got.dtype == np.float32
+        kept.append((got, got.copy()))
+    for got, snapshot in kept:
+        np.testing.assert_array_equal(got, snapshot)
