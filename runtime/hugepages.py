@@ -76,12 +76,12 @@ def _added(before: list[Region], after: list[Region]) -> Iterator[Region]:
 def _resident_huge_page_spans(regions: Iterator[Region]) -> Iterator[int]:
     """Start addresses of aligned 2 MiB spans inside ``regions`` whose pages are all
     resident (``mincore``): collapsing them moves data without committing anything new."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    vec = (ctypes.c_ubyte * (HUGE_PAGE // page))()
+    mincore = _libc().mincore
+    vec = (ctypes.c_ubyte * (HUGE_PAGE // os.sysconf("SC_PAGE_SIZE")))()
     for start, end in regions:
         addr = (start + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
         while addr + HUGE_PAGE <= end:
-            if _libc().mincore(addr, HUGE_PAGE, vec) == 0 and all(v & 1 for v in vec):
+            if mincore(addr, HUGE_PAGE, vec) == 0 and all(v & 1 for v in vec):
                 yield addr
             addr += HUGE_PAGE
 

@@ -128,16 +128,22 @@ def test_fusions_in_the_exported_graph_and_routers_left_alone(tmp_path):
     assert ops_.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
 
 
-def test_static_cpu_cache_grows_in_place_and_matches_the_plain_cache(tmp_path):
-    """The CPU buffers start small and double (re-laid out in place) up to max_context."""
-    cfg = TINY_MOE.with_changes(num_key_value_heads=4)  # heads that move past each other
-    model = random_model(cfg, seed=4, max_positions=256)
+def _plain_and_static_decoders(tmp_path, cfg, seed, max_context, **static_options):
+    """One exported GQA graph behind a growing-array decoder and a static-cache one."""
+    model = random_model(cfg, seed=seed, max_positions=256)
     path = tmp_path / "model.onnx"
     export_decoder(model, path, "contrib", "gqa")
     session = create_session(path, "CPUExecutionProvider")
     dims = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    plain = Decoder(session, *dims, 50, static_cache=False)
-    grown = Decoder(session, *dims, 50, static_cache=True, initial_capacity=4)
+    plain = Decoder(session, *dims, max_context, static_cache=False)
+    static = Decoder(session, *dims, max_context, static_cache=True, **static_options)
+    return plain, static
+
+
+def test_static_cpu_cache_grows_in_place_and_matches_the_plain_cache(tmp_path):
+    """The CPU buffers start small and double (re-laid out in place) up to max_context."""
+    cfg = TINY_MOE.with_changes(num_key_value_heads=4)  # heads that move past each other
+    plain, grown = _plain_and_static_decoders(tmp_path, cfg, 4, 50, initial_capacity=4)
     assert grown.capacity == 4
     rng = np.random.default_rng(0)
     capacities = []
@@ -164,14 +170,7 @@ def test_static_cpu_cache_grows_in_place_and_matches_the_plain_cache(tmp_path):
 def test_decode_steps_return_logits_that_the_next_step_does_not_overwrite(tmp_path):
     """Decode steps write their logits into one reused output buffer; what they return is
     a copy, so earlier results survive later steps and prefills, and match the plain cache."""
-    cfg = TINY_MOE
-    model = random_model(cfg, seed=5, max_positions=64)
-    path = tmp_path / "model.onnx"
-    export_decoder(model, path, "contrib", "gqa")
-    session = create_session(path, "CPUExecutionProvider")
-    dims = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
-    plain = Decoder(session, *dims, 40, static_cache=False)
-    fast = Decoder(session, *dims, 40, static_cache=True)
+    plain, fast = _plain_and_static_decoders(tmp_path, TINY_MOE, 5, 40)
     assert fast._last_logits is not None  # the reused logits buffer is in use
     kept = []
     for ids in ([3, 1, 4], [1], [5], [9, 2], [6], [5], [3]):
