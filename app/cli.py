@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8-block", type=int, choices=[16, 32, 64, 128],
                    help="MatMulNBits block along the reduction axis (default: 32 for MoE models, "
                    "whose routing amplifies the error; 64 for dense models, the fastest decode)")  # fmt: skip
+    g.add_argument("--int8-residual-pass", action="store_true",
+                   help="a second int8 pass over each matmul's activation rounding error: "
+                   "answers closer to fp32 for about a third less decode speed (the demo uses it)")  # fmt: skip
     g.add_argument("--heldout", metavar="TEXTFILE",
                    help="held-out text for the fidelity report (default: the shipped one)")  # fmt: skip
     p.set_defaults(func=cmd_export)

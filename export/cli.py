@@ -32,6 +32,7 @@ def run_export(args: argparse.Namespace) -> int:
         name=args.name, force=args.force, int8=getattr(args, "int8", False),
         int8_matmuls=getattr(args, "int8_matmuls", None),
         int8_block=getattr(args, "int8_block", None),
+        int8_residual_pass=getattr(args, "int8_residual_pass", False),
         heldout=Path(heldout) if heldout else None,
         variants=tuple(getattr(args, "variant", ())), fp16=getattr(args, "fp16", False),
     )  # fmt: skip

@@ -45,6 +45,7 @@ class ExportOptions:
     int8: bool = False
     int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
     int8_block: int | None = None  # MatMulNBits block (default: default_nbits_block)
+    int8_residual_pass: bool = False  # export.residual_pass (slower, more accurate)
     heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
     variants: tuple[str, ...] = ()  # extra per-provider graphs: "dml"
     fp16: bool = False  # float16 graph and KV cache (for CUDA)
@@ -75,6 +76,10 @@ def validate_options(options: ExportOptions) -> None:
             raise MoechatError(
                 "--int8-block sets MatMulNBits blocks: not with --int8-matmuls dynamic"
             )
+        if options.int8_residual_pass and options.int8_matmuls == "dynamic":
+            raise MoechatError(
+                "--int8-residual-pass is a second MatMulNBits pass: not with --int8-matmuls dynamic"
+            )
         if options.moe_impl == "contrib":
             raise MoechatError(
                 "--moe-impl contrib is the fp32 MoE op; with --int8 use qmoe (int8 MoE op) or ops"
@@ -86,6 +91,7 @@ def validate_options(options: ExportOptions) -> None:
             ("--heldout", options.heldout),
             ("--int8-matmuls", options.int8_matmuls),
             ("--int8-block", options.int8_block),
+            ("--int8-residual-pass", options.int8_residual_pass or None),
         )
         for flag, value in int8_only:
             if value is not None:
@@ -266,6 +272,7 @@ def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None
         moe=options.moe_impl,
         dense=options.int8_matmuls or "nbits",
         block=options.int8_block or default_nbits_block(manifest["architecture"]),
+        residual_pass=options.int8_residual_pass,
     )
     result = quantize_package_graph(
         work, manifest["architecture"], tokenizer, quantize, options.heldout, max_context, progress

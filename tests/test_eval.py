@@ -106,6 +106,11 @@ def test_export_rejects_fp32_only_and_int8_only_combinations(tmp_path, capsys, t
         (["--int8-matmuls", "dynamic"], "--int8-matmuls only applies to --int8"),
         (["--int8-block", "32"], "--int8-block only applies to --int8"),
         (["--int8", "--int8-matmuls", "dynamic", "--int8-block", "32"], "not with --int8-matmuls"),
+        (["--int8-residual-pass"], "--int8-residual-pass only applies to --int8"),
+        (
+            ["--int8", "--int8-matmuls", "dynamic", "--int8-residual-pass"],
+            "not with --int8-matmuls",
+        ),
         (["--int8", "--heldout", str(tmp_path / "nope.txt")], "text file not found"),
     ]
     for extra, message in cases:
