@@ -33,6 +33,11 @@ VARIANTS = {
     # MatMulNBits block 32: what `moechat export --int8` uses for MoE models (the variant
     # above has QuantizeOptions' default, 64, the dense-model default)
     "int8-qmoe-nbits32": ("contrib", ("qmoe", "nbits", {}, {"block": 32})),
+    # the same with --int8-residual-pass (what the demo uses)
+    "int8-qmoe-nbits32-residual": (
+        "contrib",
+        ("qmoe", "nbits", {}, {"block": 32, "residual_pass": True}),
+    ),
     "int8-qmoe64-nbits": ("contrib", ("qmoe", "nbits", {"QMOE_BLOCK_SIZES": (64,)})),
     "int8-ops-dynamic": ("ops", ("ops", "dynamic")),
     "int8-ops-nbits": ("ops", ("ops", "nbits")),
