@@ -4,9 +4,8 @@ onnxruntime's 8-bit ``MatMulNBits`` with ``accuracy_level=4`` quantises its inpu
 activations to int8 per block of ``block_size`` along K (symmetric, scale = block
 max / 127, round half to even) before the integer dot products. That rounding is most
 of the int8 error of a small trained model (docs/benchmarks.md). This rewrite computes
-the same rounding with standard ops (blocked QuantizeLinear / DequantizeLinear, opset
-21), ``e = x - dequant(quant(x))``, and runs the kernel once over ``x`` and ``e``
-stacked on a new first axis, summing the two results:
+the same rounding with standard ops, ``e = x - dequant(quant(x))``, and runs the
+kernel once over ``x`` and ``e`` stacked on a new first axis, summing the two results:
 
     y = MatMulNBits([x, e]).sum(axis=0) = MatMulNBits(x) + MatMulNBits(e)
 
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from moechat.export.graph_rewrites import MSFT_DOMAIN, attribute
 
@@ -57,11 +56,6 @@ def add_residual_passes(model: onnx.ModelProto) -> int:
     """Give every 8-bit, ``accuracy_level`` 4 MatMulNBits except the lm_head a second
     pass over its activation rounding error; returns how many were rewritten."""
     graph = model.graph
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 21:
-        raise ValueError(
-            f"the residual pass needs ONNX opset 21 (blocked quantization), not {opset}"
-        )
     nodes: list[onnx.NodeProto] = []
     count = 0
     for node in graph.node:
@@ -88,14 +82,9 @@ def add_residual_passes(model: onnx.ModelProto) -> int:
             helper.make_node("ReduceMax", [f"{p}_abs", c["last"]], [f"{p}_max"], f"{p}_max", keepdims=1),
             helper.make_node("Max", [f"{p}_max", c["tiny"]], [f"{p}_max1"], f"{p}_nonzero"),
             helper.make_node("Div", [f"{p}_max1", c["levels"]], [f"{p}_scale"], f"{p}_scale"),
-            helper.make_node(
-                "QuantizeLinear", [f"{p}_x", f"{p}_scale"], [f"{p}_q"], f"{p}_quant",
-                axis=2, block_size=block, output_dtype=TensorProto.INT8,
-            ),
-            helper.make_node(
-                "DequantizeLinear", [f"{p}_q", f"{p}_scale"], [f"{p}_dq"], f"{p}_dequant",
-                axis=2, block_size=block,
-            ),
+            helper.make_node("Div", [f"{p}_x", f"{p}_scale"], [f"{p}_r"], f"{p}_div"),
+            helper.make_node("Round", [f"{p}_r"], [f"{p}_q"], f"{p}_round"),
+            helper.make_node("Mul", [f"{p}_q", f"{p}_scale"], [f"{p}_dq"], f"{p}_dequant"),
             helper.make_node("Sub", [f"{p}_x", f"{p}_dq"], [f"{p}_e"], f"{p}_error"),
             # [x; e] in block layout, then [2, *x.shape]
             helper.make_node("Concat", [f"{p}_x", f"{p}_e"], [f"{p}_xe"], f"{p}_stack", axis=0),

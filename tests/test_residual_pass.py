@@ -109,12 +109,3 @@ def test_residual_pass_needs_matmulnbits():
 
     with pytest.raises(ValueError, match="MatMulNBits"):
         QuantizeOptions(dense="dynamic", residual_pass=True)
-
-
-def test_residual_pass_needs_opset_21():
-    import pytest
-
-    model, _ = _int8_matmul(64, 8, 32, np.random.default_rng(1))
-    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 17
-    with pytest.raises(ValueError, match="opset 21"):
-        add_residual_passes(model)
