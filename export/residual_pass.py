@@ -11,7 +11,7 @@ kernel once over ``x`` and ``e`` stacked on a new first axis, summing the two re
 
 ``e``'s own rounding error is 1/127 of ``e``, so the activations act as if they had
 about 14 bits; the weights stay int8, stored and prepacked once (two separate kernel
-nodes on one weight ran the second at three times the cost of the first). It costs
+nodes on one weight ran the second at twice the cost of the first). It costs
 about a quarter of the decode speed and half the prefill speed on the demo MoE
 (docs/benchmarks.md), so ``moechat export`` runs it only on request
 (``--int8-residual-pass``).
