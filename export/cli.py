@@ -77,6 +77,17 @@ def print_int8_summary(manifest: dict) -> None:
         lines += [
             "  (thresholds are for trained models; random weights miss them). Compare with",
             "  `moechat eval PACKAGE TEXT` on your own text before you rely on it.",
-            bar,
         ]
+        if threshold_misses(f) and _residual_pass_would_help(q):
+            lines += [
+                "  --int8-residual-pass brings the answers closer to fp32 (demo MoE: top-1",
+                "  96.3% -> 97.2%) for about a quarter of the decode speed.",
+            ]
+        lines.append(bar)
         print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _residual_pass_would_help(quantization: dict) -> bool:
+    """MatMulNBits matmuls without the residual pass (``export.residual_pass``)."""
+    matmuls = quantization.get("matmuls", "")
+    return matmuls.startswith("MatMulNBits") and "second pass" not in matmuls

@@ -109,3 +109,31 @@ def test_residual_pass_needs_matmulnbits():
 
     with pytest.raises(ValueError, match="MatMulNBits"):
         QuantizeOptions(dense="dynamic", residual_pass=True)
+
+
+def test_export_warning_suggests_the_residual_pass_only_where_it_applies(capsys):
+    from moechat.export.cli import print_int8_summary
+
+    def warning(matmuls: str, top1: float, size_ratio: float = 0.25) -> str:
+        manifest = {
+            "graph": {"quantization": {
+                "fp32_package_bytes": 4e8, "int8_package_bytes": 1e8, "size_ratio": size_ratio,
+                "matmuls": matmuls,
+            }},
+            "fidelity": {
+                "tokens": 100, "top1_agreement": top1, "mean_kl": 0.004, "perplexity_ratio": 1.01,
+                "routing_agreement": None, "thresholds": {"perplexity_ratio_max": 1.02, "top1_agreement_min": 0.97},
+            },
+        }  # fmt: skip
+        print_int8_summary(manifest)
+        return capsys.readouterr().err
+
+    nbits = "MatMulNBits 8-bit, accuracy_level 4, block 32"
+    assert "--int8-residual-pass" in warning(nbits, 0.96)
+    assert "WARNING" in warning(
+        f"{nbits}; 120 with a second pass over the activation rounding error", 0.96
+    )
+    assert "--int8-residual-pass" not in warning(f"{nbits}; 120 with a second pass", 0.96)
+    assert "--int8-residual-pass" not in warning("MatMulInteger (quantize_dynamic)", 0.96)
+    assert "--int8-residual-pass" not in warning(nbits, 0.98, size_ratio=0.31)  # size only
+    assert warning(nbits, 0.98) == ""
