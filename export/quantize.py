@@ -30,10 +30,9 @@ them per block on the fly).
 - Activation smoothing before quantisation (``moechat.export.smoothing``), when
   calibration tokens are given.
 - The token embedding becomes an int8 table with block scales behind a Gather
-  (Gather -> Cast -> Sub 128 -> Mul by the gathered scales; standard ops only), stored
-  in MatMulNBits' 8-bit layout. A tied lm_head becomes a MatMulNBits on that same table
-  (``tie_lm_head``: one int8 copy on disk), and its 32 best logits are recomputed from
-  float activations and the table (``add_lm_head_rescoring``).
+  (Gather -> Cast -> Mul by the gathered scales; standard ops only). With a tied
+  lm_head, the 32 best int8 logits are recomputed from float activations and that
+  table (``add_lm_head_rescoring``).
 - Optionally (``residual_pass``) each MatMulNBits but the lm_head also runs over its
   activations' int8 rounding error (``moechat.export.residual_pass``).
 
@@ -169,63 +168,23 @@ def moe_to_qmoe(model: onnx.ModelProto) -> dict:
 
 EMBEDDING_BLOCK = 32
 RESCORE_TOP = 32
-TABLE_ZERO_POINT = 128  # uint8 storage of symmetric int8 values, as MatMulNBits reads them
 
 
 @dataclass
 class QuantizedTable:
     source: str  # the fp32 table's initializer name
-    q: str  # uint8 [V, H/block, block]: int8 value + 128
-    scale: str  # float [V, H/block]
+    q: str  # int8 [V, H/block, block]
+    scale: str  # float [V, H/block, 1]
     hidden: int
     block: int
 
 
-def _add_table(
-    graph: onnx.GraphProto, source: str, table: np.ndarray, block: int
-) -> QuantizedTable:
-    """Store ``table`` [V, H] as symmetric int8 blocks along H in MatMulNBits' layout."""
-    vocab, hidden = table.shape
-    q, scale = quantize_rows(table, block)
-    qt = QuantizedTable(source, f"{source}_q8", f"{source}_scale", hidden, block)
-    stored = (q.astype(np.int16) + TABLE_ZERO_POINT).astype(np.uint8)
-    graph.initializer.append(numpy_helper.from_array(stored.reshape(vocab, -1, block), qt.q))
-    graph.initializer.append(numpy_helper.from_array(scale.reshape(vocab, -1), qt.scale))
-    consts = {
-        f"{source}_zero_point": np.array(TABLE_ZERO_POINT, np.float32),
-        f"{source}_last_axis": np.array([-1], np.int64),
-        f"{source}_shape": np.array([0, 0, hidden], np.int64),  # rows for [B, S] ids
-    }
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
-    return qt
-
-
-def _table_rows(
-    qt: QuantizedTable, ids: str, out: str, prefix: str, shape: str
-) -> list[onnx.NodeProto]:
-    """Nodes computing float rows ``out`` = table[ids], reshaped by ``shape`` (standard ops)."""
-    zp, axis = f"{qt.source}_zero_point", f"{qt.source}_last_axis"
-    return [
-        helper.make_node("Gather", [qt.q, ids], [f"{prefix}_q8"], f"{prefix}_rows", axis=0),
-        helper.make_node("Cast", [f"{prefix}_q8"], [f"{prefix}_u"], f"{prefix}_cast", to=TensorProto.FLOAT),
-        helper.make_node("Sub", [f"{prefix}_u", zp], [f"{prefix}_f"], f"{prefix}_center"),
-        helper.make_node("Gather", [qt.scale, ids], [f"{prefix}_s2"], f"{prefix}_scales", axis=0),
-        helper.make_node("Unsqueeze", [f"{prefix}_s2", axis], [f"{prefix}_s"], f"{prefix}_unsqueeze"),
-        helper.make_node("Mul", [f"{prefix}_f", f"{prefix}_s"], [f"{prefix}_b"], f"{prefix}_dequant"),
-        helper.make_node("Reshape", [f"{prefix}_b", shape], [out], f"{prefix}_reshape"),
-    ]  # fmt: skip
-
-
 def quantize_embedding(
-    model: onnx.ModelProto,
-    ids_input: str = "input_ids",
-    shared: QuantizedTable | None = None,
+    model: onnx.ModelProto, ids_input: str = "input_ids"
 ) -> list[QuantizedTable]:
     """int8 rows + float scales per block of 32 (or per row) for Gathers of a table by the ids.
 
-    Gather(q [V, H/b, b]) -> Cast -> Sub 128 -> Mul(Gather(scale [V, H/b])) -> Reshape [.., H].
-    ``shared``: the table already quantised for a tied lm_head (``tie_lm_head``); its
-    Gather reads those initializers instead of a second copy.
+    Gather(q [V, H/b, b]) -> Cast -> Mul(Gather(scale [V, H/b, 1])) -> Reshape [.., H].
     """
     graph = model.graph
     inits = initializers(graph)
@@ -242,13 +201,24 @@ def quantize_embedding(
         ):
             new_nodes.append(node)
             continue
-        if shared is not None and shared.source == node.input[0]:
-            qt = shared
-        else:
-            hidden = table.dims[1]
-            block = EMBEDDING_BLOCK if hidden % EMBEDDING_BLOCK == 0 else hidden
-            qt = _add_table(graph, node.input[0], numpy_helper.to_array(table), block)
-        new_nodes += _table_rows(qt, ids_input, node.output[0], node.name, f"{qt.source}_shape")
+        vocab, hidden = table.dims
+        block = EMBEDDING_BLOCK if hidden % EMBEDDING_BLOCK == 0 else hidden
+        q, scale = quantize_rows(numpy_helper.to_array(table).reshape(vocab, -1, block))
+        base, out, n = node.input[0], node.output[0], node.name
+        qt = QuantizedTable(base, f"{base}_q8", f"{base}_scale", hidden, block)
+        graph.initializer.append(numpy_helper.from_array(q, qt.q))
+        graph.initializer.append(numpy_helper.from_array(scale[..., None], qt.scale))
+        shape = f"{base}_shape"
+        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, hidden]), shape))
+        new_nodes += [
+            helper.make_node("Gather", [qt.q, ids_input], [f"{out}_q8"], f"{n}_q8", axis=0),
+            helper.make_node(
+                "Cast", [f"{out}_q8"], [f"{out}_f"], f"{n}_cast", to=TensorProto.FLOAT
+            ),
+            helper.make_node("Gather", [qt.scale, ids_input], [f"{out}_s"], f"{n}_scale", axis=0),
+            helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [f"{out}_b"], f"{n}_dequant"),
+            helper.make_node("Reshape", [f"{out}_b", shape], [out], f"{n}_reshape"),
+        ]
         done.append(qt)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -278,33 +248,6 @@ def find_tied_lm_head(
     if not np.array_equal(numpy_helper.to_array(w).T, numpy_helper.to_array(table)):
         return None
     return lm.name, tables[0]
-
-
-def tie_lm_head(
-    model: onnx.ModelProto, lm_name: str, table_name: str, block: int
-) -> QuantizedTable:
-    """Quantise the tied table once and make the lm_head a MatMulNBits reading it.
-
-    The table is stored in MatMulNBits' 8-bit layout (uint8 ``[V, H/block, block]``,
-    zero point 128, float scales ``[V, H/block]``), so the embedding Gather
-    (``quantize_embedding(shared=...)``) and the lm_head share one int8 copy on disk:
-    for SmolLM2's 49152 x 576 table that is 32 MB less. Needs ``H % block == 0`` and the
-    lm_head's input left unsmoothed (a smoothed table would have to be divided back
-    per channel after the Gather, which multiplies the embedding's rounding error in
-    the channels with small scales: measured worse, docs/benchmarks.md).
-    """
-    graph = model.graph
-    table = numpy_helper.to_array(initializers(graph)[table_name])
-    vocab, hidden = table.shape
-    qt = _add_table(graph, table_name, table, block)
-    lm = next(n for n in graph.node if n.name == lm_name)
-    lm.CopyFrom(
-        helper.make_node(
-            "MatMulNBits", [lm.input[0], qt.q, qt.scale], list(lm.output), lm_name,
-            domain=MSFT_DOMAIN, K=hidden, N=vocab, bits=8, block_size=block, accuracy_level=4,
-        )
-    )  # fmt: skip
-    return qt  # the float weight is dropped by quantize_embedding(shared=qt)
 
 
 def add_lm_head_rescoring(
@@ -339,8 +282,12 @@ def add_lm_head_rescoring(
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in const.items())
     nodes += [
         helper.make_node("TopK", ["logits_int8", "lm_rescore_k"], ["lm_rescore_top", "lm_rescore_idx"], "lm_rescore_topk", axis=-1),
-        *_table_rows(table, "lm_rescore_idx", "lm_rescore_w", "lm_rescore_table", "lm_rescore_shape"),
-        helper.make_node("Unsqueeze", [x, "lm_rescore_axis2"], ["lm_rescore_xu"], "lm_rescore_unsqueeze_x"),
+        helper.make_node("Gather", [table.q, "lm_rescore_idx"], ["lm_rescore_q"], "lm_rescore_rows", axis=0),
+        helper.make_node("Cast", ["lm_rescore_q"], ["lm_rescore_qf"], "lm_rescore_cast", to=TensorProto.FLOAT),
+        helper.make_node("Gather", [table.scale, "lm_rescore_idx"], ["lm_rescore_sc"], "lm_rescore_scales", axis=0),
+        helper.make_node("Mul", ["lm_rescore_qf", "lm_rescore_sc"], ["lm_rescore_wb"], "lm_rescore_dequant"),
+        helper.make_node("Reshape", ["lm_rescore_wb", "lm_rescore_shape"], ["lm_rescore_w"], "lm_rescore_reshape"),
+        helper.make_node("Unsqueeze", [x, "lm_rescore_axis2"], ["lm_rescore_xu"], "lm_rescore_unsqueeze"),
         helper.make_node("Mul", ["lm_rescore_w", "lm_rescore_xu"], ["lm_rescore_prod"], "lm_rescore_mul"),
         helper.make_node("ReduceSum", ["lm_rescore_prod", "lm_rescore_axis_last"], ["lm_rescore_exact"], "lm_rescore_sum", keepdims=0),
         helper.make_node("ScatterElements", ["logits_int8", "lm_rescore_idx", "lm_rescore_exact"], ["logits"], "lm_rescore_scatter", axis=-1),
@@ -417,16 +364,9 @@ def quantize_model(
         "router_nodes": router_names,
     }
     tied = find_tied_lm_head(model) if options.embedding and options.dense == "nbits" else None
-    # one int8 copy of a tied table for the embedding and the lm_head when both use block
-    # 32 (a block-64 table cost SmolLM2 16% more KL; a block-32 lm_head in a block-64
-    # model cost it decode speed): the lm_head's input then stays unsmoothed (the
-    # rescoring below recomputes the top logits in float anyway)
-    hidden = initializers(graph)[tied[1]].dims[1] if tied else 0
-    share = bool(tied) and options.block == EMBEDDING_BLOCK and hidden % EMBEDDING_BLOCK == 0
-    frozen = [n.input[1] for n in graph.node if share and n.name == tied[0]]  # lm_head weight
     scales: dict[str, np.ndarray] = {}
     if options.smooth and calibration is not None:
-        scales = smooth(model, calibration[0], calibration[1], options.alpha, frozen)
+        scales = smooth(model, calibration[0], calibration[1], options.alpha)
     info["smoothing"] = (
         f"{len(scales)} activations (alpha {options.alpha}, {len(calibration[1])} calibration tokens)"
         if scales
@@ -445,11 +385,8 @@ def quantize_model(
         info["routed_experts"] = f"QMoE int8, block {qmoe['block_size']}"
     elif routers:
         info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options)}"
-    shared = tie_lm_head(model, *tied, EMBEDDING_BLOCK) if share else None
-    tables = quantize_embedding(model, shared=shared) if options.embedding else []
+    tables = quantize_embedding(model) if options.embedding else []
     info["embedding"] = f"int8, scales per block of {tables[0].block}" if tables else "float32"
-    if shared is not None:
-        info["embedding"] += ", one copy shared with the tied lm_head"
     model = _quantize_matmuls(model, options, router_names)
     info["matmuls"] = _dense_description(options)
     if options.residual_pass:

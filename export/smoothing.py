@@ -239,21 +239,16 @@ def activation_maxima(
 
 
 def smooth(
-    model: onnx.ModelProto,
-    graph_path: Path,
-    token_ids: Sequence[int],
-    alpha: float = ALPHA,
-    frozen: Sequence[str] = (),
+    model: onnx.ModelProto, graph_path: Path, token_ids: Sequence[int], alpha: float = ALPHA
 ) -> dict[str, np.ndarray]:
-    """Smooth every group found in ``model`` (calibrated on ``graph_path``) except those
-    that would change a weight named in ``frozen``.
+    """Smooth every group found in ``model`` (calibrated on ``graph_path``).
 
     Returns ``{activation: s}``: the smoothed tensor now holds ``x / s``.
 
     ``graph_path`` is the fp32 graph file ``model`` was loaded from: activation names
     are unchanged by the Gemm->MatMul rewrite, so the file serves for calibration.
     """
-    groups = [g for g in find_groups(model) if not {w for w, _ in g.consumers} & set(frozen)]
+    groups = find_groups(model)
     if not groups or len(token_ids) == 0:
         return {}
     maxima = activation_maxima(graph_path, [g.activation for g in groups], token_ids)
