@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "whose routing amplifies the error; 64 for dense models, the fastest decode)")  # fmt: skip
     g.add_argument("--int8-residual-pass", action="store_true",
                    help="a second int8 pass over each matmul's activation rounding error: "
-                   "answers closer to fp32 for about a third less decode speed (the demo uses it)")  # fmt: skip
+                   "answers closer to fp32 for about a quarter less decode speed and half the prefill "
+                   "speed (the demo uses it)")  # fmt: skip
     g.add_argument("--heldout", metavar="TEXTFILE",
                    help="held-out text for the fidelity report (default: the shipped one)")  # fmt: skip
     p.set_defaults(func=cmd_export)

@@ -28,7 +28,8 @@ from moechat.export.graph_rewrites import MSFT_DOMAIN, attribute
 _SKIP_OUTPUTS = {"logits", "logits_int8"}  # the lm_head: its top logits are rescored in float
 
 
-def _constants(graph: onnx.GraphProto, k: int, block: int) -> dict[str, str]:
+def _constants(graph: onnx.GraphProto, k: int, block: int, added: set[str]) -> dict[str, str]:
+    """Names of the pass's constant inputs, added to ``graph`` once (``added`` tracks them)."""
     names = {
         "blocks": f"residual_pass_blocks_{k}_{block}",
         "levels": "residual_pass_127",
@@ -45,10 +46,10 @@ def _constants(graph: onnx.GraphProto, k: int, block: int) -> dict[str, str]:
         names["first"]: np.array([0], np.int64),
         names["two"]: np.array([2], np.int64),
     }
-    present = {t.name for t in graph.initializer}
-    graph.initializer.extend(
-        numpy_helper.from_array(v, n) for n, v in values.items() if n not in present
-    )
+    for name, value in values.items():
+        if name not in added:
+            graph.initializer.append(numpy_helper.from_array(value, name))
+            added.add(name)
     return names
 
 
@@ -57,6 +58,7 @@ def add_residual_passes(model: onnx.ModelProto) -> int:
     pass over its activation rounding error; returns how many were rewritten."""
     graph = model.graph
     nodes: list[onnx.NodeProto] = []
+    added: set[str] = set()
     count = 0
     for node in graph.node:
         k, block = attribute(node, "K", 0), attribute(node, "block_size", 0)
@@ -70,7 +72,7 @@ def add_residual_passes(model: onnx.ModelProto) -> int:
         ):
             nodes.append(node)
             continue
-        c = _constants(graph, k, block)
+        c = _constants(graph, k, block, added)
         x, p = node.input[0], f"{node.name}_residual"
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         # one MatMulNBits call over [x, e] stacked on a new first axis, then summed: the
