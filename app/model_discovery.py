@@ -88,7 +88,7 @@ def build_demo_package(force: bool = False, wheel: Path | None = None) -> Path:
             "pip install 'moechat[export]' (or run `make chat`), then `moechat demo build`"
         )
     from moechat.export.cli import progress_printer
-    from moechat.export.demo_build import build_demo
+    from moechat.export.demo.build import build_demo
 
     return build_demo(demo_package_dir(), force=force, wheel=wheel, progress=progress_printer())
 

@@ -48,9 +48,9 @@ MAX_CONTEXT = 1024
 
 
 def build(workdir: Path, names: list[str]) -> dict[str, Path]:
-    from moechat.export import quantize
+    from moechat.export.int8 import quantize
+    from moechat.export.int8.quantize import QuantizeOptions, quantize_decoder
     from moechat.export.onnx_graph import export_decoder
-    from moechat.export.quantize import QuantizeOptions, quantize_decoder
     from moechat.models.config import preset
     from moechat.models.modeling import random_model
 

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from moechat.export.fidelity import threshold_misses
-from moechat.export.int8 import SIZE_RATIO_MAX
+from moechat.export.int8.fidelity import threshold_misses
+from moechat.export.int8.step import SIZE_RATIO_MAX
 from moechat.export.package import ExportOptions, export_package
 from moechat.models.loading import load_checkpoint
 from moechat.runtime.evaluate import read_text_file
@@ -88,6 +88,6 @@ def print_int8_summary(manifest: dict) -> None:
 
 
 def _residual_pass_would_help(quantization: dict) -> bool:
-    """MatMulNBits matmuls without the residual pass (``export.residual_pass``)."""
+    """MatMulNBits matmuls without the residual pass (``export.int8.residual_pass``)."""
     matmuls = quantization.get("matmuls", "")
     return matmuls.startswith("MatMulNBits") and "second pass" not in matmuls

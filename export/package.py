@@ -45,7 +45,7 @@ class ExportOptions:
     int8: bool = False
     int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
     int8_block: int | None = None  # MatMulNBits block (default: default_nbits_block)
-    int8_residual_pass: bool = False  # export.residual_pass (slower, more accurate)
+    int8_residual_pass: bool = False  # export.int8.residual_pass (slower, more accurate)
     heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
     variants: tuple[str, ...] = ()  # extra per-provider graphs: "dml"
     fp16: bool = False  # float16 graph and KV cache (for CUDA)
@@ -265,8 +265,8 @@ def _to_fp16(ckpt, work, manifest, prompts, max_context, progress) -> None:
 
 def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None:
     """Replace the fp32 graph in ``work`` by its int8 version; record how and how well."""
-    from moechat.export.int8 import quantize_package_graph
-    from moechat.export.quantize import QuantizeOptions, default_nbits_block
+    from moechat.export.int8.quantize import QuantizeOptions, default_nbits_block
+    from moechat.export.int8.step import quantize_package_graph
 
     quantize = QuantizeOptions(
         moe=options.moe_impl,

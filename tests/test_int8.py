@@ -9,15 +9,15 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from moechat.export.fidelity import measure_fidelity
-from moechat.export.onnx_graph import export_decoder
-from moechat.export.quantize import (
+from moechat.export.int8.fidelity import measure_fidelity
+from moechat.export.int8.quantize import (
     QuantizeOptions,
     default_nbits_block,
     find_routers,
     quantize_decoder,
 )
-from moechat.export.smoothing import smooth
+from moechat.export.int8.smoothing import smooth
+from moechat.export.onnx_graph import export_decoder
 from moechat.models.modeling import random_model
 from moechat.runtime.decoder import Decoder
 from moechat.runtime.providers import create_session
@@ -204,8 +204,8 @@ def test_fidelity_of_a_graph_against_itself_is_perfect(tmp_path):
 def test_smoothing_leaves_the_fp32_function_unchanged(tmp_path):
     cfg = TINY_MOE
     export_decoder(random_model(cfg, seed=4, max_positions=256), tmp_path / "m.onnx", "contrib")
+    from moechat.export.int8.quantize import gemm_to_matmul
     from moechat.export.onnx_graph import save_model
-    from moechat.export.quantize import gemm_to_matmul
 
     model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=True)
     before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}

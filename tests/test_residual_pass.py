@@ -6,9 +6,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from test_int8 import _ids, _logits
 
+from moechat.export.int8.quantize import QuantizeOptions, _quantize_matmuls, quantize_decoder
+from moechat.export.int8.residual_pass import add_residual_passes
 from moechat.export.onnx_graph import export_decoder
-from moechat.export.quantize import QuantizeOptions, _quantize_matmuls, quantize_decoder
-from moechat.export.residual_pass import add_residual_passes
 from moechat.models.modeling import random_model
 
 from model_factory import TINY_DENSE

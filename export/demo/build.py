@@ -5,13 +5,13 @@ Steps (each reported through ``progress``):
    the GGUF and verify it;
 2. read and dequantise the GGUF (weights, tokenizer, chat template);
 3. calibration token ids: chats the dense model writes itself (sampled, fixed seed),
-   documentation shipped with Python (``demo_calibration``) and the English prose of
+   documentation shipped with Python (``demo.calibration``) and the English prose of
    moechat's own ``calibration.txt``;
-4. convert every FFN to 1 shared + 4 routed experts, top-2 (``demo_moefy``);
+4. convert every FFN to 1 shared + 4 routed experts, top-2 (``demo.moefy``);
 5. perplexity of the dense and the MoE model on held-out text (the project's
    ``heldout.txt`` and held-out Python documentation, neither used for calibration);
 6. export through the normal path (``export_package``, int8 with the residual pass
-   (``export.residual_pass``: the demo is where answers matter more than the last
+   (``export.int8.residual_pass``: the demo is where answers matter more than the last
    quarter of decode speed), a shorter parity check: 2 prompts x 8 decode steps; int8
    fidelity on the same English held-out text as step 5), recording the numbers under
    ``"demo"`` in moechat.json.
@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from moechat.export import demo_source
-from moechat.export.demo_calibration import load_text, paragraphs, token_sequences
-from moechat.export.demo_moefy import MoefyOptions, moefy, perplexity
-from moechat.export.fidelity import heldout_text, threshold_misses
-from moechat.export.int8 import calibration_text
+from moechat.export.demo import source as demo_source
+from moechat.export.demo.calibration import load_text, paragraphs, token_sequences
+from moechat.export.demo.moefy import MoefyOptions, moefy, perplexity
+from moechat.export.int8.fidelity import heldout_text, threshold_misses
+from moechat.export.int8.step import calibration_text
 from moechat.export.package import ExportOptions, export_package
 from moechat.models.gguf import load_gguf
 from moechat.models.loading import LoadedCheckpoint

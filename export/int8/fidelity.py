@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from moechat.export.quantize import find_routers
+from moechat.export.int8.quantize import find_routers
 from moechat.runtime.evaluate import log_softmax, teacher_forced_chunks, windows
 from moechat.runtime.providers import create_session
 

@@ -27,14 +27,14 @@ them per block on the fly).
 - Routers stay float32: every MatMul/Gemm that produces the router logits (input 1 of
   a MoE node, or the input of a Softmax that feeds a TopK) is excluded, so expert
   choice does not flip needlessly.
-- Activation smoothing before quantisation (``moechat.export.smoothing``), when
+- Activation smoothing before quantisation (``moechat.export.int8.smoothing``), when
   calibration tokens are given.
 - The token embedding becomes an int8 table with block scales behind a Gather
   (Gather -> Cast -> Mul by the gathered scales; standard ops only). With a tied
   lm_head, the 32 best int8 logits are recomputed from float activations and that
   table (``add_lm_head_rescoring``).
 - Optionally (``residual_pass``) each MatMulNBits but the lm_head also runs over its
-  activations' int8 rounding error (``moechat.export.residual_pass``).
+  activations' int8 rounding error (``moechat.export.int8.residual_pass``).
 
 See docs/benchmarks.md for the measurements behind the default choice.
 """
@@ -62,9 +62,9 @@ from moechat.export.graph_rewrites import (
     initializers,
     producers,
 )
+from moechat.export.int8.residual_pass import add_residual_passes
+from moechat.export.int8.smoothing import ALPHA, smooth
 from moechat.export.onnx_graph import save_model
-from moechat.export.residual_pass import add_residual_passes
-from moechat.export.smoothing import ALPHA, smooth
 
 INT8_MOE_IMPLS = ("qmoe", "ops")
 DENSE_METHODS = ("dynamic", "nbits")

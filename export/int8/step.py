@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from moechat.export.fidelity import (
+from moechat.export.int8.fidelity import (
     HELDOUT_MAX_TOKENS,
     WINDOW,
     FidelityReport,
     heldout_text,
     measure_fidelity,
 )
-from moechat.export.quantize import QuantizeOptions, quantize_decoder
+from moechat.export.int8.quantize import QuantizeOptions, quantize_decoder
 from moechat.runtime.evaluate import read_text_file
 from moechat.runtime.tokenizer import TextTokenizer
 
