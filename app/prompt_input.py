@@ -118,18 +118,22 @@ class PromptInput(TextArea):
 
     # -- keys shared with the app ----------------------------------------------------
 
-    def action_interrupt(self) -> None:
-        """Ctrl+C: stop a reply; else copy a selection; else quit."""
+    async def action_interrupt(self) -> None:
+        """Ctrl+C: stop a reply; else copy a selection; else clear the prompt; on an
+        empty prompt quit (as in a shell, and as oterm and ollama users expect)."""
         if getattr(self.app, "generating", False):
-            self.app.run_action("stop")
+            await self.app.run_action("stop")
         elif self.selected_text:
             self.action_copy()
+        elif self.text:
+            self.load_text("")
+            self._history_index = None
         else:
-            self.app.run_action("quit")
+            await self.app.run_action("quit")
 
-    def action_delete_or_quit(self) -> None:
+    async def action_delete_or_quit(self) -> None:
         """Ctrl+D deletes right of the cursor; on an empty prompt it quits (like a shell)."""
         if self.text:
             self.action_delete_right()
         elif not getattr(self.app, "generating", False):
-            self.app.run_action("quit")
+            await self.app.run_action("quit")

@@ -53,7 +53,7 @@ PROMPT_KEYS: list[tuple[str, str]] = [
     ("enter", "send the message (or run a /command)"),
     ("shift+enter, ctrl+j", "insert a newline"),
     ("up / down", "recall earlier prompts (on the first / last line of the prompt)"),
-    ("ctrl+c", "stop the reply; with a selection, copy it; otherwise quit"),
+    ("ctrl+c", "stop the reply; else copy the selection, or clear the prompt; quit when empty"),
     ("ctrl+d", "quit (on an empty prompt)"),
     ("pageup / pagedown", "scroll the chat (scrolling up stops following the reply)"),
     ("ctrl+end", "jump to the end of the chat and follow the reply again"),
@@ -701,6 +701,13 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
     async def action_quit(self) -> None:
         self.persist_in_progress()
         self.exit(0)
+
+    async def action_help_quit(self) -> None:
+        """Ctrl+C outside the prompt (Textual only hints at Ctrl+Q): stop a reply, else quit."""
+        if self._gen is not None:
+            self.action_stop()
+        else:
+            await self.action_quit()
 
     def action_model_info(self) -> None:
         engine = self.engine

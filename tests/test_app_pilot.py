@@ -125,6 +125,49 @@ async def test_escape_stops_at_once_and_keeps_partial_marked_stopped(db_path):
 
 
 @pilot_test
+async def test_ctrl_c_stops_the_reply_clears_the_prompt_then_quits(db_path):
+    engine = FakeEngine(LONG_REPLY, delay=0.02)
+    app = make_app(db_path, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await type_and_send(pilot, "go")
+        await wait_until(pilot, lambda: len(app.last_reply().text) > 0)
+        await pilot.press("ctrl+c")
+        await wait_until(pilot, lambda: not app.generating, timeout=2)
+        assert app.last_reply().text != LONG_REPLY and "stopped" in app.last_reply().note
+        assert stored(app)[-1].finish_reason == "cancelled"
+        assert app.return_code is None  # stopping a reply does not quit
+        await pilot.press(*"draft")
+        await pilot.press("ctrl+c")  # a non-empty prompt is cleared, not sent or quit
+        assert app.prompt.text == "" and app.return_code is None
+        await pilot.press("ctrl+c")  # on an empty prompt: quit
+        await wait_until(pilot, lambda: app.return_code == 0, timeout=3)
+
+
+@pilot_test
+async def test_ctrl_d_deletes_right_then_quits_on_an_empty_prompt(db_path):
+    app = make_app(db_path, FakeEngine("ok"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press(*"ab", "left", "ctrl+d")
+        assert app.prompt.text == "a" and app.return_code is None
+        await pilot.press("backspace", "ctrl+d")
+        await wait_until(pilot, lambda: app.return_code == 0, timeout=3)
+
+
+@pilot_test
+async def test_ctrl_c_outside_the_prompt_stops_then_quits(db_path):
+    app = make_app(db_path, FakeEngine(LONG_REPLY, delay=0.02))
+    async with app.run_test(size=SIZE) as pilot:
+        await type_and_send(pilot, "go")
+        await wait_until(pilot, lambda: len(app.last_reply().text) > 0)
+        app.chat_log.focus()
+        await pilot.press("ctrl+c")
+        await wait_until(pilot, lambda: not app.generating, timeout=2)
+        assert app.return_code is None
+        await pilot.press("ctrl+c")
+        await wait_until(pilot, lambda: app.return_code == 0, timeout=3)
+
+
+@pilot_test
 async def test_regenerate_replaces_the_last_reply(db_path):
     engine = FakeEngine(lambda text, n: f"reply {n}")
     app = make_app(db_path, engine)
