@@ -1,10 +1,14 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install install-dev test lint chat binary binary-smoke bench
+.PHONY: install install-chat install-dev test lint chat binary binary-smoke bench
 
 install:
 	$(PIP) install -q -e .
+
+# The chat and the demo build: the runtime + the export extra (torch); no dev tools.
+install-chat:
+	$(PIP) install -q -e '.[export]'
 
 install-dev:
 	$(PIP) install -q -e '.[export,dev]'
@@ -16,8 +20,8 @@ lint:
 test: install-dev lint
 	$(PYTHON) -m pytest -q
 
-chat: install-dev
-	moechat --yes
+chat: install-chat
+	$(PYTHON) -m moechat --yes
 
 # Single-file binary of the runtime and the app (no torch): dist/moechat. See docs/packaging.md.
 binary: install

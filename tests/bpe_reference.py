@@ -9,21 +9,13 @@ from __future__ import annotations
 
 import functools
 
-try:  # \p{L} / \p{N} need the regex module; re's classes agree on ordinary text
-    import regex as _re
+import regex as _re  # the dev extra: \p{L} / \p{N}; re's \d and \w differ on "½" and the like
 
-    _L, _N = r"\p{L}", r"\p{N}"
-except ImportError:  # pragma: no cover - depends on the environment
-    import re as _re
-
-    _L, _N = r"[^\W\d_]", r"\d"
+_L, _N = r"\p{L}", r"\p{N}"
 
 
 def _gpt2_pattern() -> str:
-    if _L == r"\p{L}":
-        other = r"[^\s\p{L}\p{N}]"
-    else:  # not a letter, digit or space: a non-word char, or underscore
-        other = r"(?:[^\w\s]|_)"
+    other = r"[^\s\p{L}\p{N}]"
     return rf"'s|'t|'re|'ve|'m|'ll|'d| ?{_L}+| ?{_N}+| ?{other}+|\s+(?!\S)|\s+"
 
 
