@@ -33,7 +33,8 @@ class ConversationActions:
         self._set_settings(params, system_prompt, save=False)
         if self.engine is not None:
             try:
-                self.engine.reset()
+                with self.engine_quiet():
+                    self.engine.reset()
             except MoechatError as err:
                 self.notify(str(err), severity="error")
             self._push_system_prompt()
@@ -77,8 +78,8 @@ class ConversationActions:
                 await log.mount_all(widgets)
             log.anchor()
             self.prompt.set_history([m.content for m in stored if m.role == "user"])
-            self._sync_engine()
             self.status.show(state="", tokens_per_s=None, ttft_ms=None)
+            self._sync_engine()  # shows the chat's context use and starts reading it ahead
         finally:
             self._busy = False
 

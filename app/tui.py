@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from moechat.app.generation import (
 )
 from moechat.app.help_screen import HelpScreen
 from moechat.app.messages import FINISH_NOTES, AssistantMessage, InfoMessage, UserMessage, note_for
+from moechat.app.prefill import PrefillDone, PrefillJob
 from moechat.app.prompt_input import PromptInput
 from moechat.app.sampling_panel import SamplingPanel
 from moechat.app.slash_commands import CommandActions
@@ -117,6 +120,11 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         self._gen: Generation | None = None
         self._gen_counter = 0
         self._busy = False  # loading/switching conversations
+        # Held by the worker that uses the engine (a reply, or reading a reopened chat);
+        # the UI thread takes it (after cancelling a prefill) to change the conversation.
+        self._engine_lock = threading.RLock()
+        self._prefill: PrefillJob | None = None
+        self._prefill_counter = 0
 
     # -- layout ----------------------------------------------------------------------
 
@@ -283,7 +291,63 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
     def _push_system_prompt(self) -> None:
         engine = self.engine
         if engine is not None and engine.system_prompt != self.system_prompt:
-            engine.system_prompt = self.system_prompt
+            with self.engine_quiet():
+                engine.system_prompt = self.system_prompt
+
+    @contextmanager
+    def engine_quiet(self) -> Iterator[None]:
+        """For changes to the engine's conversation from the UI thread: cancel a
+        background prefill and wait until it has let go (at most one chunk)."""
+        self._cancel_prefill()
+        with self._engine_lock:
+            yield
+
+    def _cancel_prefill(self) -> None:
+        job, self._prefill = self._prefill, None
+        if job is not None:
+            job.stop.set()
+
+    def _start_prefill(self) -> None:
+        """Read the loaded conversation into the cache now, so the first reply is fast."""
+        engine = self.engine
+        if engine is None or not hasattr(engine, "prefill") or self._gen is not None:
+            return
+        self._cancel_prefill()
+        self._prefill_counter += 1
+        job = PrefillJob(self._prefill_counter, engine.context_used)
+        self._prefill = job
+        self.status.show(state=f"reading the chat ({job.tokens} tokens)…")
+        self._run_prefill(engine, job)
+
+    @work(thread=True, group="prefill", exit_on_error=False)
+    def _run_prefill(self, engine: ChatEngine, job: PrefillJob) -> None:
+        fed, error = 0, None
+        with self._engine_lock:
+            if not job.stop.is_set():
+                try:
+                    fed = engine.prefill(job.stop.is_set)  # type: ignore[attr-defined]
+                except Exception as err:  # noqa: BLE001 - the next reply prefills instead
+                    error = f"{type(err).__name__}: {err}"
+        self.post_message(PrefillDone(job.id, fed, time.monotonic() - job.started_at, error))
+
+    @on(PrefillDone)
+    def _prefill_done(self, message: PrefillDone) -> None:
+        job = self._prefill
+        if job is None or job.id != message.job_id:
+            return
+        self._prefill = None
+        engine = self.engine
+        if engine is None:
+            return
+        if self._gen is not None:  # a reply waited for it; its own status takes over
+            return
+        if message.error:
+            state = f"could not read the chat ahead: {message.error}"
+        elif message.fed:
+            state = f"chat read: {message.fed} tokens in {message.seconds:.1f} s"
+        else:
+            state = ""
+        self.status.show(context_used=engine.context_used, state=state)
 
     def _stored(self) -> list[StoredMessage]:
         if self.conversation_id is None:
@@ -297,11 +361,14 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
             return
         history = [m.chatml() for m in self._stored() if m.role != "system"]
         try:
-            engine.reset(history or None)
-            self._push_system_prompt()
+            with self.engine_quiet():
+                engine.reset(history or None)
+                self._push_system_prompt()
         except MoechatError as err:
             self.notify(str(err), title="Model error", severity="error")
         self.status.show(context_used=engine.context_used, max_context=engine.max_context)
+        if history:
+            self._start_prefill()
 
     def _blocks(self) -> list[UserMessage | AssistantMessage]:
         return [w for w in self.chat_log.children if isinstance(w, (UserMessage, AssistantMessage))]
@@ -420,7 +487,8 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         def events() -> Iterator[Any]:
             yield from run(gen.should_stop)
 
-        pump_events(events(), gen.id, self.post_message, gen.gate)
+        with self._engine_lock:  # after a background prefill: it was this reply's work
+            pump_events(events(), gen.id, self.post_message, gen.gate)
 
     def _current(self, gen_id: int) -> Generation | None:
         gen = self._gen
@@ -480,6 +548,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
 
     def persist_in_progress(self) -> None:
         """Save the streaming reply now as a stopped partial (quit, signal, crash path)."""
+        self._cancel_prefill()
         gen = self._gen
         if gen is None:
             return
@@ -597,7 +666,8 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         if last.role == "user":
             # The reply never arrived (the app quit or failed): send the message again.
             try:
-                text = engine.pop_last_exchange()
+                with self.engine_quiet():
+                    text = engine.pop_last_exchange()
             except MoechatError as err:
                 self.notify(str(err), severity="error")
                 return
@@ -636,7 +706,8 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
             self.notify("No message to edit yet.")
             return
         try:
-            text = engine.pop_last_exchange()
+            with self.engine_quiet():
+                text = engine.pop_last_exchange()
         except MoechatError as err:
             self.notify(str(err), severity="error")
             return

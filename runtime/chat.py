@@ -29,6 +29,7 @@ class ChatSession:
         self.messages: list[dict] = []
         self._reply_ids: dict[int, list[int]] = {}  # message index -> generated ids
         self._cache_ids: list[int] = []
+        self._stale: int | None = None  # tokens of an edited conversation not yet in the cache
         self.reset()
 
     # -- facts the UI shows -------------------------------------------------
@@ -46,7 +47,13 @@ class ChatSession:
 
     @property
     def context_used(self) -> int:
-        return self.model.decoder.length
+        """Tokens the conversation takes: the cache after a reply or :meth:`prefill`; after
+        a reset or an edit, the conversation as it will be fed (the cache lags behind)."""
+        if self._stale is None:
+            return self.model.decoder.length
+        if self._stale < 0:
+            self._stale = len(self._history_ids())
+        return self._stale
 
     @property
     def defaults(self) -> SamplingParams:
@@ -61,6 +68,7 @@ class ChatSession:
         self._system_prompt = value or None
         self.messages = [m for m in self.messages if m["role"] != "system"]
         self._reply_ids = {}
+        self._stale = -1
         if self._system_prompt:
             self.messages.insert(0, {"role": "system", "content": self._system_prompt})
 
@@ -69,6 +77,7 @@ class ChatSession:
         """Start over, or load a stored conversation (its system message, if any, wins)."""
         self.messages = [dict(role=m["role"], content=m["content"]) for m in (messages or [])]
         self._reply_ids = {}
+        self._stale = -1
         if self.messages and self.messages[0]["role"] == "system":
             self._system_prompt = self.messages[0]["content"]
         elif self._system_prompt:
@@ -81,10 +90,52 @@ class ChatSession:
                 text = self.messages[i]["content"]
                 del self.messages[i:]
                 self._reply_ids = {k: v for k, v in self._reply_ids.items() if k < i}
+                self._stale = -1
                 return text
         raise MoechatError("there is no user message to edit")
 
     # -- generation -------------------------------------------------------------
+    def _history_ids(self) -> list[int]:
+        """The conversation as the next prompt starts (no generation prompt, nothing dropped)."""
+        template = self.model.template
+        head: list[int] = []
+        start = 0
+        if self.messages and self.messages[0]["role"] == "system":
+            head, start = self._turn_ids(0), 1
+        elif template.default_system is not None:
+            head = template.turn_ids("system", template.default_system)
+        return head + [t for i in range(start, len(self.messages)) for t in self._turn_ids(i)]
+
+    def prefill(self, should_stop: Callable[[], bool] = _never, chunk: int = 128) -> int:
+        """Feed the conversation so far into the cache ahead of the next message.
+
+        A reopened chat otherwise prefills all its turns when the user sends, which makes
+        the first reply slow. Stops between chunks of ``chunk`` tokens when
+        ``should_stop()``; a conversation that no longer fits is left to the next reply
+        (it drops the oldest turns). Returns the number of tokens fed.
+        """
+        ids = self._history_ids()
+        budget = self.max_context - max(64, self.max_context // 8)
+        if len(ids) + len(self.model.template.generation_prompt_ids()) > budget:
+            return 0
+        decoder = self.model.decoder
+        common = 0
+        for a, b in zip(self._cache_ids[: decoder.length], ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        decoder.truncate(common)
+        self._cache_ids = self._cache_ids[:common]
+        done = common
+        while done < len(ids) and not should_stop():
+            piece = ids[done : done + chunk]
+            decoder.forward(piece)
+            done += len(piece)
+            self._cache_ids = ids[:done]
+        if done == len(ids):
+            self._stale = None
+        return done - common
+
     def send(
         self, user_text: str, params: SamplingParams, should_stop: Callable[[], bool] = _never
     ) -> Iterator[GenerationEvent]:
@@ -176,3 +227,4 @@ class ChatSession:
             text = done.text if done else self.model.tokenizer.decode(generated)
             self.messages.append({"role": "assistant", "content": text})
             self._reply_ids[len(self.messages) - 1] = list(generated)
+            self._stale = None

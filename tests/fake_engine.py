@@ -51,6 +51,9 @@ class FakeEngine:
         self.resets: list[list[dict] | None] = []
         self.started = threading.Event()  # set when a generation yields its first token
         self.rolls = 0
+        self.prefill_delay = 0.0  # seconds per prefill chunk (4 chunks)
+        self.prefills: list[int] = []  # tokens read ahead, one entry per finished prefill
+        self.prefill_started = threading.Event()
 
     # -- protocol --------------------------------------------------------------------
 
@@ -146,6 +149,16 @@ class FakeEngine:
         if not self._turns or self._turns[-1]["role"] != "user":
             raise MoechatError("no message to edit")
         return self._turns.pop()["content"]
+
+    def prefill(self, should_stop: Callable[[], bool]) -> int:
+        """Like ChatSession.prefill: read the conversation ahead, in chunks."""
+        self.prefill_started.set()
+        for _ in range(4):
+            if should_stop():
+                return 0
+            time.sleep(self.prefill_delay)
+        self.prefills.append(self.context_used)
+        return self.context_used
 
     def reset(self, messages: list[dict] | None = None) -> None:
         self.resets.append(messages)

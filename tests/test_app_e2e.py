@@ -85,6 +85,48 @@ async def test_real_engine_send_regenerate_edit(tiny_package, tmp_path):
     store.close()
 
 
+@pilot_test
+async def test_context_meter_and_read_ahead_on_a_real_engine(tiny_package, tmp_path):
+    """ctx is right at once after Ctrl+N and after opening a chat, which is read ahead."""
+    engine = real_engine(tiny_package)
+    store = ConversationStore(tmp_path / DB_FILENAME)
+    app = ChatApp(engine, store, export_dir=tmp_path)
+    decoder = engine.model.decoder
+
+    def ctx() -> str:
+        return f"ctx {engine.context_used}/{engine.max_context}"
+
+    async with app.run_test(size=(100, 40)) as pilot:
+        for line in ["/set temperature 0", "/set max_new_tokens 12", "tell me about the sea"]:
+            app.prompt.load_text(line)
+            await pilot.press("enter")
+        await wait_until(pilot, lambda: app.conversation_id and not app.generating, timeout=60)
+        used, cid = engine.context_used, app.conversation_id
+        assert used == decoder.length and ctx() in app.status.text
+
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: app.conversation_id is None)
+        assert engine.context_used < used and ctx() in app.status.text  # not the old chat's
+
+        await pilot.press("ctrl+l")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "ConversationListScreen")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.conversation_id == cid)
+        conversation = len(engine._history_ids())
+        assert engine.context_used == conversation and ctx() in app.status.text
+        await wait_until(pilot, lambda: app._prefill is None, timeout=60)
+        assert decoder.length == conversation  # read ahead into the cache
+        assert engine._cache_ids == engine._history_ids()
+
+        app.prompt.load_text("and the mountains?")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(store.messages(cid)) == 4 and not app.generating, 60)
+        template = engine.model.template
+        new = template.turn_ids("user", "and the mountains?") + template.generation_prompt_ids()
+        assert store.messages(cid)[-1].stats["prompt_tokens"] == len(new)  # only the new turn
+    store.close()
+
+
 def _tmux(socket: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["tmux", "-L", socket, *args], capture_output=True, text=True, timeout=30, check=check

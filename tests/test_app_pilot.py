@@ -468,6 +468,62 @@ async def test_conversations_persist_across_app_restarts(db_path):
 
 
 @pilot_test
+async def test_opening_a_chat_reads_it_ahead_and_shows_it(db_path):
+    app = make_app(db_path, FakeEngine(lambda t, n: f"answer to {t}"))
+    async with app.run_test(size=SIZE) as pilot:
+        await send_and_wait(pilot, "one")
+        await send_and_wait(pilot, "two")
+        assert app.engine.prefills == []  # a live chat is in the cache already
+    app.store.close()
+
+    engine = FakeEngine("next")
+    engine.prefill_delay = 0.15
+    app = make_app(db_path, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        assert "ctx 0/2048" in app.status.text
+        await pilot.press("ctrl+l")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConversationListScreen))
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(blocks(app)) == 4)
+        # the meter is right at once, and the status line says the chat is being read
+        assert f"ctx {engine.context_used}/2048" in app.status.text
+        assert engine.context_used > 0 and "reading the chat" in app.status.text
+        await wait_until(pilot, lambda: engine.prefills == [engine.context_used])
+        await wait_until(pilot, lambda: "chat read" in app.status.text)
+        await send_and_wait(pilot, "three")
+        assert engine.calls[-1]["messages"][-1] == {"role": "user", "content": "three"}
+
+
+@pilot_test
+async def test_a_message_sent_while_reading_ahead_waits_and_new_chat_cancels(db_path):
+    app = make_app(db_path, FakeEngine("r"))
+    async with app.run_test(size=SIZE) as pilot:
+        await send_and_wait(pilot, "keep me")
+        cid = app.conversation_id
+    app.store.close()
+    engine = FakeEngine("after reading")
+    engine.prefill_delay = 0.2
+    app = make_app(db_path, engine, conversation_id=cid)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: engine.prefill_started.is_set())
+        await send_and_wait(pilot, "now")  # waits for the read-ahead, then replies
+        assert engine.prefills and app.last_reply().text == "after reading"
+        assert engine.calls[-1]["messages"][-1]["content"] == "now"
+
+        await pilot.press("ctrl+l")
+        await wait_until(pilot, lambda: isinstance(app.screen, ConversationListScreen))
+        engine.prefill_started.clear()
+        before = len(engine.prefills)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: engine.prefill_started.is_set())
+        await pilot.press("ctrl+n")  # cancels the read-ahead: the new chat is empty
+        await wait_until(pilot, lambda: app.conversation_id is None and app._prefill is None)
+        assert "ctx 0/2048" in app.status.text and engine.messages == []
+        await pilot.pause(0.3)
+        assert len(engine.prefills) == before
+
+
+@pilot_test
 async def test_resume_opens_a_given_conversation(db_path):
     app = make_app(db_path, FakeEngine("r"))
     async with app.run_test(size=SIZE) as pilot:
