@@ -190,7 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from moechat.runtime.bench import BenchOptions, format_report, public_result, run_bench
+    from moechat.runtime.bench import BenchOptions, run_bench
+    from moechat.runtime.bench_result import format_report
 
     options = BenchOptions(
         device=args.device, threads=args.threads, prompt_tokens=args.prompt_tokens,
@@ -198,9 +199,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         turns=args.turns,
     )  # fmt: skip
     path = _resolve_model(args.model, args.yes)
+    if args.ab:
+        return _bench_ab(args, options, path)
     compare = None
     if args.compare:
-        from moechat.export.bench_anchors import ANCHORS, run_compare
+        from moechat.export.bench_anchors.compare import ANCHORS, run_compare
         from moechat.runtime.package import load_package
 
         def progress(message: str) -> None:
@@ -219,13 +222,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     result = run_bench(path, options, compare)
     if args.json:
-        print(json.dumps(public_result(result), indent=2))
-    elif "compare" in result:
-        from moechat.export.bench_anchors import format_compare
+        print(json.dumps(result.to_json(), indent=2))
+    elif result.compare is not None:
+        from moechat.export.bench_anchors.compare import format_compare
 
         print(format_report(result) + "\n\n" + format_compare(result))
     else:
         print(format_report(result))
+    return 0
+
+
+def _bench_ab(args: argparse.Namespace, options, path: Path) -> int:
+    """``moechat bench --ab NAME=VALUE``: fresh processes with and without the setting."""
+    from moechat.runtime.bench_ab import format_ab, parse_settings, run_ab
+
+    if args.compare:
+        raise MoechatError("--ab and --compare do not go together")
+    options.validate()
+    settings = parse_settings(args.ab)
+    bench_args = [
+        "--device", options.device, "--prompt-tokens", str(options.prompt_tokens),
+        "--new-tokens", str(options.new_tokens), "--repeat", str(options.repeat),
+    ]  # fmt: skip
+    if options.threads:
+        bench_args += ["--threads", str(options.threads)]
+    if options.max_context:
+        bench_args += ["--max-context", str(options.max_context)]
+
+    def progress(message: str) -> None:
+        print(f"moechat bench: {message}", file=sys.stderr, flush=True)
+
+    result = run_ab(str(path), settings, args.pairs, bench_args, progress=progress)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_ab(result))
     return 0
 
 
@@ -343,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--anchors", help="with --compare: a comma-separated subset of "
                    "pytorch,onnxruntime-genai,llama.cpp (default: all)")  # fmt: skip
     p.add_argument("--cache-dir", help="where --compare keeps converted models")
+    p.add_argument("--ab", action="append", metavar="NAME=VALUE",
+                   help="compare this environment setting against none, in fresh processes "
+                   "(repeatable: one variant with all of them)")  # fmt: skip
+    p.add_argument("--pairs", type=int, default=10,
+                   help="with --ab: pairs of fresh processes (default: 10)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-y", "--yes", action="store_true", help="build the demo model without asking")
     _add_model_options(p)

@@ -6,7 +6,9 @@ ignored so every run makes exactly ``new_tokens`` tokens), repeats it and report
 medians, then a multi-turn :class:`~moechat.runtime.chat.ChatSession` with equal-length
 user messages (time to first token of the last turn vs the first), and resident memory
 against ``package size + KV buffers + 150 MB``. ``--compare`` (see
-:mod:`moechat.export.bench_anchors`) adds other engines on the same weights.
+:mod:`moechat.export.bench_anchors`) adds other engines on the same weights; ``--ab``
+(:mod:`moechat.runtime.bench_ab`) compares an environment setting in fresh processes.
+What it measured: :class:`~moechat.runtime.bench_result.BenchResult` (its JSON, its table).
 
 Definitions (the same for the anchors in ``bench_anchors``):
 - time to first token: from handing the prompt ids to the engine until the first new
@@ -23,11 +25,29 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from moechat.runtime.bench_result import (
+    BenchResult,
+    ChatReport,
+    ChatSkipped,
+    GraphSummary,
+    MachineInfo,
+    MemoryReport,
+    ProcessMemory,
+    Run,
+)
 from moechat.runtime.errors import MoechatError
+from moechat.runtime.package import package_bytes
+
+if TYPE_CHECKING:
+    from moechat.runtime.events import DoneEvent
+    from moechat.runtime.model import LoadedModel
+    from moechat.runtime.sampling import SamplingParams
+    from moechat.runtime.tokenizer import TextTokenizer
 
 MEMORY_ALLOWANCE_BYTES = 150 * 1024 * 1024  # interpreter, onnxruntime, tokenizer, arenas
 CHAT_TTFT_RATIO_TARGET = 1.5
@@ -85,7 +105,7 @@ def _proc_status_kib(key: str) -> int | None:
     return None
 
 
-def _windows_memory() -> dict[str, Any]:
+def _windows_memory() -> ProcessMemory:
     import ctypes
     from ctypes import wintypes
 
@@ -114,7 +134,7 @@ def _windows_memory() -> dict[str, Any]:
     }
 
 
-def memory_usage() -> dict[str, Any]:
+def memory_usage() -> ProcessMemory:
     """Peak and current resident memory of this process in bytes.
 
     Linux: ``VmHWM``/``VmRSS`` from /proc/self/status; macOS/BSD: ``ru_maxrss`` from
@@ -134,7 +154,7 @@ def memory_usage() -> dict[str, Any]:
     return {"peak_rss_bytes": maxrss_bytes, "rss_bytes": None, "source": "ru_maxrss"}
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info() -> MachineInfo:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
@@ -160,11 +180,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def package_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
-
-
-def kv_cache_bytes(model) -> int:
+def kv_cache_bytes(model: LoadedModel) -> int:
     """Bytes of the KV buffers at the loaded context (static: allocated up front)."""
     arch = model.package.architecture
     itemsize = 2 if model.package.graph.get("kv_dtype", "float32") == "float16" else 4
@@ -178,7 +194,7 @@ def kv_cache_bytes(model) -> int:
     )
 
 
-def prompt_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
+def prompt_ids(tokenizer: TextTokenizer, n: int, offset: int = 0) -> list[int]:
     """``n`` ids of ordinary text (the filler text repeated), starting ``offset`` ids in."""
     base = tokenizer.encode_text(BENCH_TEXT)
     if not base:
@@ -187,7 +203,7 @@ def prompt_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
     return (base * reps)[offset : offset + n]
 
 
-def message_text(tokenizer, n: int, turn: int) -> str:
+def message_text(tokenizer: TextTokenizer, n: int, turn: int) -> str:
     """A user message of at most ``n`` tokens (as close as words allow), different per turn."""
     words = BENCH_TEXT.split()
     start = (turn * 11) % len(words)
@@ -208,7 +224,7 @@ def _median(values: list[float]) -> float:
 # -- measurements on a loaded model ---------------------------------------------------
 
 
-def greedy_params(new_tokens: int):
+def greedy_params(new_tokens: int) -> SamplingParams:
     from moechat.runtime.sampling import SamplingParams
 
     return SamplingParams().replace(
@@ -217,12 +233,12 @@ def greedy_params(new_tokens: int):
     )  # fmt: skip
 
 
-def _no_eos(model):
+def _no_eos(model: LoadedModel) -> LoadedModel:
     """The same model with end-of-text ignored, so runs make a fixed number of tokens."""
     return dataclasses.replace(model, eos_token_ids=frozenset())
 
 
-def _run_once(model, ids: list[int], new_tokens: int):
+def _run_once(model: LoadedModel, ids: list[int], new_tokens: int) -> DoneEvent:
     from moechat.runtime.events import DoneEvent
     from moechat.runtime.generator import generate
 
@@ -235,33 +251,46 @@ def _run_once(model, ids: list[int], new_tokens: int):
     return done
 
 
-def measure_generation(model, ids: list[int], new_tokens: int, repeat: int) -> dict[str, Any]:
+@dataclass
+class Generation:
+    """Medians over the runs of :func:`measure_generation`, the runs, the last ids."""
+
+    prefill_tokens_per_s: float
+    ttft_ms: float
+    decode_tokens_per_s: float
+    runs: list[Run]
+    token_ids: list[int]
+
+
+def measure_generation(
+    model: LoadedModel, ids: list[int], new_tokens: int, repeat: int
+) -> Generation:
     """Median prefill/TTFT/decode over ``repeat`` runs after one short warm-up run."""
     model = _no_eos(model)
     _run_once(model, ids[: min(16, len(ids))], 2)  # first-run allocations, thread start
-    runs = []
+    runs: list[Run] = []
     token_ids: list[int] = []
     for _ in range(repeat):
         done = _run_once(model, ids, new_tokens)
         s = done.stats
-        runs.append({
-            "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
-            "ttft_ms": round(s.ttft_ms, 3),
-            "decode_tokens_per_s": round(s.decode_tokens_per_s, 2),
-            "new_tokens": s.new_tokens,
-        })  # fmt: skip
+        runs.append(Run(
+            prefill_tokens_per_s=round(s.prefill_tokens_per_s, 2),
+            ttft_ms=round(s.ttft_ms, 3),
+            decode_tokens_per_s=round(s.decode_tokens_per_s, 2),
+            new_tokens=s.new_tokens,
+        ))  # fmt: skip
         token_ids = done.token_ids
     model.decoder.reset()
-    return {
-        "prefill_tokens_per_s": round(_median([r["prefill_tokens_per_s"] for r in runs]), 2),
-        "ttft_ms": round(_median([r["ttft_ms"] for r in runs]), 3),
-        "decode_tokens_per_s": round(_median([r["decode_tokens_per_s"] for r in runs]), 2),
-        "runs": runs,
-        "token_ids": token_ids,
-    }
+    return Generation(
+        prefill_tokens_per_s=round(_median([r.prefill_tokens_per_s for r in runs]), 2),
+        ttft_ms=round(_median([r.ttft_ms for r in runs]), 3),
+        decode_tokens_per_s=round(_median([r.decode_tokens_per_s for r in runs]), 2),
+        runs=runs,
+        token_ids=token_ids,
+    )
 
 
-def _chat_fits(model, turns: int, message_tokens: int, reply_tokens: int) -> bool:
+def _chat_fits(model: LoadedModel, turns: int, message_tokens: int, reply_tokens: int) -> bool:
     template = model.template
     system = (
         len(template.turn_ids("system", template.default_system))
@@ -280,8 +309,8 @@ def _chat_fits(model, turns: int, message_tokens: int, reply_tokens: int) -> boo
 
 
 def measure_chat(
-    model, turns: int, message_tokens: int, reply_tokens: int, repeat: int
-) -> dict[str, Any]:
+    model: LoadedModel, turns: int, message_tokens: int, reply_tokens: int, repeat: int
+) -> ChatReport | ChatSkipped:
     """Time to first token of turn ``turns`` vs turn 1 in one ChatSession (cache reuse).
 
     Message and reply sizes are halved until the conversation fits the context without
@@ -292,10 +321,9 @@ def measure_chat(
 
     while not _chat_fits(model, turns, message_tokens, reply_tokens):
         if message_tokens <= 4 and reply_tokens <= 4:
-            return {
-                "skipped": f"a context of {model.max_context} tokens cannot hold {turns} turns",
-                "turns": turns,
-            }
+            return ChatSkipped(
+                f"a context of {model.max_context} tokens cannot hold {turns} turns", turns
+            )
         message_tokens, reply_tokens = max(4, message_tokens // 2), max(4, reply_tokens // 2)
     model = _no_eos(model)
     params = greedy_params(reply_tokens)
@@ -326,27 +354,33 @@ def measure_chat(
     model.decoder.reset()
     first, last = _median(per_turn[0]), _median(per_turn[-1])
     ratio = last / first if first > 0 else 0.0
-    return {
-        "turns": turns,
-        "message_tokens": [min(lengths), max(lengths)],
-        "reply_tokens": reply_tokens,
-        "ttft_ms_per_turn": [round(_median(v), 3) for v in per_turn],
-        "prefill_tokens_per_turn": fed,
-        "ttft_ms_first": round(first, 3),
-        "ttft_ms_last": round(last, 3),
-        "context_at_last_turn": cached_before_last,
-        "ratio": round(ratio, 3),
-        "target": CHAT_TTFT_RATIO_TARGET,
-        "ok": ratio <= CHAT_TTFT_RATIO_TARGET,
-    }
+    return ChatReport(
+        turns=turns,
+        message_tokens=[min(lengths), max(lengths)],
+        reply_tokens=reply_tokens,
+        ttft_ms_per_turn=[round(_median(v), 3) for v in per_turn],
+        prefill_tokens_per_turn=fed,
+        ttft_ms_first=round(first, 3),
+        ttft_ms_last=round(last, 3),
+        context_at_last_turn=cached_before_last,
+        ratio=round(ratio, 3),
+        target=CHAT_TTFT_RATIO_TARGET,
+        ok=ratio <= CHAT_TTFT_RATIO_TARGET,
+    )
 
 
-def run_bench(path: str | Path, options: BenchOptions, compare=None) -> dict[str, Any]:
-    """Load the package at ``path`` and measure it; a JSON-ready dict.
+OursRun = Callable[[], dict[str, Any]]  # one more moechat run (for --compare's interleaving)
+Compare = Callable[[BenchResult, OursRun], dict[str, dict[str, Any]]]
+
+
+def run_bench(
+    path: str | Path, options: BenchOptions, compare: Compare | None = None
+) -> BenchResult:
+    """Load the package at ``path`` and measure it.
 
     ``compare(result, ours_run)``, when given, runs after the measurements with
     ``ours_run()`` doing one more moechat run (for interleaving with other engines);
-    what it returns is stored as ``result["compare"]``.
+    what it returns is stored as ``result.compare``.
     """
     from moechat.runtime.model import load_model
 
@@ -368,55 +402,54 @@ def run_bench(path: str | Path, options: BenchOptions, compare=None) -> dict[str
             model, options.turns, options.message_tokens, options.reply_tokens, options.repeat
         )
         if options.turns
-        else {"skipped": "--turns 0"}
+        else ChatSkipped("--turns 0")
     )
     mem = memory_usage()
     pkg = package_bytes(path)
     kv = kv_cache_bytes(model)
     budget = pkg + kv + MEMORY_ALLOWANCE_BYTES
-    graph = model.package.graph
+    arch, graph = model.package.architecture, model.package.graph
     quant = (graph.get("quantization") or {}).get("method")
-    result = {
-        "model": model.name,
-        "path": str(path),
-        "architecture": model.package.architecture.get("model_type"),
-        "moe": bool(model.package.architecture.get("use_moe")),
-        "graph": {
-            "weights": quant or graph.get("dtype", "float32"),
-            "moe_impl": graph.get("moe_impl")
-            if model.package.architecture.get("use_moe")
-            else None,
-            "attention": graph.get("attention"),
-            "static_cache": model.decoder.static_cache,
-        },
-        "provider": model.provider,
-        "device": options.device,
-        "threads": threads,
-        "spinning": os.environ.get("MOECHAT_SPIN") != "0",
-        "max_context": model.max_context,
-        "prompt_tokens": len(ids),
-        "new_tokens": options.new_tokens,
-        "repeat": options.repeat,
-        "sampling": "greedy, end-of-text ignored",
-        "load_s": round(load_s, 3),
-        "prefill_tokens_per_s": gen["prefill_tokens_per_s"],
-        "ttft_ms": gen["ttft_ms"],
-        "decode_tokens_per_s": gen["decode_tokens_per_s"],
-        "runs": gen["runs"],
-        "token_ids": gen["token_ids"],
-        "prompt_ids": ids,
-        "memory": {
+    moe = bool(arch.get("use_moe"))
+    result = BenchResult(
+        model=model.name,
+        path=str(path),
+        architecture=arch.get("model_type"),
+        moe=moe,
+        graph=GraphSummary(
+            weights=quant or graph.get("dtype", "float32"),
+            moe_impl=graph.get("moe_impl") if moe else None,
+            attention=graph.get("attention"),
+            static_cache=model.decoder.static_cache,
+        ),
+        provider=model.provider,
+        device=options.device,
+        threads=threads,
+        spinning=os.environ.get("MOECHAT_SPIN") != "0",
+        max_context=model.max_context,
+        prompt_tokens=len(ids),
+        new_tokens=options.new_tokens,
+        repeat=options.repeat,
+        sampling="greedy, end-of-text ignored",
+        load_s=round(load_s, 3),
+        prefill_tokens_per_s=gen.prefill_tokens_per_s,
+        ttft_ms=gen.ttft_ms,
+        decode_tokens_per_s=gen.decode_tokens_per_s,
+        runs=gen.runs,
+        memory=MemoryReport(
             **mem,
-            "package_bytes": pkg,
-            "kv_cache_bytes": kv,
-            "huge_page_bytes": model.huge_page_bytes,
-            "allowance_bytes": MEMORY_ALLOWANCE_BYTES,
-            "budget_bytes": budget,
-            "ok": mem["peak_rss_bytes"] <= budget,
-        },
-        "chat": chat,
-        "machine": machine_info(),
-    }
+            package_bytes=pkg,
+            kv_cache_bytes=kv,
+            huge_page_bytes=model.huge_page_bytes,
+            allowance_bytes=MEMORY_ALLOWANCE_BYTES,
+            budget_bytes=budget,
+            ok=mem["peak_rss_bytes"] <= budget,
+        ),
+        chat=chat,
+        machine=machine_info(),
+        prompt_ids=ids,
+        token_ids=gen.token_ids,
+    )
     if compare is not None:
         fixed = _no_eos(model)
 
@@ -429,66 +462,6 @@ def run_bench(path: str | Path, options: BenchOptions, compare=None) -> dict[str
                 "token_ids": s.token_ids,
             }
 
-        result["compare"] = compare(result, ours_run)
+        result.compare = compare(result, ours_run)
         model.decoder.reset()
     return result
-
-
-# -- report ---------------------------------------------------------------------------
-
-
-def _mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:.1f} MB"
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The human-readable table of :func:`run_bench` (plus comparisons, when present)."""
-    m, g, mem, chat = result["machine"], result["graph"], result["memory"], result["chat"]
-    graph = f"{g['weights']}, attention {g['attention']}" + (
-        f", MoE {g['moe_impl']}" if g.get("moe_impl") else ""
-    )
-    load = " ".join(str(x) for x in m["load_avg"]) if m.get("load_avg") else "?"
-    lines = [
-        f"moechat bench: {result['model']} ({graph}) on {result['provider']}, "
-        f"{result['threads']} threads{'' if result.get('spinning', True) else ' (MOECHAT_SPIN=0)'}, "
-        f"context {result['max_context']}",
-        f"machine: {m['cpu']}, {m['cpus']} CPUs, load {load}; onnxruntime {m['onnxruntime']}",
-        f"prompt {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, "
-        f"{result['sampling']}, median of {result['repeat']} (load {result['load_s']:.2f} s)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        f"| prefill | {_num(result['prefill_tokens_per_s'])} tok/s |",
-        f"| time to first token | {_num(result['ttft_ms'])} ms |",
-        f"| decode | {_num(result['decode_tokens_per_s'])} tok/s |",
-        f"| peak RSS | {_mb(mem['peak_rss_bytes'])} (target <= {_mb(mem['budget_bytes'])} = "
-        f"package {_mb(mem['package_bytes'])} + KV {_mb(mem['kv_cache_bytes'])} + "
-        f"{mem['allowance_bytes'] // 2**20} MiB): {'ok' if mem['ok'] else 'OVER'} |",
-        f"| weights on huge pages | {_mb(mem.get('huge_page_bytes'))} |",
-    ]
-    if "skipped" in chat:
-        lines.append(f"| chat TTFT ratio | skipped: {chat['skipped']} |")
-    else:
-        lo, hi = chat["message_tokens"]
-        size = f"{lo}" if lo == hi else f"{lo}-{hi}"
-        lines.append(
-            f"| chat TTFT turn {chat['turns']} / turn 1 | {_num(chat['ttft_ms_last'])} / "
-            f"{_num(chat['ttft_ms_first'])} ms = {chat['ratio']:.2f} (target <= "
-            f"{chat['target']}): {'ok' if chat['ok'] else 'OVER'}; {size}-token messages, "
-            f"{chat['reply_tokens']}-token replies, {chat['context_at_last_turn']} tokens "
-            "cached at the last turn |"
-        )
-    return "\n".join(lines)
-
-
-def public_result(result: dict[str, Any]) -> dict[str, Any]:
-    """The JSON output: everything but the bulky id lists."""
-    out = {k: v for k, v in result.items() if k not in ("prompt_ids", "token_ids")}
-    out["compare"] = result.get("compare")
-    if out["compare"] is None:
-        del out["compare"]
-    return out

@@ -23,6 +23,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def package_bytes(folder: Path) -> int:
+    """Bytes on disk of the package files in ``folder`` (graph, weights, tokenizer,
+    manifest; not the ``.tmp`` files of an unfinished write)."""
+    return sum(
+        f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and f.suffix != ".tmp"
+    )
+
+
 @dataclass
 class ModelPackage:
     path: Path

@@ -65,7 +65,21 @@ def session_options(provider: str, threads: int | None = None) -> ort.SessionOpt
         # Idle worker threads block instead of spinning: much faster on a CPU shared
         # with other busy processes (see docs/benchmarks.md, "moechat bench").
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in session_config_entries(os.environ.get("MOECHAT_SESSION_CONFIG", "")):
+        opts.add_session_config_entry(key, value)
     return opts
+
+
+def session_config_entries(text: str) -> list[tuple[str, str]]:
+    """``MOECHAT_SESSION_CONFIG``: extra onnxruntime session config entries,
+    ``key=value[;key=value...]`` (for ``moechat bench --ab``)."""
+    entries = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MoechatError(f"MOECHAT_SESSION_CONFIG wants key=value[;key=value], got {item!r}")
+        entries.append((key.strip(), value.strip()))
+    return entries
 
 
 def create_session(

@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 
 from moechat.app.cli import main
-from moechat.export import bench_anchors as bench_compare
+from moechat.export.bench_anchors import common, compare, llama_cpp, pytorch
 from moechat.runtime import bench
-from moechat.runtime.bench import (
-    BenchOptions,
-    format_report,
-    memory_usage,
-    prompt_ids,
-    public_result,
-    run_bench,
-)
+from moechat.runtime.bench import BenchOptions, memory_usage, prompt_ids, run_bench
+from moechat.runtime.bench_result import ChatSkipped, format_report
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.package import load_package
 from moechat.runtime.tokenizer import TextTokenizer
@@ -70,9 +64,10 @@ def test_bench_context_shrinks_chat_messages(tiny_package):
         tiny_package,
         BenchOptions(prompt_tokens=8, new_tokens=4, repeat=1, max_context=200, turns=4),
     )
-    chat = result["chat"]
-    assert chat["reply_tokens"] < 32  # halved to fit a 200-token context
-    assert chat["context_at_last_turn"] < 200
+    chat = result.chat
+    assert not isinstance(chat, ChatSkipped)
+    assert chat.reply_tokens < 32  # halved to fit a 200-token context
+    assert chat.context_at_last_turn < 200
     assert "prefill" in format_report(result)
 
 
@@ -103,11 +98,10 @@ def test_memory_usage_is_positive(monkeypatch):
 
 def test_compare_reports_pytorch_and_skips_the_rest(tiny_package, capsys):
     r = _bench_json(capsys, str(tiny_package), *SMALL, "--turns", "0", "--compare")
-    compare = r["compare"]
-    assert set(compare) == {"moechat", *bench_compare.ANCHORS}
-    ours = compare["moechat"]
+    assert set(r["compare"]) == {"moechat", *compare.ANCHORS}
+    ours = r["compare"]["moechat"]
     assert ours["interleaved"] and len(ours["runs"]) == 2 and ours["decode_tokens_per_s"] > 0
-    pt = compare["pytorch"]
+    pt = r["compare"]["pytorch"]
     assert pt["status"] == "ok", pt
     assert pt["decode_tokens_per_s"] > 0 and pt["ttft_ms"] > 0 and pt["prefill_tokens_per_s"] > 0
     assert pt["peak_rss_bytes"] > 0 and pt["version"] and len(pt["runs"]) == 2
@@ -116,20 +110,20 @@ def test_compare_reports_pytorch_and_skips_the_rest(tiny_package, capsys):
     # are well separated)
     assert pt["greedy_tokens_agreeing"] == 6
     for name in ("onnxruntime-genai", "llama.cpp"):
-        assert compare[name]["status"] == "skipped", compare[name]
-        assert compare[name]["reason"]
+        assert r["compare"][name]["status"] == "skipped", r["compare"][name]
+        assert r["compare"][name]["reason"]
 
 
 def test_compare_table_lists_skips(tiny_package, capsys, monkeypatch):
-    monkeypatch.setattr(bench_compare, "_installed", lambda module: module == "torch")
+    monkeypatch.setattr(common, "installed", lambda module: module == "torch")
     result = run_bench(tiny_package, BenchOptions(prompt_tokens=8, new_tokens=3, repeat=1, turns=0))
-    result["compare"] = bench_compare.run_compare(
+    result.compare = compare.run_compare(
         result, load_package(tiny_package).manifest, anchors=("onnxruntime-genai", "llama.cpp")
     )
-    text = bench_compare.format_compare(result)
+    text = compare.format_compare(result)
     assert "onnxruntime-genai: skipped: not installed" in text
     assert "llama.cpp: skipped: llama-cpp-python is not installed" in text
-    assert public_result(result)["compare"]["llama.cpp"]["status"] == "skipped"
+    assert result.to_json()["compare"]["llama.cpp"]["status"] == "skipped"
 
 
 def _manifest(tiny_package, **changes) -> dict:
@@ -141,27 +135,27 @@ def _manifest(tiny_package, **changes) -> dict:
 
 
 def test_plan_reasons(tiny_package, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench_compare, "_installed", lambda module: True)
-    moe = bench_compare.plan(_manifest(tiny_package))
+    monkeypatch.setattr(common, "installed", lambda module: True)
+    moe = compare.plan(_manifest(tiny_package))
     assert moe["pytorch"] is None
     assert "MiniMind" in moe["onnxruntime-genai"] and "MiniMind" in moe["llama.cpp"]
 
     demo = _manifest(tiny_package)
     demo["demo"] = {"source": {"model": "SmolLM2"}}
-    assert "exist only in the package" in bench_compare.plan(demo)["pytorch"]
+    assert "exist only in the package" in compare.plan(demo)["pytorch"]
 
-    gone = bench_compare.plan(_manifest(tiny_package, provenance__source=str(tmp_path / "gone")))
+    gone = compare.plan(_manifest(tiny_package, provenance__source=str(tmp_path / "gone")))
     assert "not available" in gone["pytorch"]
 
     hf_llama = _manifest(
         tiny_package, architecture__model_type="llama", architecture__use_moe=False
     )
-    reasons = bench_compare.plan(hf_llama)
+    reasons = compare.plan(hf_llama)
     assert reasons["onnxruntime-genai"] is None
     assert "not a GGUF" in reasons["llama.cpp"]
 
-    monkeypatch.setattr(bench_compare, "_installed", lambda module: False)
-    none = bench_compare.plan(hf_llama)
+    monkeypatch.setattr(common, "installed", lambda module: False)
+    none = compare.plan(hf_llama)
     assert "torch is not installed" in none["pytorch"]
     assert "not installed" in none["onnxruntime-genai"]
     assert "not installed" in none["llama.cpp"]
@@ -186,7 +180,7 @@ def test_q8_0_gguf_conversion(tmp_path):
     w.write_tensors_to_file()
     w.close()
 
-    dst = bench_compare.make_q8_0_gguf(src, tmp_path / "tiny.Q8_0.gguf")
+    dst = llama_cpp.make_q8_0_gguf(src, tmp_path / "tiny.Q8_0.gguf")
     r = gguf.GGUFReader(str(dst))
     assert r.fields["general.architecture"].contents() == "llama"
     assert r.fields["llama.block_count"].contents() == 1
@@ -205,7 +199,96 @@ def test_q8_0_gguf_conversion(tmp_path):
 def test_reference_must_match_the_package(tiny_package):
     pytest.importorskip("torch")
     manifest = _manifest(tiny_package)
-    assert bench_compare._load_reference(manifest, 512).config.use_moe
+    assert pytorch.load_reference(manifest, 512).config.use_moe
     manifest["architecture"]["num_hidden_layers"] += 1
     with pytest.raises(RuntimeError, match="is not the packaged model"):
-        bench_compare._load_reference(manifest, 512)
+        pytorch.load_reference(manifest, 512)
+
+
+def test_json_keeps_its_field_order(tiny_package):
+    result = run_bench(tiny_package, BenchOptions(prompt_tokens=8, new_tokens=3, repeat=1, turns=0))
+    out = result.to_json()
+    assert list(out) == [
+        "model", "path", "architecture", "moe", "graph", "provider", "device", "threads",
+        "spinning", "max_context", "prompt_tokens", "new_tokens", "repeat", "sampling",
+        "load_s", "prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "runs", "memory",
+        "chat", "machine",
+    ]  # fmt: skip
+    assert out["chat"] == {"skipped": "--turns 0"}
+    assert list(out["memory"]) == [
+        "peak_rss_bytes", "rss_bytes", "source", "package_bytes", "kv_cache_bytes",
+        "huge_page_bytes", "allowance_bytes", "budget_bytes", "ok",
+    ]  # fmt: skip
+    assert json.loads(json.dumps(out)) == out
+
+
+def test_package_bytes_leaves_out_unfinished_writes(tmp_path):
+    from moechat.runtime.package import package_bytes
+
+    (tmp_path / "model.onnx").write_bytes(b"x" * 10)
+    (tmp_path / "model.onnx.data.tmp").write_bytes(b"x" * 100)
+    (tmp_path / "sub").mkdir()
+    assert package_bytes(tmp_path) == 10
+
+
+# -- moechat bench --ab -----------------------------------------------------------------
+
+
+def _fake_runs(speeds: dict[str, float]):
+    from moechat.runtime.bench_ab import AbRun
+
+    calls: list[str] = []
+
+    def run(command, env):
+        name = "variant" if env.get("MOECHAT_TEST_AB") == "1" else "baseline"
+        calls.append(name)
+        return AbRun(speeds[name], 100.0, 0)
+
+    return run, calls
+
+
+def test_ab_alternates_the_order_and_summarises(monkeypatch):
+    from moechat.runtime.bench_ab import format_ab, run_ab
+
+    monkeypatch.delenv("MOECHAT_TEST_AB", raising=False)
+    run, calls = _fake_runs({"baseline": 100.0, "variant": 90.0})
+    result = run_ab("pkg", {"MOECHAT_TEST_AB": "1"}, 3, [], run=run)
+    assert calls == ["baseline", "variant", "variant", "baseline", "baseline", "variant"]
+    assert [p.first for p in result.pairs] == ["baseline", "variant", "baseline"]
+    assert result.variant_faster == 0 and result.median_decode_ratio == pytest.approx(0.9)
+    assert result.to_json()["median_decode_ratio"] == 0.9
+    assert "faster in 0 of 3 pairs, median decode ratio 0.900x" in format_ab(result)
+
+
+def test_ab_rejects_bad_settings():
+    from moechat.runtime.bench_ab import parse_settings, run_ab
+
+    assert parse_settings(["MOECHAT_HUGEPAGES=0", "A_B=x=y"]) == {
+        "MOECHAT_HUGEPAGES": "0",
+        "A_B": "x=y",
+    }
+    for bad in ("MOECHAT_HUGEPAGES", "=1", "NOT-A-NAME=1"):
+        with pytest.raises(MoechatError, match="NAME=VALUE"):
+            parse_settings([bad])
+    with pytest.raises(MoechatError, match="--pairs"):
+        run_ab("pkg", {}, 0, [])
+
+
+def test_ab_command_runs_fresh_processes(tiny_package, capsys):
+    argv = ["bench", str(tiny_package), "--prompt-tokens", "8", "--new-tokens", "3"]
+    argv += ["--repeat", "1", "--threads", "1", "--ab", "MOECHAT_HUGEPAGES=0", "--pairs", "1"]
+    assert main([*argv, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["settings"] == {"MOECHAT_HUGEPAGES": "0"} and len(r["pairs"]) == 1
+    pair = r["pairs"][0]
+    assert pair["variant"]["huge_page_bytes"] == 0
+    assert pair["baseline"]["decode_tokens_per_s"] > 0 and pair["decode_ratio"] > 0
+
+
+def test_session_config_entries():
+    from moechat.runtime.providers import session_config_entries
+
+    assert session_config_entries("") == []
+    assert session_config_entries("a.b=1; c=2;") == [("a.b", "1"), ("c", "2")]
+    with pytest.raises(MoechatError, match="MOECHAT_SESSION_CONFIG"):
+        session_config_entries("novalue")

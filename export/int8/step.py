@@ -22,6 +22,7 @@ from moechat.export.int8.fidelity import (
 )
 from moechat.export.int8.quantize import QuantizeOptions, quantize_decoder
 from moechat.runtime.evaluate import read_text_file
+from moechat.runtime.package import package_bytes
 from moechat.runtime.tokenizer import TextTokenizer
 
 GRAPH = "model.onnx"
@@ -49,11 +50,6 @@ class Int8Result:
 def graph_bytes(folder: Path, graph: str = GRAPH) -> int:
     files = [folder / graph, folder / f"{graph}.data"]
     return sum(f.stat().st_size for f in files if f.is_file())
-
-
-def package_bytes(folder: Path) -> int:
-    """Bytes on disk of the package files in ``folder`` (graph, weights, tokenizer)."""
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.suffix != ".tmp")
 
 
 def quantize_package_graph(
