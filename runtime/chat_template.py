@@ -1,4 +1,10 @@
-"""ChatML prompt rendering straight to token ids.
+"""Chat prompts as token ids: built-in ChatML, or the model's own Jinja template.
+
+:func:`load_template` picks the renderer a package asks for (``chat_template.format``):
+``jinja`` (runtime/jinja_template.py) for packages that carry their model's template,
+``chatml`` for packages without one (and packages written before templates were
+rendered). The rest of this docstring is about the built-in ChatML renderer.
+
 
 Layout::
 
@@ -22,9 +28,11 @@ tokenize differently.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from .errors import MoechatError
+from .jinja_template import SPECIAL_KEYS, JinjaTemplate, literal_text
 from .tokenizer import TextTokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -76,10 +84,22 @@ class ChatMLTemplate:
         """Ids of ``<|im_start|>assistant\\n`` (the model continues after it)."""
         return [self.im_start_id, *self.tokenizer.encode_text("assistant\n")]
 
-    def render_ids(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the whole conversation (plus the generation prompt)."""
+    def render_ids(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = True,
+        reply_ids: Mapping[int, Sequence[int]] | None = None,
+    ) -> list[int]:
+        """Token ids of the whole conversation (plus the generation prompt); ``reply_ids``
+        (message index -> generated ids) stand in for assistant replies."""
         ids: list[int] = []
-        for msg in self.with_system(messages):
+        shift = len(self.with_system(messages)) - len(messages)
+        replies = {k + shift: v for k, v in (reply_ids or {}).items()}
+        for i, msg in enumerate(self.with_system(messages)):
+            if i in replies and msg.get("role") == "assistant":
+                ids += self.generation_prompt_ids() + [int(t) for t in replies[i]]
+                ids += self.turn_end_ids()
+                continue
             ids += self.turn_ids(msg.get("role"), msg.get("content"))
         if add_generation_prompt:
             ids += self.generation_prompt_ids()
@@ -95,3 +115,44 @@ class ChatMLTemplate:
         if add_generation_prompt:
             parts.append(f"{self.im_start}assistant\n")
         return "".join(parts)
+
+    def end_of_turn(self) -> list[str]:
+        """The control token that closes a reply."""
+        return [self.im_end]
+
+
+ChatTemplate = ChatMLTemplate | JinjaTemplate
+
+
+def control_text(chat: Mapping) -> str:
+    """Text naming a package's control tokens: the template's literals, its special
+    token strings and the ChatML markers (see runtime/tokenizer.py)."""
+    parts = ["<|im_start|>", "<|im_end|>"] if chat.get("format", "chatml") == "chatml" else []
+    parts += [str(v) for v in (chat.get("special_tokens") or {}).values() if v]
+    if chat.get("format") == "jinja" and isinstance(chat.get("jinja"), str):
+        parts.append(literal_text(chat["jinja"]))
+    return "\0".join(parts)
+
+
+def load_template(chat: Mapping, tokenizer_path: Path) -> tuple[TextTokenizer, ChatTemplate]:
+    """The tokenizer (with the template's control tokens) and the renderer of a package's
+    ``chat_template`` section."""
+    if not isinstance(chat, Mapping):
+        raise MoechatError("moechat.json: chat_template must be an object")
+    fmt = chat.get("format", "chatml")
+    if fmt not in ("chatml", "jinja"):
+        raise MoechatError(f"moechat.json: unknown chat template format {fmt!r}")
+    tokenizer = TextTokenizer.from_file(tokenizer_path, control_text(chat))
+    if fmt == "chatml":
+        return tokenizer, ChatMLTemplate(tokenizer, default_system=chat.get("default_system"))
+    source = chat.get("jinja")
+    if not isinstance(source, str) or not source:
+        raise MoechatError("moechat.json: chat_template.jinja is missing")
+    specials = chat.get("special_tokens") or {}
+    if not isinstance(specials, Mapping):
+        raise MoechatError("moechat.json: chat_template.special_tokens must be an object")
+    specials = {k: str(v) for k, v in specials.items() if k in SPECIAL_KEYS and v}
+    kwargs = chat.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise MoechatError("moechat.json: chat_template.kwargs must be an object")
+    return tokenizer, JinjaTemplate(tokenizer, source, specials, dict(kwargs))

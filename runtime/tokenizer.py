@@ -1,16 +1,23 @@
 """Text <-> token ids, with user text always encoded as data.
 
-Special tokens typed by a user (e.g. ``<|im_start|>``) must never become control-token
-ids. The ``tokenizers`` library supports this directly: with
-``Tokenizer.encode_special_tokens = True`` special added tokens are not matched in the input
-and are encoded like ordinary text. The flag is set once when the tokenizer is wrapped, so
-every encode through :class:`TextTokenizer` is text-as-data; special ids are only ever
-produced explicitly via :meth:`TextTokenizer.token_id`. Added tokens that are *not* marked
-special (``special: false``) are ordinary vocabulary and are still matched.
+Control tokens typed by a user (e.g. ``<|im_start|>``) must never become control-token
+ids, whatever the tokenizer file says about them. Control tokens are the added tokens
+marked ``special`` plus every other added token (whitespace-only ones aside) whose text
+occurs in ``control_text``: the chat template's literal text and its bos/eos strings,
+the rule transformers' ``sanitize_control_tokens`` uses. GGUF files mark their chat
+tokens USER_DEFINED (``special: false``) and some tokenizer.json files do too, so the
+``special`` flag alone is not enough.
+
+Data is encoded by a second ``tokenizers.Tokenizer`` built from the same file with the
+control tokens marked special and ``encode_special_tokens = True``: the library then
+never matches them in the input and encodes them like ordinary text. Other added tokens
+(e.g. whitespace runs) stay ordinary vocabulary, as in transformers. Control ids are
+only ever produced explicitly via :meth:`TextTokenizer.token_id`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -21,16 +28,21 @@ from .errors import MoechatError
 class TextTokenizer:
     """A thin wrapper over ``tokenizers.Tokenizer`` that encodes text as data."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, control_text: str = "") -> None:
         tokenizer.encode_special_tokens = True  # mutates the given object on purpose
         self._tok = tokenizer
-        self._special: dict[str, int] = {
-            t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
+        added = tokenizer.get_added_tokens_decoder()
+        self._added = {t.content: t for t in added.values()}
+        self._control: dict[str, int] = {
+            t.content: i
+            for i, t in added.items()
+            if t.special or (t.content.strip() and t.content in control_text)
         }
+        self._data = self._data_tokenizer(added)
         self._check_data_encoding()
 
     @classmethod
-    def from_file(cls, path: Path) -> TextTokenizer:
+    def from_file(cls, path: Path, control_text: str = "") -> TextTokenizer:
         """Load ``tokenizer.json`` (or a directory containing it)."""
         path = Path(path)
         if path.is_dir():
@@ -42,23 +54,36 @@ class TextTokenizer:
         except Exception as err:  # the library raises a bare Exception
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise MoechatError(f"cannot load tokenizer {path}: {first}") from err
-        return cls(tok)
+        return cls(tok, control_text)
+
+    def _data_tokenizer(self, added: dict) -> Tokenizer:
+        """The tokenizer itself, or a copy whose non-special control tokens are special."""
+        flip = {i for i, t in added.items() if not t.special and t.content in self._control}
+        if not flip:
+            return self._tok
+        doc = json.loads(self._tok.to_str())
+        for entry in doc.get("added_tokens", []):
+            if entry.get("id") in flip:
+                entry["special"] = True
+        data = Tokenizer.from_str(json.dumps(doc))
+        data.encode_special_tokens = True
+        return data
 
     def _check_data_encoding(self) -> None:
-        for content, tid in self._special.items():
-            if tid in self._tok.encode(content, add_special_tokens=False).ids:
+        for content, tid in self._control.items():
+            if tid in self._data.encode(content, add_special_tokens=False).ids:
                 raise MoechatError(
                     "this tokenizers version cannot encode special tokens as text; "
                     "upgrade tokenizers"
                 )
 
     def encode_text(self, text: str) -> list[int]:
-        """Encode user/content text as data: typed special tokens stay plain text."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Encode user/content text as data: typed control tokens stay plain text."""
+        return self._data.encode(text, add_special_tokens=False).ids
 
     def encode_raw(self, text: str) -> list[int]:
         """Encode a ``--raw`` prompt: no BOS/post-processor tokens, still text-as-data."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._data.encode(text, add_special_tokens=False).ids
 
     def token_id(self, token: str) -> int:
         """The id of one vocabulary token (e.g. ``"<|im_end|>"``)."""
@@ -82,8 +107,13 @@ class TextTokenizer:
 
     @property
     def special_tokens(self) -> dict[str, int]:
-        """Special (control) tokens: content -> id."""
-        return dict(self._special)
+        """Control tokens (special, or named by the chat template): content -> id."""
+        return dict(self._control)
+
+    def strips(self, token: str) -> tuple[bool, bool]:
+        """(lstrip, rstrip) of an added token: whitespace it absorbs on either side."""
+        t = self._added.get(token)
+        return (bool(t.lstrip), bool(t.rstrip)) if t is not None else (False, False)
 
     @property
     def backend(self) -> Tokenizer:
