@@ -38,7 +38,7 @@ class LoadedModel:
 
 
 def _graph_variant(package: ModelPackage, provider: str) -> str | None:
-    variants = package.graph.get("variants", {})
+    variants = package.spec.graph.variants
     key = {"DmlExecutionProvider": "dml", "CUDAExecutionProvider": "cuda"}.get(provider)
     return key if key in variants else None
 
@@ -61,8 +61,7 @@ def load_model(
                 f"context cap {max_context} exceeds the model's maximum context of {package.max_context}"
             )
     context = max_context or package.max_context
-    graph = package.graph
-    arch = package.architecture
+    graph, arch = package.spec.graph, package.spec.architecture
     variant = _graph_variant(package, provider)
     graph_path = package.graph_path(variant)
     if provider == "CPUExecutionProvider":  # weights in host memory: see runtime/hugepages.py
@@ -72,34 +71,30 @@ def load_model(
     else:
         session, huge_page_bytes = create_session(graph_path, provider, threads), 0
     attention = (
-        graph.get("variant_attention", {}).get(variant, graph["attention"])
-        if variant
-        else graph["attention"]
+        graph.variant_attention.get(variant, graph.attention) if variant else graph.attention
     )
     if static_cache is None:
         static_cache = attention == "gqa"
     if static_cache and attention != "gqa":
         raise MoechatError("a static KV cache needs a GroupQueryAttention graph")
-    kv_dtype = np.float16 if graph.get("kv_dtype", "float32") == "float16" else np.float32
+    kv_dtype = np.float16 if graph.kv_dtype == "float16" else np.float32
     decoder = Decoder(
         session,
-        num_layers=arch["num_hidden_layers"],
-        kv_heads=arch["num_key_value_heads"],
-        head_dim=arch["head_dim"],
+        num_layers=arch.num_hidden_layers,
+        kv_heads=arch.num_key_value_heads,
+        head_dim=arch.head_dim,
         max_context=context,
         static_cache=static_cache,
         kv_dtype=kv_dtype,
     )
     tokenizer = TextTokenizer.from_file(package.tokenizer_path)
-    tok_meta = package.manifest["tokenizer"]
-    if tokenizer.vocab_size > arch["vocab_size"]:
+    if tokenizer.vocab_size > arch.vocab_size:
         raise MoechatError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {arch['vocab_size']}: "
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}: "
             "the tokenizer does not fit this model"
         )
-    chat = package.manifest.get("chat_template", {})
-    template = ChatMLTemplate(tokenizer, default_system=chat.get("default_system"))
-    defaults = SamplingParams.from_dict(package.manifest.get("defaults", {}))
+    template = ChatMLTemplate(tokenizer, default_system=package.spec.chat_template.default_system)
+    defaults = SamplingParams.from_dict(package.spec.defaults)
     return LoadedModel(
         package=package,
         provider=provider,
@@ -107,6 +102,6 @@ def load_model(
         tokenizer=tokenizer,
         template=template,
         defaults=defaults,
-        eos_token_ids=frozenset(tok_meta.get("eos_token_ids", [])),
+        eos_token_ids=frozenset(package.spec.tokenizer.eos_token_ids),
         huge_page_bytes=huge_page_bytes,
     )

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moechat.runtime.errors import MoechatError
+from moechat.runtime.manifest import FORMAT_VERSION as FORMAT_VERSION  # export writes it
+from moechat.runtime.manifest import Manifest, load_manifest
 
 MANIFEST = "moechat.json"
-FORMAT_VERSION = 1
-SUPPORTED_ARCHITECTURES = ("minimind", "llama")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -34,15 +33,20 @@ def package_bytes(folder: Path) -> int:
 @dataclass
 class ModelPackage:
     path: Path
-    manifest: dict[str, Any] = field(repr=False)
+    spec: Manifest  # the validated moechat.json
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """moechat.json as read (all fields, including ones this version does not know)."""
+        return self.spec.raw
 
     @property
     def name(self) -> str:
-        return self.manifest.get("name") or self.path.name
+        return self.spec.name or self.path.name
 
     @property
     def architecture(self) -> dict[str, Any]:
-        return self.manifest["architecture"]
+        return self.spec.architecture.fields
 
     @property
     def graph(self) -> dict[str, Any]:
@@ -50,20 +54,19 @@ class ModelPackage:
 
     @property
     def max_context(self) -> int:
-        return int(self.manifest["max_context"])
+        return self.spec.max_context
 
     def graph_path(self, variant: str | None = None) -> Path:
-        variants = self.graph.get("variants", {})
-        name = variants.get(variant, self.graph["file"]) if variant else self.graph["file"]
-        return self.path / name
+        graph = self.spec.graph
+        return self.path / (graph.variants.get(variant, graph.file) if variant else graph.file)
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.path / self.manifest["tokenizer"]["file"]
+        return self.path / self.spec.tokenizer.file
 
     def verify_checksums(self) -> None:
         """Compare every file against the sha256 recorded at export (slow for big files)."""
-        for name, expected in self.manifest.get("files", {}).items():
+        for name, expected in self.spec.files.items():
             f = self.path / name
             if not f.is_file():
                 raise MoechatError(f"package {self.path} is missing {name}")
@@ -83,28 +86,11 @@ def load_package(path: str | Path) -> ModelPackage:
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise MoechatError(f"{path} is not a moechat package: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MoechatError(f"{manifest_file} is corrupt: {err}") from None
-    if not isinstance(manifest, dict):
-        raise MoechatError(f"{manifest_file} is corrupt: not a JSON object")
-    for key in ("format_version", "architecture", "graph", "tokenizer", "max_context"):
-        if key not in manifest:
-            raise MoechatError(f"{manifest_file} is corrupt: no {key!r}")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise MoechatError(
-            f"{path} was written by a newer moechat (package format {manifest['format_version']})"
-        )
-    arch = manifest["architecture"].get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise MoechatError(f"unsupported architecture {arch!r} in {path}")
-    package = ModelPackage(path, manifest)
+    package = ModelPackage(path, load_manifest(manifest_file))
     for f in (package.graph_path(), package.tokenizer_path):
         if not f.is_file():
             raise MoechatError(f"package {path} is incomplete: {f.name} is missing")
     data = package.graph_path().with_name(package.graph_path().name + ".data")
-    expected = manifest.get("files", {}).get(data.name)
-    if expected is not None and not data.is_file():
+    if data.name in package.spec.files and not data.is_file():
         raise MoechatError(f"package {path} is incomplete: {data.name} is missing")
     return package

@@ -1,0 +1,203 @@
+"""moechat.json, typed: one validated tree read by :func:`load_manifest`.
+
+The file format is unchanged (``export/package.py`` writes it; docs/architecture.md,
+"moechat.json", lists its sections). Reading checks the types of the fields the runtime
+uses and raises one-line :class:`MoechatError`\\s naming the field; fields it does not
+know are tolerated (newer exports may add some) and stay readable in
+:attr:`Manifest.raw`. Records that only people read (provenance, parity, fidelity,
+demo) are kept as plain dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from moechat.runtime.errors import MoechatError
+
+FORMAT_VERSION = 1
+SUPPORTED_ARCHITECTURES = ("minimind", "llama")
+
+T = TypeVar("T")
+_MISSING: Any = object()
+_TYPE_NAMES: dict[type, str] = {
+    int: "an integer", float: "a number", str: "a string", bool: "true or false",
+    dict: "an object", list: "a list",
+}  # fmt: skip
+
+
+class _Section:
+    """Typed reads from one JSON object of the manifest, with one-line errors."""
+
+    def __init__(self, data: Any, where: str, file: Path) -> None:
+        self.where, self.file = where, file
+        if not isinstance(data, dict):
+            self.fail(f"{where} must be an object")
+        self.data: dict[str, Any] = data
+
+    def fail(self, message: str) -> None:
+        raise MoechatError(f"{self.file} is corrupt: {message}")
+
+    def get(self, key: str, kind: type[T], default: Any = _MISSING) -> T:
+        name = f"{self.where}.{key}" if self.where else key
+        if key not in self.data or (self.data[key] is None and default is not _MISSING):
+            if default is _MISSING:
+                self.fail(f"no {name!r}")
+            return cast(T, default)
+        value = self.data[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            self.fail(f"{name!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}")
+        return cast(T, value)
+
+    def section(self, key: str, required: bool = True) -> _Section:
+        where = f"{self.where}.{key}" if self.where else key
+        if key not in self.data and not required:
+            return _Section({}, where, self.file)
+        if key not in self.data:
+            self.fail(f"no {where!r}")
+        return _Section(self.data[key], where, self.file)
+
+    def int_list(self, key: str) -> list[int]:
+        values = self.get(key, list, [])
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            self.fail(f"{self.where}.{key!r} must be a list of integers")
+        return values
+
+    def str_map(self, key: str) -> dict[str, str]:
+        values = self.get(key, dict, {})
+        if not all(isinstance(v, str) for v in values.values()):
+            self.fail(f"{self.where + '.' if self.where else ''}{key!r} must map names to strings")
+        return values
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The model's shape (a ModelConfig as a dict: ``fields`` holds all of it)."""
+
+    model_type: str
+    vocab_size: int
+    num_hidden_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    use_moe: bool
+    fields: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str
+    attention: str  # "gqa" (GroupQueryAttention) or "ops"
+    dtype: str = "float32"
+    moe_impl: str | None = None
+    kv_dtype: Literal["float32", "float16"] = "float32"
+    variants: dict[str, str] = field(default_factory=dict)  # provider key -> graph file
+    variant_attention: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    file: str
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ChatTemplateSpec:
+    format: str = "chatml"
+    default_system: str | None = None
+    jinja: str | None = None  # for reference only: never executed
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    name: str | None
+    architecture: Architecture
+    graph: GraphSpec
+    tokenizer: TokenizerSpec
+    chat_template: ChatTemplateSpec
+    defaults: dict[str, Any]  # sampling defaults (SamplingParams.from_dict checks them)
+    max_context: int
+    files: dict[str, str]  # file name -> sha256
+    raw: dict[str, Any] = field(repr=False)  # the whole file, unknown fields included
+
+
+def parse_manifest(data: Any, file: Path) -> Manifest:
+    """Validate a decoded moechat.json (``file`` names it in errors)."""
+    top = _Section(data, "", file)
+    version = top.get("format_version", int)
+    if version > FORMAT_VERSION:
+        raise MoechatError(
+            f"{file.parent} was written by a newer moechat (package format {version})"
+        )
+    arch = top.section("architecture")
+    model_type = arch.get("model_type", str, "")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise MoechatError(f"unsupported architecture {model_type or None!r} in {file.parent}")
+    graph, tok, chat = (
+        top.section("graph"),
+        top.section("tokenizer"),
+        top.section("chat_template", required=False),
+    )
+    kv_dtype = graph.get("kv_dtype", str, "float32")
+    if kv_dtype not in ("float32", "float16"):
+        graph.fail(f"'graph.kv_dtype' must be float32 or float16, not {kv_dtype!r}")
+    return Manifest(
+        format_version=version,
+        name=top.get("name", str, None),
+        architecture=Architecture(
+            model_type=model_type,
+            vocab_size=arch.get("vocab_size", int),
+            num_hidden_layers=arch.get("num_hidden_layers", int),
+            num_key_value_heads=arch.get("num_key_value_heads", int),
+            head_dim=arch.get("head_dim", int),
+            use_moe=arch.get("use_moe", bool, False),
+            fields=arch.data,
+        ),
+        graph=GraphSpec(
+            file=graph.get("file", str),
+            attention=graph.get("attention", str),
+            dtype=graph.get("dtype", str, "float32"),
+            moe_impl=graph.get("moe_impl", str, None),
+            kv_dtype=cast(Literal["float32", "float16"], kv_dtype),
+            variants=graph.str_map("variants"),
+            variant_attention=graph.str_map("variant_attention"),
+            quantization=graph.get("quantization", dict, None),
+        ),
+        tokenizer=TokenizerSpec(
+            file=tok.get("file", str),
+            bos_token_id=tok.get("bos_token_id", int, None),
+            eos_token_ids=tok.int_list("eos_token_ids"),
+            pad_token_id=tok.get("pad_token_id", int, None),
+        ),
+        chat_template=ChatTemplateSpec(
+            format=chat.get("format", str, "chatml"),
+            default_system=chat.get("default_system", str, None),
+            jinja=chat.get("jinja", str, None),
+        ),
+        defaults=top.get("defaults", dict, {}),
+        max_context=top.get("max_context", int),
+        files=top.str_map("files"),
+        raw=top.data,
+    )
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read and validate ``path`` (a moechat.json); one-line MoechatError on anything wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise MoechatError(f"cannot read {path}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MoechatError(f"{path} is corrupt: {err}") from None
+    if not isinstance(data, dict):
+        raise MoechatError(f"{path} is corrupt: not a JSON object")
+    return parse_manifest(data, path)
