@@ -61,7 +61,8 @@ def _register_contrib_schemas() -> None:
                 [("num_heads", onnx.defs.OpSchema.AttrType.INT),
                  ("kv_num_heads", onnx.defs.OpSchema.AttrType.INT),
                  ("do_rotary", onnx.defs.OpSchema.AttrType.INT),
-                 ("rotary_interleaved", onnx.defs.OpSchema.AttrType.INT)],
+                 ("rotary_interleaved", onnx.defs.OpSchema.AttrType.INT),
+                 ("scale", onnx.defs.OpSchema.AttrType.FLOAT)],
             )
         )  # fmt: skip
 
@@ -131,8 +132,9 @@ def moe_standard_ops(x, router_logits, fc1, fc2, top_k: int, normalize: bool):
 
 
 def gqa_contrib(
-    q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads: int, kv_heads: int
-):
+    q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache,
+    num_heads: int, kv_heads: int, scale: float,
+):  # fmt: skip
     seqlens_k = op.Cast(
         op.Sub(
             op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0),
@@ -145,6 +147,7 @@ def gqa_contrib(
     return MSFT.GroupQueryAttention(
         q, k, v, past_k, past_v, seqlens_k, total, cos_cache, sin_cache,
         num_heads=num_heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+        scale=scale,
     )  # fmt: skip
 
 

@@ -1,19 +1,33 @@
-"""One configuration for the decoder families moechat exports.
+"""One configuration for every decoder family moechat exports.
 
-Covers MiniMind2 dense and MoE (``model_type: minimind``), MiniMind-3 checkpoints
-(``num_experts``, per-head q/k RMSNorm, no shared experts) and Llama-layout dense
-checkpoints (``model_type: llama``), with separate routed and shared expert sizes.
+A family is not a class: it is a set of values here (read from each family's
+config.json by :mod:`moechat.models.families`):
+
+- attention: q/k/v bias, q/k RMSNorm per head (Qwen3-MoE, MiniMind-3) or over the whole
+  projection (OLMoE), ``clip_qkv``, the softmax scale (Granite's attention_multiplier);
+- the router: softmax over the experts, top-k, renormalised or not. Granite's "top-k of
+  the logits, then softmax over the k" gives the same weights as a renormalised softmax,
+  so it is ``norm_topk_prob=True``;
+- shared experts: none, ``n_shared_experts`` added unweighted, or one scaled by
+  ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE);
+- the layer schedule: ``dense_layers`` are plain FFNs of ``dense_intermediate_size`` in an
+  otherwise MoE model (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers);
+- Granite's embedding / residual multipliers and logits scaling.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 from moechat.runtime.errors import MoechatError
 
-SUPPORTED_MODEL_TYPES = ("minimind", "llama")
+Family = Literal[
+    "minimind", "llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "deepseek"
+]
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = get_args(Family)
+QKNorm = Literal["none", "head", "full"]  # RMSNorm per head, or over the whole q / k width
 
 
 def minimind_intermediate_size(hidden_size: int) -> int:
@@ -23,26 +37,36 @@ def minimind_intermediate_size(hidden_size: int) -> int:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_type: str = "minimind"
+    model_type: Family = "minimind"
     vocab_size: int = 6400
     hidden_size: int = 640
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
     num_key_value_heads: int = 2
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
-    intermediate_size: int = 1728  # dense FFN and each routed expert
+    intermediate_size: int = 1728  # each routed expert, or the FFN of a dense model
     rms_norm_eps: float = 1e-5
     rope_theta: float = 1e6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True
-    qk_norm: bool = False  # MiniMind-3: RMSNorm over each head of q and k
+    qk_norm: QKNorm = "none"  # True/False (older callers) read as "head"/"none"
+    attention_bias: bool = False  # q/k/v projections with bias (Qwen2-MoE)
+    clip_qkv: float | None = None  # OLMoE: clamp q, k, v to [-c, c] after the projections
+    attention_scale: float = 0.0  # softmax scale; 0: head_dim ** -0.5
+    embedding_multiplier: float = 1.0  # Granite
+    residual_multiplier: float = 1.0  # Granite: x + f(x) * m
+    logits_scaling: float = 1.0  # Granite: logits / s
+    sliding_window: int | None = None  # attention window; contexts are capped at it
     use_moe: bool = False
     n_routed_experts: int = 4
     num_experts_per_tok: int = 2
     n_shared_experts: int = 1
     shared_intermediate_size: int = 0  # 0: intermediate_size
+    shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(gate(x))
     norm_topk_prob: bool = True
-    scoring_func: str = "softmax"
+    scoring_func: Literal["softmax"] = "softmax"
+    dense_layers: tuple[int, ...] = ()  # plain FFN layers of a MoE model
+    dense_intermediate_size: int = 0  # 0: intermediate_size
     bos_token_id: int = 1
     eos_token_id: int = 2
 
@@ -52,6 +76,11 @@ class ModelConfig:
                 f"unsupported architecture {self.model_type!r} "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        if isinstance(self.qk_norm, bool):
+            object.__setattr__(self, "qk_norm", "head" if self.qk_norm else "none")
+        if self.qk_norm not in get_args(QKNorm):
+            raise MoechatError(f"unknown qk_norm {self.qk_norm!r}")
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.shared_intermediate_size == 0:
@@ -68,61 +97,36 @@ class ModelConfig:
     def num_key_value_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    def is_moe_layer(self, index: int) -> bool:
+        return self.use_moe and index not in self.dense_layers
+
+    @property
+    def dense_ffn_size(self) -> int:
+        """FFN width of a dense layer (of a dense model, or a dense layer of a MoE model)."""
+        if not self.use_moe:
+            return self.intermediate_size
+        return self.dense_intermediate_size or self.intermediate_size
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "dense_layers" in values:
+            values["dense_layers"] = tuple(values["dense_layers"])
+        return cls(**values)
 
     def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelConfig:
-        """Read a Hugging Face ``config.json`` written by MiniMind2, MiniMind-3 or Llama."""
-        model_type = cfg.get("model_type", "minimind")
-        hidden = int(cfg.get("hidden_size", 640))
-        heads = int(cfg.get("num_attention_heads", 8))
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        inter = cfg.get("intermediate_size") or minimind_intermediate_size(hidden)
-        # MiniMind-3 / Qwen3-MoE naming: num_experts and moe_intermediate_size.
-        n_routed = int(cfg.get("n_routed_experts", cfg.get("num_experts", 0)) or 0)
-        use_moe = bool(cfg.get("use_moe", n_routed > 0 and model_type != "llama"))
-        expert_inter = int(cfg.get("moe_intermediate_size") or inter)
-        n_shared = int(cfg.get("n_shared_experts", 1 if "n_routed_experts" in cfg else 0))
-        eos = cfg.get("eos_token_id", 2)
-        if isinstance(eos, list):
-            eos = eos[0]
-        return cls(
-            model_type="llama" if model_type == "llama" else "minimind",
-            vocab_size=int(cfg.get("vocab_size", 6400)),
-            hidden_size=hidden,
-            num_hidden_layers=int(cfg.get("num_hidden_layers", 8)),
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            intermediate_size=expert_inter if use_moe else int(inter),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(cfg.get("rope_theta", 1e6)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-            qk_norm=bool(cfg.get("qk_norm", cfg.get("use_qk_norm", False))),
-            use_moe=use_moe,
-            n_routed_experts=n_routed or 4,
-            num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
-            n_shared_experts=n_shared if use_moe else 0,
-            shared_intermediate_size=int(
-                cfg.get("shared_expert_intermediate_size")
-                or cfg.get("shared_intermediate_size")
-                or inter
-            ),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-            scoring_func=str(cfg.get("scoring_func", "softmax")),
-            bos_token_id=int(cfg.get("bos_token_id", 1) or 1),
-            eos_token_id=int(eos),
-        )
+        """Read a Hugging Face ``config.json`` of any supported family."""
+        from moechat.models.families import config_from_hf
+
+        return config_from_hf(cfg)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moechat.models.config import ModelConfig, preset
+from moechat.models.families import to_internal_keys
 from moechat.models.modeling import CausalLM
 from moechat.runtime.errors import MoechatError
 
@@ -66,8 +67,12 @@ def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def build_model(
     cfg: ModelConfig, state: dict[str, torch.Tensor], max_positions: int = 4096
 ) -> CausalLM:
-    """Instantiate ``cfg`` and load ``state`` strictly (names and shapes must match)."""
-    state = normalise_keys(state)
+    """Instantiate ``cfg`` and load ``state`` strictly (names and shapes must match).
+
+    Names and shapes are checked against a model built on the meta device first, so a
+    config whose sizes disagree with the weights fails before anything is allocated.
+    """
+    state = to_internal_keys(normalise_keys(state), cfg)
     if cfg.tie_word_embeddings or "lm_head.weight" not in state:
         if "lm_head.weight" in state and "model.embed_tokens.weight" not in state:
             state["model.embed_tokens.weight"] = state["lm_head.weight"]
@@ -78,8 +83,8 @@ def build_model(
         else:
             cfg = cfg.with_changes(tie_word_embeddings=True)
             state.pop("lm_head.weight", None)
-    model = CausalLM(cfg, max_positions=max_positions)
-    expected = dict(model.state_dict())
+    with torch.device("meta"):
+        expected = dict(CausalLM(cfg, max_positions=max_positions).state_dict())
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
@@ -93,6 +98,7 @@ def build_model(
                 f"checkpoint does not match the config: {key} has shape {tuple(tensor.shape)}, "
                 f"config expects {tuple(expected[key].shape)} (wrong preset or flags?)"
             )
+    model = CausalLM(cfg, max_positions=max_positions)
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings)
     return model.eval()
 
@@ -105,13 +111,34 @@ def load_hf_folder(folder: Path, max_positions: int = 4096) -> LoadedCheckpoint:
         cfg = ModelConfig.from_hf_config(json.loads(config_file.read_text(encoding="utf-8")))
     except json.JSONDecodeError as err:
         raise MoechatError(f"{config_file} is not valid JSON: {err}") from None
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
-    if not files:
-        raise MoechatError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    files = weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(read_state_dict(f))
     return LoadedCheckpoint(cfg, build_model(cfg, state, max_positions), folder, files, folder)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards an index names, or every weight file."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if not index.is_file():
+            continue
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise MoechatError(f"{index} is not a valid shard index: {err}") from None
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise MoechatError(f"{index} names a shard outside the folder: {name!r}")
+            if not (folder / name).is_file():
+                raise MoechatError(f"{index} names a missing shard: {name}")
+        return [folder / name for name in names]
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise MoechatError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    return files
 
 
 def load_pth(path: Path, cfg: ModelConfig, max_positions: int = 4096) -> LoadedCheckpoint:

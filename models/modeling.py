@@ -1,7 +1,8 @@
-"""PyTorch reference decoder for MiniMind2 / MiniMind-3 (dense and MoE) and Llama layouts.
+"""PyTorch reference decoder for every supported family (see ``moechat.models.config``).
 
-Parameter names follow MiniMind's own code (and Hugging Face Llama), so checkpoints
-load with a plain ``load_state_dict``. Used for export and parity only.
+Parameter names follow MiniMind's own code (and Hugging Face Llama); other families'
+checkpoints are renamed to them by ``moechat.models.families``. Used for export and
+parity only.
 
 The forward signature is the ONNX graph's (see docs/architecture.md):
 ``forward(input_ids, attention_mask, logits_positions, *past) -> (logits, *present)``
@@ -46,31 +47,44 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
-        if cfg.qk_norm:
+        q_width, kv_width = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_width, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_width, bias=bias)
+        self.o_proj = nn.Linear(q_width, cfg.hidden_size, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
+        elif cfg.qk_norm == "full":  # OLMoE: over the whole projection, before the split
+            self.q_norm = RMSNorm(q_width, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_width, cfg.rms_norm_eps)
+        self.clip_qkv = cfg.clip_qkv
+        self.scale = cfg.attention_scale  # 0: head_dim ** -0.5, as the contrib op reads it
         self.use_contrib_op = True  # the exporter flips this for the standard-op variant
 
     def forward(self, x, attention_mask, past_k, past_v, cos_cache, sin_cache):
         b, s, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.qk_norm:
+        if self.qk_norm == "head":
             q = self.q_norm(q.view(b, s, self.num_heads, self.head_dim)).view(b, s, -1)
             k = self.k_norm(k.view(b, s, self.kv_heads, self.head_dim)).view(b, s, -1)
+        elif self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         if self.use_contrib_op:
             out, pk, pv = ops.gqa_attention(
                 q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache,
-                self.num_heads, self.kv_heads,
+                self.num_heads, self.kv_heads, self.scale,
             )  # fmt: skip
         else:
             out, pk, pv = ops.attention_with_cache(
-                q, k, v, past_k, past_v, cos_cache, sin_cache, self.num_heads, self.kv_heads
-            )
+                q, k, v, past_k, past_v, cos_cache, sin_cache,
+                self.num_heads, self.kv_heads, self.scale,
+            )  # fmt: skip
         return self.o_proj(out), pk, pv
 
 
@@ -112,6 +126,10 @@ class MoEFeedForward(nn.Module):
             FeedForward(cfg.hidden_size, cfg.shared_intermediate_size)
             for _ in range(cfg.n_shared_experts)
         )
+        # Qwen2-MoE scales its shared expert by sigmoid(shared_expert_gate(x)).
+        self.shared_expert_gate = (
+            nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
+        )
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._pack_key: tuple | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -142,36 +160,45 @@ class MoEFeedForward(nn.Module):
         flat = x.reshape(-1, shape[-1])
         fc1, fc2 = self._packed_weights()
         y = ops.moe_routed(flat, self.gate(flat), fc1, fc2, self.top_k, self.normalize)
-        for shared in self.shared_experts:
-            y = y + shared(flat)
+        if self.shared_experts:
+            shared = sum(expert(flat) for expert in self.shared_experts)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            y = y + shared
         return y.reshape(shape)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = (
+        self.mlp: nn.Module = (
             MoEFeedForward(cfg)
-            if cfg.use_moe
-            else FeedForward(cfg.hidden_size, cfg.intermediate_size)
+            if cfg.is_moe_layer(index)
+            else FeedForward(cfg.hidden_size, cfg.dense_ffn_size)
         )
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def _residual(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        if self.residual_multiplier != 1.0:  # Granite
+            update = update * self.residual_multiplier
+        return x + update
 
     def forward(self, x, attention_mask, past_k, past_v, cos_cache, sin_cache):
         h, pk, pv = self.self_attn(
             self.input_layernorm(x), attention_mask, past_k, past_v, cos_cache, sin_cache
         )
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), pk, pv
+        x = self._residual(x, h)
+        return self._residual(x, self.mlp(self.post_attention_layernorm(x))), pk, pv
 
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -194,7 +221,10 @@ class CausalLM(nn.Module):
             layer.self_attn.use_contrib_op = use_contrib_op
 
     def forward(self, input_ids, attention_mask, logits_positions, *past):
+        cfg = self.config
         x = self.model.embed_tokens(input_ids)
+        if cfg.embedding_multiplier != 1.0:  # Granite
+            x = x * cfg.embedding_multiplier
         presents = []
         for i, layer in enumerate(self.model.layers):
             x, pk, pv = layer(
@@ -202,7 +232,10 @@ class CausalLM(nn.Module):
             )
             presents += [pk, pv]
         x = self.model.norm(torch.index_select(x, 1, logits_positions))
-        return (self.lm_head(x), *presents)
+        logits = self.lm_head(x)
+        if cfg.logits_scaling != 1.0:  # Granite
+            logits = logits / cfg.logits_scaling
+        return (logits, *presents)
 
     def empty_cache(self, batch: int = 1) -> list[torch.Tensor]:
         cfg = self.config

@@ -83,10 +83,12 @@ def attention_with_cache(
     sin_cache: torch.Tensor,
     num_heads: int,
     kv_heads: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-torch causal GQA: q [B,S,N*D], k/v [B,S,Nkv*D], past [B,Nkv,P,D].
 
-    Returns (out [B,S,N*D], present_k, present_v [B,Nkv,P+S,D]). Exported as standard
+    ``scale`` is the softmax scale (0: ``D ** -0.5``). Returns (out [B,S,N*D], present_k,
+    present_v [B,Nkv,P+S,D]). Exported as standard
     ONNX ops for providers without GroupQueryAttention.
     """
     b, s, _ = q.shape
@@ -107,7 +109,7 @@ def attention_with_cache(
     values = (
         present_v[:, :, None].expand(b, kv_heads, groups, total, d).reshape(b, num_heads, total, d)
     )
-    scores = (q @ keys.transpose(-1, -2)) * (d**-0.5)
+    scores = (q @ keys.transpose(-1, -2)) * (scale or d**-0.5)
     future = torch.arange(total, device=q.device)[None, :] > positions[:, None]
     scores = scores.float().masked_fill(future, float("-inf"))
     out = torch.softmax(scores, dim=-1).to(q.dtype) @ values
@@ -126,16 +128,19 @@ def gqa_attention(
     sin_cache: torch.Tensor,
     num_heads: int,
     kv_heads: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same as :func:`attention_with_cache`; lowered to com.microsoft.GroupQueryAttention.
 
     ``attention_mask`` [B, P+S] (all ones) carries the total length the contrib op needs.
     """
-    return attention_with_cache(q, k, v, past_k, past_v, cos_cache, sin_cache, num_heads, kv_heads)
+    return attention_with_cache(
+        q, k, v, past_k, past_v, cos_cache, sin_cache, num_heads, kv_heads, scale
+    )
 
 
 @gqa_attention.register_fake
-def _(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads, kv_heads):
+def _(q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache, num_heads, kv_heads, scale):
     b, s, _ = q.shape
     shape = (b, kv_heads, past_k.shape[2] + s, past_k.shape[3])
     return torch.empty_like(q), past_k.new_empty(shape), past_v.new_empty(shape)
