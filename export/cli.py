@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from moechat.export.int8.fidelity import threshold_misses
 from moechat.export.int8.step import SIZE_RATIO_MAX
-from moechat.export.package import ExportOptions, export_package
+from moechat.export.options import ExportOptions
+from moechat.export.package import export_package
 from moechat.models.loading import load_checkpoint
 from moechat.runtime.evaluate import read_text_file
 
 
-def progress_printer():
+def progress_printer() -> Callable[[str], None]:
     start = time.perf_counter()
 
     def report(message: str) -> None:
@@ -23,19 +26,21 @@ def progress_printer():
     return report
 
 
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    """The ``moechat export`` command line (app/cli.py's parser) as ExportOptions."""
+    return ExportOptions(
+        moe_impl=args.moe_impl, attention=args.attention, max_context=args.max_context,
+        name=args.name, force=args.force, int8=args.int8, int8_matmuls=args.int8_matmuls,
+        int8_block=args.int8_block, int8_residual_pass=args.int8_residual_pass,
+        heldout=Path(args.heldout) if args.heldout else None, variants=tuple(args.variant),
+        fp16=args.fp16,
+    )  # fmt: skip
+
+
 def run_export(args: argparse.Namespace) -> int:
     report = progress_printer()
     max_positions = max(args.max_context or 4096, 4096)
-    heldout = getattr(args, "heldout", None)
-    options = ExportOptions(
-        moe_impl=args.moe_impl, attention=args.attention, max_context=args.max_context,
-        name=args.name, force=args.force, int8=getattr(args, "int8", False),
-        int8_matmuls=getattr(args, "int8_matmuls", None),
-        int8_block=getattr(args, "int8_block", None),
-        int8_residual_pass=getattr(args, "int8_residual_pass", False),
-        heldout=Path(heldout) if heldout else None,
-        variants=tuple(getattr(args, "variant", ())), fp16=getattr(args, "fp16", False),
-    )  # fmt: skip
+    options = options_from_args(args)
     if options.heldout is not None:
         read_text_file(options.heldout)  # fail before the slow part
     report(f"loading {args.source}")
@@ -52,7 +57,7 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_int8_summary(manifest: dict) -> None:
+def print_int8_summary(manifest: dict[str, Any]) -> None:
     """Sizes and fidelity on stdout; a loud warning on stderr when a threshold is missed."""
     q, f = manifest["graph"]["quantization"], manifest["fidelity"]
     print(
@@ -87,7 +92,7 @@ def print_int8_summary(manifest: dict) -> None:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def _residual_pass_would_help(quantization: dict) -> bool:
+def _residual_pass_would_help(quantization: dict[str, Any]) -> bool:
     """MatMulNBits matmuls without the residual pass (``export.int8.residual_pass``)."""
     matmuls = quantization.get("matmuls", "")
     return matmuls.startswith("MatMulNBits") and "second pass" not in matmuls

@@ -38,7 +38,8 @@ from moechat.export.demo.calibration import load_text, paragraphs, token_sequenc
 from moechat.export.demo.moefy import MoefyOptions, moefy, perplexity
 from moechat.export.int8.fidelity import heldout_text, threshold_misses
 from moechat.export.int8.step import calibration_text
-from moechat.export.package import ExportOptions, export_package
+from moechat.export.options import ExportOptions
+from moechat.export.package import export_package
 from moechat.models.gguf import load_gguf
 from moechat.models.loading import LoadedCheckpoint
 from moechat.runtime.errors import MoechatError
