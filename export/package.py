@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime
@@ -20,61 +21,207 @@ import torch
 
 import moechat
 from moechat.export.onnx_graph import export_decoder
-from moechat.export.options import ExportOptions
 from moechat.export.parity import DECODE_STEPS, cpu_decoder, measure_parity, parity_prompts
 from moechat.models.loading import LoadedCheckpoint
+from moechat.runtime.chat_template import describe_template
 from moechat.runtime.errors import MoechatError
+from moechat.runtime.jinja_template import SPECIAL_KEYS
 from moechat.runtime.package import FORMAT_VERSION, MANIFEST, sha256_file
 from moechat.runtime.tokenizer import TextTokenizer
 
 PARITY_TOLERANCE = 1e-4  # max |Δlogit| relative to the logit scale, fp32
 QUICK_DECODE_STEPS = 8
 DEFAULT_SYSTEM = "You are a helpful assistant"
-CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+@dataclass
+class ExportOptions:
+    moe_impl: str | None = None  # None: "contrib" (fp32) or INT8_DEFAULT_MOE (int8)
+    attention: str = "gqa"
+    max_context: int | None = None
+    name: str | None = None
+    force: bool = False
+    defaults: dict = field(default_factory=dict)
+    extra_manifest: dict = field(default_factory=dict)
+    int8: bool = False
+    int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
+    int8_block: int | None = None  # MatMulNBits block (default: default_nbits_block)
+    int8_residual_pass: bool = False  # export.int8.residual_pass (slower, more accurate)
+    heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
+    variants: tuple[str, ...] = ()  # extra per-provider graphs: "dml"
+    fp16: bool = False  # float16 graph and KV cache (for CUDA)
+    quick_parity: bool = False  # 2 prompts x 8 decode steps instead of 6 x 16 (the demo)
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+        if self.moe_impl is None:
+            self.moe_impl = INT8_DEFAULT_MOE if self.int8 else "contrib"
+
+    @property
+    def fp32_moe_impl(self) -> str:
+        """The lowering of the traced fp32 graph (QMoE is rewritten from the MoE op)."""
+        return "contrib" if self.moe_impl == "qmoe" else self.moe_impl
+
+
+INT8_DEFAULT_MOE = "qmoe"  # measured fastest on CPU at decode: docs/benchmarks.md
+
+
+def validate_options(options: ExportOptions) -> None:
+    """Reject option combinations that only make sense for fp32 (or only for int8)."""
+    if options.fp16 and options.int8:
+        raise MoechatError("--fp16 and --int8 are alternatives: choose one")
+    if options.fp16 and options.variants:
+        raise MoechatError("--variant adds float32 graphs; it does not combine with --fp16")
+    if options.int8:
+        if options.int8_block is not None and options.int8_matmuls == "dynamic":
+            raise MoechatError(
+                "--int8-block sets MatMulNBits blocks: not with --int8-matmuls dynamic"
+            )
+        if options.int8_residual_pass and options.int8_matmuls == "dynamic":
+            raise MoechatError(
+                "--int8-residual-pass is a second MatMulNBits pass: not with --int8-matmuls dynamic"
+            )
+        if options.moe_impl == "contrib":
+            raise MoechatError(
+                "--moe-impl contrib is the fp32 MoE op; with --int8 use qmoe (int8 MoE op) or ops"
+            )
+    else:
+        if options.moe_impl == "qmoe":
+            raise MoechatError("--moe-impl qmoe is the int8 MoE op: it needs --int8")
+        int8_only = (
+            ("--heldout", options.heldout),
+            ("--int8-matmuls", options.int8_matmuls),
+            ("--int8-block", options.int8_block),
+            ("--int8-residual-pass", options.int8_residual_pass or None),
+        )
+        for flag, value in int8_only:
+            if value is not None:
+                raise MoechatError(f"{flag} only applies to --int8 exports")
+
+
+def _tokenizer_config(tokenizer_dir: Path | None) -> dict:
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer_config.json").is_file():
+        return {}
+    try:
+        cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MoechatError(f"tokenizer_config.json is not valid JSON: {err}") from None
+    if not isinstance(cfg, dict):
+        raise MoechatError("tokenizer_config.json is not a JSON object")
+    return cfg
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _template_source(tokenizer_dir: Path | None) -> tuple[str | None, str]:
+    """(Jinja text or None, where it came from): chat_template.jinja (what transformers
+    writes now) or tokenizer_config.json's ``chat_template`` (a string, or named templates:
+    the one named "default")."""
+    if tokenizer_dir is not None and (tokenizer_dir / "chat_template.jinja").is_file():
+        try:
+            return (tokenizer_dir / "chat_template.jinja").read_text(
+                encoding="utf-8"
+            ), "chat_template.jinja"
+        except UnicodeDecodeError:
+            raise MoechatError("chat_template.jinja is not UTF-8 text") from None
+    template = _tokenizer_config(tokenizer_dir).get("chat_template")
+    if isinstance(template, list):  # several named templates
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise MoechatError(
+                "tokenizer_config.json has named chat templates but none named 'default' "
+                f"(found: {', '.join(map(str, named))})"
+            )
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise MoechatError("tokenizer_config.json: chat_template must be a string")
+    return template or None, "tokenizer_config.json"
+
+
+def chat_template_meta(tokenizer_dir: Path | None) -> dict:
+    """moechat.json's ``chat_template``: the model's own template (rendered in a sandbox
+    at run time, never executed here), or built-in ChatML when the model has none."""
+    source, origin = _template_source(tokenizer_dir)
+    cfg = _tokenizer_config(tokenizer_dir)
+    specials = {k: t for k in SPECIAL_KEYS if (t := _token_text(cfg.get(k)))}
+    if tokenizer_dir is None:
+        raise MoechatError("no tokenizer folder")
+    return describe_template(source, origin, specials, tokenizer_dir / "tokenizer.json")
 
 
 def _chat_template(tokenizer_dir: Path | None) -> tuple[str | None, str]:
-    """(jinja template text or None, default system prompt) from tokenizer_config.json."""
-    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer_config.json").is_file():
-        return None, DEFAULT_SYSTEM
-    try:
-        cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise MoechatError(f"tokenizer_config.json is not valid JSON: {err}") from None
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # several named templates
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    """(Jinja text or None, ChatML default system prompt): for the demo build's chats."""
+    source, _ = _template_source(tokenizer_dir)
     system = DEFAULT_SYSTEM
-    if template:
-        if "<|im_start|>" not in template:
-            raise MoechatError(
-                "the tokenizer's chat template is not ChatML; moechat supports ChatML models"
-            )
-        # after "system": an escaped newline in a jinja string, or a real one (GGUF)
-        found = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}+\\\n]+)<\|im_end\|>", template)
+    if source:  # after "system": an escaped newline in a jinja string, or a real one (GGUF)
+        found = re.search(r"<\|im_start\|>system(?:\\n|\n)([^'\"{}+\\\n]+)<\|im_end\|>", source)
         if found:
             system = found.group(1)
-    return template, system
+    return source, system
 
 
-def _check_tokenizer(tokenizer: TextTokenizer, vocab_size: int) -> dict:
+def _eos_ids(folders: list[Path]) -> list[int]:
+    """eos_token_id (an int or a list) of generation_config.json, then config.json."""
+    ids: list[int] = []
+    for folder in folders:
+        for name in ("generation_config.json", "config.json"):
+            try:
+                doc = json.loads((folder / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            value = doc.get("eos_token_id") if isinstance(doc, dict) else None
+            values = value if isinstance(value, list) else [value]
+            ids += [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return ids
+
+
+def _check_tokenizer(
+    tokenizer: TextTokenizer, vocab_size: int, chat: dict, folders: list[Path]
+) -> dict:
+    """The tokenizer section: stop ids are the template's end-of-turn token, the eos
+    token of tokenizer_config.json and the eos ids of generation_config/config.json."""
     if tokenizer.vocab_size > vocab_size:
         raise MoechatError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is {vocab_size}: "
             "they do not belong together"
         )
-    ids = {t: tokenizer.token_id(t) for t in CHATML_TOKENS}  # raises when missing
-    eos = [ids["<|im_end|>"]]
-    try:
-        pad = tokenizer.token_id("<|endoftext|>")
-        eos.append(pad)
-    except MoechatError:
-        pad = eos[0]
+    specials = chat.get("special_tokens") or {}
+    names = list(chat["end_of_turn"])
+    if chat["format"] == "chatml":
+        names.append("<|endoftext|>")  # MiniMind's end of text, where the vocabulary has it
+    if specials.get("eos_token"):
+        names.append(specials["eos_token"])
+    stops: list[int] = []
+    for name in names:
+        tid = tokenizer.backend.token_to_id(name)
+        if tid is not None and tid not in stops:
+            stops.append(tid)
+    stops += [i for i in _eos_ids(folders) if 0 <= i < vocab_size and i not in stops]
+    if not stops:
+        raise MoechatError(
+            "cannot tell where a reply ends: the chat template writes no end-of-turn token "
+            "and no eos token is configured"
+        )
+
+    def token(key: str) -> int | None:
+        return tokenizer.backend.token_to_id(specials[key]) if specials.get(key) else None
+
+    bos = token("bos_token")
+    if chat["format"] == "chatml" and bos is None:
+        bos = tokenizer.token_id("<|im_start|>")
+    pad = token("pad_token")
+    if pad is None:
+        pad = tokenizer.backend.token_to_id("<|endoftext|>")
     return {
         "file": "tokenizer.json",
-        "bos_token_id": ids["<|im_start|>"],
-        "eos_token_ids": eos,
-        "pad_token_id": pad,
+        "bos_token_id": bos,
+        "eos_token_ids": stops,
+        "pad_token_id": stops[0] if pad is None else pad,
     }
 
 
@@ -96,8 +243,11 @@ def export_package(
         )
     cfg = ckpt.config
     tokenizer = TextTokenizer.from_file(tokenizer_dir / "tokenizer.json")
-    tokenizer_meta = _check_tokenizer(tokenizer, cfg.vocab_size)
-    jinja, default_system = _chat_template(tokenizer_dir)
+    chat = chat_template_meta(tokenizer_dir)
+    source = Path(ckpt.source)
+    folders = [source] if source.is_dir() else []
+    folders += [tokenizer_dir] if tokenizer_dir not in folders else []
+    tokenizer_meta = _check_tokenizer(tokenizer, cfg.vocab_size, chat, folders)
     max_context = options.max_context or min(cfg.max_position_embeddings, 4096)
     if max_context > ckpt.model.cos_cache.shape[0]:
         raise MoechatError(
@@ -132,7 +282,7 @@ def export_package(
                 f"parity check failed: max |Δlogit| {report.max_abs_diff:.3g} is "
                 f"{report.relative:.2g} of the logit scale {report.logit_scale:.3g} (limit {PARITY_TOLERANCE})"
             )
-        manifest = build_manifest(ckpt, options, tokenizer_meta, jinja, default_system, max_context)
+        manifest = build_manifest(ckpt, options, tokenizer_meta, chat, max_context)
         manifest["parity"] = {
             "reference": "pytorch-fp32",
             **report.to_dict(),
@@ -218,8 +368,8 @@ def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None
 
 
 def build_manifest(
-    ckpt: LoadedCheckpoint, options: ExportOptions, tokenizer_meta: dict, jinja: str | None,
-    default_system: str, max_context: int,
+    ckpt: LoadedCheckpoint, options: ExportOptions, tokenizer_meta: dict, chat: dict,
+    max_context: int,
 ) -> dict:  # fmt: skip
     cfg = ckpt.config
     sources = [str(p) for p in ckpt.weight_files]
@@ -239,7 +389,7 @@ def build_manifest(
             "outputs": "logits, present.{i}.{key,value}",
         },
         "tokenizer": tokenizer_meta,
-        "chat_template": {"format": "chatml", "default_system": default_system, "jinja": jinja},
+        "chat_template": chat,
         "defaults": {
             "temperature": 0.7,
             "top_p": 0.9,

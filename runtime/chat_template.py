@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .errors import MoechatError
 from .jinja_template import SPECIAL_KEYS, JinjaTemplate, literal_text
+from .manifest import ChatTemplateSpec
 from .tokenizer import TextTokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -124,35 +125,108 @@ class ChatMLTemplate:
 ChatTemplate = ChatMLTemplate | JinjaTemplate
 
 
-def control_text(chat: Mapping) -> str:
+def control_text(chat: ChatTemplateSpec) -> str:
     """Text naming a package's control tokens: the template's literals, its special
     token strings and the ChatML markers (see runtime/tokenizer.py)."""
-    parts = ["<|im_start|>", "<|im_end|>"] if chat.get("format", "chatml") == "chatml" else []
-    parts += [str(v) for v in (chat.get("special_tokens") or {}).values() if v]
-    if chat.get("format") == "jinja" and isinstance(chat.get("jinja"), str):
-        parts.append(literal_text(chat["jinja"]))
+    parts = ["<|im_start|>", "<|im_end|>"] if chat.format == "chatml" else []
+    parts += [v for v in chat.special_tokens.values() if v]
+    if chat.format == "jinja" and chat.jinja:
+        parts.append(literal_text(chat.jinja))
     return "\0".join(parts)
 
 
-def load_template(chat: Mapping, tokenizer_path: Path) -> tuple[TextTokenizer, ChatTemplate]:
+def load_template(
+    chat: ChatTemplateSpec, tokenizer_path: Path
+) -> tuple[TextTokenizer, ChatTemplate]:
     """The tokenizer (with the template's control tokens) and the renderer of a package's
     ``chat_template`` section."""
-    if not isinstance(chat, Mapping):
-        raise MoechatError("moechat.json: chat_template must be an object")
-    fmt = chat.get("format", "chatml")
-    if fmt not in ("chatml", "jinja"):
-        raise MoechatError(f"moechat.json: unknown chat template format {fmt!r}")
     tokenizer = TextTokenizer.from_file(tokenizer_path, control_text(chat))
-    if fmt == "chatml":
-        return tokenizer, ChatMLTemplate(tokenizer, default_system=chat.get("default_system"))
-    source = chat.get("jinja")
-    if not isinstance(source, str) or not source:
+    if chat.format == "chatml":
+        return tokenizer, ChatMLTemplate(tokenizer, default_system=chat.default_system)
+    if not chat.jinja:
         raise MoechatError("moechat.json: chat_template.jinja is missing")
-    specials = chat.get("special_tokens") or {}
-    if not isinstance(specials, Mapping):
-        raise MoechatError("moechat.json: chat_template.special_tokens must be an object")
-    specials = {k: str(v) for k, v in specials.items() if k in SPECIAL_KEYS and v}
-    kwargs = chat.get("kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        raise MoechatError("moechat.json: chat_template.kwargs must be an object")
-    return tokenizer, JinjaTemplate(tokenizer, source, specials, dict(kwargs))
+    specials = {k: v for k, v in chat.special_tokens.items() if k in SPECIAL_KEYS and v}
+    return tokenizer, JinjaTemplate(tokenizer, chat.jinja, specials, dict(chat.kwargs))
+
+
+def _family(source: str) -> str:
+    """A name for the template's format, for ``moechat info`` (display only)."""
+    for marker, name in (
+        ("<think>", "qwen3 (ChatML with thinking)"),
+        ("<|im_start|>", "chatml"),
+        ("[INST]", "mistral [INST]"),
+        ("<|start_of_role|>", "granite roles"),
+        ("<|user|>", "tulu <|user|>/<|assistant|>"),
+        ("Assistant:", "deepseek User:/Assistant:"),
+    ):
+        if marker in source:
+            return name
+    return "jinja"
+
+
+_PROBES = (
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": " two\n\nlines \n"}],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "  b  "},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d\n"},
+    ],
+)
+
+
+def _as_chatml(template: JinjaTemplate) -> ChatMLTemplate | None:
+    """The built-in ChatML renderer when it renders exactly what ``template`` does."""
+    tok = template.tokenizer
+    try:
+        head = template.render_text([{"role": "user", "content": "hi"}], False)
+        chatml = ChatMLTemplate(tok, default_system=None)
+    except MoechatError:
+        return None
+    if head.startswith("<|im_start|>system\n") and head.endswith(
+        "<|im_start|>user\nhi<|im_end|>\n"
+    ):
+        system = head[
+            len("<|im_start|>system\n") : -len("<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n")
+        ]
+        chatml = ChatMLTemplate(tok, default_system=system)
+    try:
+        for probe in _PROBES:
+            for gen in (True, False):
+                if template.render_text(probe, gen) != chatml.render_text(probe, gen):
+                    return None
+    except MoechatError:
+        return None
+    return chatml
+
+
+def describe_template(
+    source: str | None, origin: str, special_tokens: Mapping[str, str], tokenizer_path: Path
+) -> dict:
+    """moechat.json's ``chat_template`` section for a model's template (None: ChatML).
+
+    A template that renders exactly as ChatML (MiniMind, Qwen1.5/2) keeps the built-in
+    ChatML renderer (format ``chatml``, with the template's default system prompt); any
+    other is stored for the Jinja renderer (format ``jinja``). ``end_of_turn`` is the
+    control token the template writes after a reply: the runtime stops on it.
+    """
+    specials = {k: v for k, v in special_tokens.items() if k in SPECIAL_KEYS and v}
+    if not source:
+        meta = {"format": "chatml", "source": "built-in", "default_system": DEFAULT_SYSTEM}
+        load_template(ChatTemplateSpec(default_system=DEFAULT_SYSTEM), tokenizer_path)
+        return {**meta, "family": "chatml", "jinja": None, "end_of_turn": ["<|im_end|>"]}
+    meta = {"format": "jinja", "jinja": source, "special_tokens": specials}
+    spec = ChatTemplateSpec(format="jinja", jinja=source, special_tokens=specials)
+    _, template = load_template(spec, tokenizer_path)
+    template.render_ids([{"role": "user", "content": "hi"}])  # it renders, tokens exist
+    end = template.end_of_turn()
+    chatml = _as_chatml(template)
+    if chatml is not None:
+        meta = {"format": "chatml", "default_system": chatml.default_system, "jinja": source}
+        meta["special_tokens"] = specials
+    family = "chatml" if chatml is not None else _family(source)
+    return {**meta, "source": origin, "family": family, "end_of_turn": end}
+
+
+DEFAULT_SYSTEM = "You are a helpful assistant"

@@ -110,9 +110,17 @@ class TokenizerSpec:
 
 @dataclass(frozen=True)
 class ChatTemplateSpec:
-    format: str = "chatml"
+    """How prompts are rendered: built-in ChatML, or the model's Jinja template (rendered
+    in a sandbox, runtime/jinja_template.py). ``jinja`` is only rendered for ``jinja``."""
+
+    format: Literal["chatml", "jinja"] = "chatml"
     default_system: str | None = None
-    jinja: str | None = None  # for reference only: never executed
+    jinja: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token -> "<s>" ...
+    kwargs: dict[str, Any] = field(default_factory=dict)  # template variables
+    end_of_turn: list[str] = field(default_factory=list)  # the control token after a reply
+    source: str | None = None  # tokenizer_config.json, chat_template.jinja, built-in
+    family: str | None = None  # the format's name, for moechat info
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,28 @@ class Manifest:
     max_context: int
     files: dict[str, str]  # file name -> sha256
     raw: dict[str, Any] = field(repr=False)  # the whole file, unknown fields included
+
+
+def _chat_template(chat: _Section) -> ChatTemplateSpec:
+    fmt = chat.get("format", str, "chatml")
+    if fmt not in ("chatml", "jinja"):
+        chat.fail(f"'chat_template.format' must be chatml or jinja, not {fmt!r}")
+    jinja = chat.get("jinja", str, None)
+    if fmt == "jinja" and not jinja:
+        chat.fail("'chat_template.jinja' is missing")
+    end = chat.get("end_of_turn", list, [])
+    if not all(isinstance(t, str) for t in end):
+        chat.fail("'chat_template.end_of_turn' must be a list of strings")
+    return ChatTemplateSpec(
+        format=cast(Literal["chatml", "jinja"], fmt),
+        default_system=chat.get("default_system", str, None),
+        jinja=jinja,
+        special_tokens=chat.str_map("special_tokens"),
+        kwargs=chat.get("kwargs", dict, {}),
+        end_of_turn=end,
+        source=chat.get("source", str, None),
+        family=chat.get("family", str, None),
+    )
 
 
 def parse_manifest(data: Any, file: Path) -> Manifest:
@@ -177,11 +207,7 @@ def parse_manifest(data: Any, file: Path) -> Manifest:
             eos_token_ids=tok.int_list("eos_token_ids"),
             pad_token_id=tok.get("pad_token_id", int, None),
         ),
-        chat_template=ChatTemplateSpec(
-            format=chat.get("format", str, "chatml"),
-            default_system=chat.get("default_system", str, None),
-            jinja=chat.get("jinja", str, None),
-        ),
+        chat_template=_chat_template(chat),
         defaults=top.get("defaults", dict, {}),
         max_context=top.get("max_context", int),
         files=top.str_map("files"),

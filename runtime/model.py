@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from moechat.runtime import hugepages
-from moechat.runtime.chat_template import ChatMLTemplate
+from moechat.runtime.chat_template import ChatTemplate, load_template
 from moechat.runtime.decoder import Decoder
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.package import ModelPackage, load_package
@@ -23,7 +23,7 @@ class LoadedModel:
     provider: str
     decoder: Decoder
     tokenizer: TextTokenizer
-    template: ChatMLTemplate
+    template: ChatTemplate
     defaults: SamplingParams
     eos_token_ids: frozenset[int]
     huge_page_bytes: int = 0  # weights moved onto transparent huge pages (runtime/hugepages.py)
@@ -87,13 +87,12 @@ def load_model(
         static_cache=static_cache,
         kv_dtype=kv_dtype,
     )
-    tokenizer = TextTokenizer.from_file(package.tokenizer_path)
+    tokenizer, template = load_template(package.spec.chat_template, package.tokenizer_path)
     if tokenizer.vocab_size > arch.vocab_size:
         raise MoechatError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}: "
             "the tokenizer does not fit this model"
         )
-    template = ChatMLTemplate(tokenizer, default_system=package.spec.chat_template.default_system)
     defaults = SamplingParams.from_dict(package.spec.defaults)
     return LoadedModel(
         package=package,

@@ -16,6 +16,7 @@ from tokenizers import AddedToken
 from moechat.runtime.chat_template import load_template
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.jinja_template import JinjaTemplate
+from moechat.runtime.manifest import ChatTemplateSpec
 
 from tokenizer_factory import build_tiny_tokenizer
 
@@ -54,10 +55,12 @@ def make_folder(folder: Path, family: str, special_flag: bool = True) -> Path:
     return folder
 
 
-def chat_meta(family: str) -> dict:
+def chat_meta(family: str, **kwargs) -> ChatTemplateSpec:
     fx = fixture(family)
     specials = {k: fx[k] for k in ("bos_token", "eos_token", "pad_token") if fx.get(k)}
-    return {"format": "jinja", "jinja": fx["chat_template"], "special_tokens": specials}
+    return ChatTemplateSpec(
+        format="jinja", jinja=fx["chat_template"], special_tokens=specials, kwargs=kwargs
+    )
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -98,8 +101,7 @@ def test_qwen3_thinking_and_reasoning(tmp_path: Path) -> None:
         {"role": "user", "content": "and 3+3?"},
     ]
     for kwargs in ({}, {"enable_thinking": False}):
-        meta = {**chat_meta("qwen3"), "kwargs": kwargs}
-        _, template = load_template(meta, folder / "tokenizer.json")
+        _, template = load_template(chat_meta("qwen3", **kwargs), folder / "tokenizer.json")
         expected = hf.apply_chat_template(
             msgs, add_generation_prompt=True, return_dict=False, **kwargs
         )
@@ -175,14 +177,12 @@ def test_template_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(MoechatError, match="must be a string"):
         template.render_ids([{"role": "user", "content": None}])
     with pytest.raises(MoechatError, match="not valid Jinja"):
-        load_template({"format": "jinja", "jinja": "{% for %}"}, folder / "tokenizer.json")
-    with pytest.raises(MoechatError, match="unknown chat template format"):
-        load_template({"format": "alpaca"}, folder / "tokenizer.json")
+        load_template(ChatTemplateSpec("jinja", jinja="{% for %}"), folder / "tokenizer.json")
 
 
 def test_sandbox_blocks_code(tmp_path: Path) -> None:
     folder = make_folder(tmp_path, "qwen1.5")
     evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
-    _, template = load_template({"format": "jinja", "jinja": evil}, folder / "tokenizer.json")
+    _, template = load_template(ChatTemplateSpec("jinja", jinja=evil), folder / "tokenizer.json")
     with pytest.raises(MoechatError):
         template.render_text([{"role": "user", "content": "hi"}])
