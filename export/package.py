@@ -13,7 +13,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnxruntime
@@ -21,6 +20,7 @@ import torch
 
 import moechat
 from moechat.export.onnx_graph import export_decoder
+from moechat.export.options import ExportOptions
 from moechat.export.parity import DECODE_STEPS, cpu_decoder, measure_parity, parity_prompts
 from moechat.models.loading import LoadedCheckpoint
 from moechat.runtime.chat_template import describe_template
@@ -32,71 +32,6 @@ from moechat.runtime.tokenizer import TextTokenizer
 PARITY_TOLERANCE = 1e-4  # max |Δlogit| relative to the logit scale, fp32
 QUICK_DECODE_STEPS = 8
 DEFAULT_SYSTEM = "You are a helpful assistant"
-
-
-@dataclass
-class ExportOptions:
-    moe_impl: str | None = None  # None: "contrib" (fp32) or INT8_DEFAULT_MOE (int8)
-    attention: str = "gqa"
-    max_context: int | None = None
-    name: str | None = None
-    force: bool = False
-    defaults: dict = field(default_factory=dict)
-    extra_manifest: dict = field(default_factory=dict)
-    int8: bool = False
-    int8_matmuls: str | None = None  # "nbits" (default) or "dynamic"
-    int8_block: int | None = None  # MatMulNBits block (default: default_nbits_block)
-    int8_residual_pass: bool = False  # export.int8.residual_pass (slower, more accurate)
-    heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
-    variants: tuple[str, ...] = ()  # extra per-provider graphs: "dml"
-    fp16: bool = False  # float16 graph and KV cache (for CUDA)
-    quick_parity: bool = False  # 2 prompts x 8 decode steps instead of 6 x 16 (the demo)
-
-    def __post_init__(self) -> None:
-        validate_options(self)
-        if self.moe_impl is None:
-            self.moe_impl = INT8_DEFAULT_MOE if self.int8 else "contrib"
-
-    @property
-    def fp32_moe_impl(self) -> str:
-        """The lowering of the traced fp32 graph (QMoE is rewritten from the MoE op)."""
-        return "contrib" if self.moe_impl == "qmoe" else self.moe_impl
-
-
-INT8_DEFAULT_MOE = "qmoe"  # measured fastest on CPU at decode: docs/benchmarks.md
-
-
-def validate_options(options: ExportOptions) -> None:
-    """Reject option combinations that only make sense for fp32 (or only for int8)."""
-    if options.fp16 and options.int8:
-        raise MoechatError("--fp16 and --int8 are alternatives: choose one")
-    if options.fp16 and options.variants:
-        raise MoechatError("--variant adds float32 graphs; it does not combine with --fp16")
-    if options.int8:
-        if options.int8_block is not None and options.int8_matmuls == "dynamic":
-            raise MoechatError(
-                "--int8-block sets MatMulNBits blocks: not with --int8-matmuls dynamic"
-            )
-        if options.int8_residual_pass and options.int8_matmuls == "dynamic":
-            raise MoechatError(
-                "--int8-residual-pass is a second MatMulNBits pass: not with --int8-matmuls dynamic"
-            )
-        if options.moe_impl == "contrib":
-            raise MoechatError(
-                "--moe-impl contrib is the fp32 MoE op; with --int8 use qmoe (int8 MoE op) or ops"
-            )
-    else:
-        if options.moe_impl == "qmoe":
-            raise MoechatError("--moe-impl qmoe is the int8 MoE op: it needs --int8")
-        int8_only = (
-            ("--heldout", options.heldout),
-            ("--int8-matmuls", options.int8_matmuls),
-            ("--int8-block", options.int8_block),
-            ("--int8-residual-pass", options.int8_residual_pass or None),
-        )
-        for flag, value in int8_only:
-            if value is not None:
-                raise MoechatError(f"{flag} only applies to --int8 exports")
 
 
 def _tokenizer_config(tokenizer_dir: Path | None) -> dict:
