@@ -39,6 +39,7 @@ class ConversationActions:
                 self.notify(str(err), severity="error")
             self._push_system_prompt()
             self.status.show(context_used=self.engine.context_used, state="")
+        await self.show_welcome()
         self.prompt.focus()
 
     async def load_conversation(self, conversation_id: int) -> None:

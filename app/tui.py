@@ -44,6 +44,7 @@ from moechat.app.sampling_panel import SamplingPanel
 from moechat.app.slash_commands import CommandActions
 from moechat.app.status_line import StatusLine
 from moechat.app.store import ConversationStore, StoredMessage
+from moechat.app.welcome import Welcome, manifest_of, welcome_text
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.events import DoneEvent, TokenEvent
 from moechat.runtime.sampling import SamplingParams
@@ -166,6 +167,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         source = self._engine_source
         if callable(source) and not hasattr(source, "send"):
             self.status.show(model="loading model…", state="loading model…")
+            await self.show_welcome()
             self._load_engine(source)
         else:
             await self._engine_ready(source)  # type: ignore[arg-type]
@@ -190,6 +192,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         self.engine_error = error
         self.status.show(model="no model", state=f"model failed to load: {error}")
         self.notify(error, title="Model failed to load", severity="error", timeout=30)
+        self.call_later(self.show_welcome)
 
     async def _engine_ready(self, engine: ChatEngine) -> None:
         self._busy = False
@@ -210,6 +213,8 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         else:
             self._set_settings(engine.defaults, None, save=False)
             self._sync_engine()
+        if self.conversation_id is None:
+            await self.show_welcome()
 
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGHUP (terminal closed): save the partial reply, then quit."""
@@ -384,6 +389,32 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
             if widget.seq is not None and widget.seq >= seq:
                 await widget.remove()
 
+    async def show_welcome(self) -> None:
+        """The first screen, until the first message: the model, the main keys, how to
+        open another model (refreshed when the model has loaded)."""
+        if self._blocks():
+            return
+        engine = self.engine
+        if engine is None:
+            loading = (
+                f"The model failed to load: {self.engine_error}"
+                if self.engine_error
+                else "Loading the model…"
+            )
+            text = welcome_text({}, "", loading=loading, can_switch=self.model_loader is not None)
+        else:
+            text = welcome_text(
+                manifest_of(engine), engine.model_name, can_switch=self.model_loader is not None
+            )
+        existing = self.chat_log.query(Welcome)
+        if existing:
+            existing.first().show(text)
+        else:
+            await self.chat_log.mount(Welcome(text), before=0 if self.chat_log.children else None)
+
+    async def _hide_welcome(self) -> None:
+        await self.chat_log.query(Welcome).remove()
+
     async def _log(self, text: str, kind: str = "info") -> InfoMessage:
         widget = InfoMessage(text, kind=kind)
         await self.chat_log.mount(widget)
@@ -443,6 +474,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         self.prompt.remember(text)
         block = AssistantMessage(seq=user_seq + 1)
         block.set_class(True, "-pending")
+        await self._hide_welcome()
         await self.chat_log.mount_all([UserMessage(text, seq=user_seq), block])
         self.chat_log.anchor()
         params = self.params

@@ -17,6 +17,7 @@ from moechat.app.help_screen import HelpScreen
 from moechat.app.messages import AssistantMessage, InfoMessage, UserMessage
 from moechat.app.store import ConversationStore
 from moechat.app.tui import ChatApp
+from moechat.app.welcome import Welcome
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.events import DoneEvent, TokenEvent
 
@@ -85,6 +86,67 @@ async def test_send_streams_markdown_and_persists(db_path):
         assert "TTFT" in status and "/2048" in status
         assert engine.calls[0]["messages"] == [{"role": "user", "content": "hello"}]
         assert app.store.get_conversation(app.conversation_id).title == "hello"
+
+
+DEMO_MANIFEST = {
+    "name": "smollm2-moe-demo",
+    "max_context": 2048,
+    "architecture": {
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "use_moe": True,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+    },
+    "demo": {
+        "source": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)"},
+        "perplexity": {"moe": 21.72, "dense": 19.35, "ratio": 1.12},
+    },
+}
+
+
+def welcome(app: ChatApp) -> str:
+    found = app.chat_log.query(Welcome)
+    return str(found.first().render()) if found else ""
+
+
+@pilot_test
+async def test_welcome_view_until_the_first_message(db_path):
+    engine = FakeEngine("hi")
+    engine.manifest = DEMO_MANIFEST
+    app = make_app(db_path, engine, model_loader=lambda path: engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "smollm2-moe-demo" in welcome(app))
+        text = welcome(app)
+        for fact in ["the demo model", "SmolLM2-135M-Instruct", "135M", "English only", "toy"]:
+            assert fact in text, fact
+        assert "30 layers" in text and "4 routed experts top-2 + 1 shared" in text
+        for key in ["Enter", "Esc / Ctrl+C", "Ctrl+L", "F1", "Ctrl+Q"]:
+            assert key in text
+        assert "/model PATH" in text and "moechat chat PATH" in text and "Type /" in text
+        await send_and_wait(pilot, "hello")
+        assert welcome(app) == ""  # gone with the first message
+        await pilot.press("ctrl+n")
+        await wait_until(pilot, lambda: "the demo model" in welcome(app))
+
+
+@pilot_test
+async def test_welcome_view_while_loading_and_for_a_plain_package(db_path):
+    release = threading.Event()
+    engine = FakeEngine("hi")
+
+    def factory():
+        release.wait(timeout=30)
+        return engine
+
+    app = make_app(db_path, factory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: "Loading the model" in welcome(app))
+        assert "quit and run" in welcome(app)  # no /model PATH without a loader
+        release.set()
+        await wait_until(pilot, lambda: "fake-moe" in welcome(app))
+        assert "demo" not in welcome(app)
 
 
 @pilot_test
