@@ -119,6 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from moechat.runtime.chat_template import template_summary
     from moechat.runtime.package import load_package
 
     package = load_package(_resolve_model(args.model))
@@ -143,6 +144,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"ffn           {moe}",
         f"graph         {g['file']} ({(g.get('quantization') or {}).get('method') or g['dtype']}; MoE {g.get('moe_impl')}, attention {g['attention']})",
         f"max context   {m['max_context']}",
+        f"chat template {template_summary(package.spec.chat_template)}",
         f"parity        {json.dumps(m.get('parity', {}))}",
     ]
     if "fidelity" in m:

@@ -291,21 +291,11 @@ def measure_generation(
 
 
 def _chat_fits(model: LoadedModel, turns: int, message_tokens: int, reply_tokens: int) -> bool:
-    template = model.template
-    system = (
-        len(template.turn_ids("system", template.default_system))
-        if template.default_system is not None
-        else 0
-    )
-    per_turn = (
-        message_tokens
-        + len(template.turn_ids("user", ""))
-        + len(template.generation_prompt_ids())
-        + reply_tokens
-        + len(template.turn_end_ids())
-    )
+    # The template's own tokens for `turns` exchanges (empty texts), plus the texts.
+    msgs = [{"role": r, "content": ""} for _ in range(turns) for r in ("user", "assistant")]
+    overhead = len(model.template.render_ids(msgs, add_generation_prompt=False))
     budget = model.max_context - max(64, model.max_context // 8)  # ChatSession's reply room
-    return system + turns * per_turn <= budget
+    return overhead + turns * (message_tokens + reply_tokens) <= budget
 
 
 def measure_chat(

@@ -1,4 +1,4 @@
-"""A ChatML conversation on one model, reusing the KV cache across turns.
+"""A conversation on one model, in its chat template, reusing the KV cache across turns.
 
 The session remembers which token ids sit in the cache. Every turn renders the whole
 conversation to ids, keeps the longest common prefix with the cache and feeds only
@@ -95,16 +95,21 @@ class ChatSession:
         raise MoechatError("there is no user message to edit")
 
     # -- generation -------------------------------------------------------------
+    def _conversation(self, dropped: int = 0) -> tuple[list[dict], dict[int, list[int]]]:
+        """The messages less the ``dropped`` oldest after the system prompt, and the
+        generated ids of their replies (by index in that list)."""
+        start = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        keep = [*range(start), *range(start + dropped, len(self.messages))]
+        replies = {j: self._reply_ids[i] for j, i in enumerate(keep) if i in self._reply_ids}
+        return [self.messages[i] for i in keep], replies
+
     def _history_ids(self) -> list[int]:
         """The conversation as the next prompt starts (no generation prompt, nothing dropped)."""
-        template = self.model.template
-        head: list[int] = []
-        start = 0
-        if self.messages and self.messages[0]["role"] == "system":
-            head, start = self._turn_ids(0), 1
-        elif template.default_system is not None:
-            head = template.turn_ids("system", template.default_system)
-        return head + [t for i in range(start, len(self.messages)) for t in self._turn_ids(i)]
+        msgs, replies = self._conversation()
+        try:
+            return self.model.template.render_ids(msgs, False, replies)
+        except MoechatError:  # e.g. a template that cannot render an empty conversation
+            return []
 
     def prefill(self, should_stop: Callable[[], bool] = _never, chunk: int = 128) -> int:
         """Feed the conversation so far into the cache ahead of the next message.
@@ -116,7 +121,7 @@ class ChatSession:
         """
         ids = self._history_ids()
         budget = self.max_context - max(64, self.max_context // 8)
-        if len(ids) + len(self.model.template.generation_prompt_ids()) > budget:
+        if len(ids) > budget:
             return 0
         decoder = self.model.decoder
         common = 0
@@ -152,38 +157,27 @@ class ChatSession:
             raise MoechatError("there is no reply to regenerate")
         return self._reply(params, should_stop)
 
-    def _turn_ids(self, index: int) -> list[int]:
-        msg = self.messages[index]
-        template = self.model.template
-        if index in self._reply_ids:
-            return (
-                template.generation_prompt_ids() + self._reply_ids[index] + template.turn_end_ids()
-            )
-        return template.turn_ids(msg["role"], msg["content"])
-
     def _prompt_ids(self) -> tuple[list[int], int]:
-        """Ids of the conversation + generation prompt, dropping the oldest turns to fit."""
+        """Ids of the conversation + generation prompt, dropping the oldest turns to fit.
+
+        The model's template renders the whole conversation every time (a template may
+        treat the first or last turn differently); replies are the ids generated for
+        them where the template allows (see ``render_ids``), so the cache stays a prefix.
+        """
         template = self.model.template
-        head: list[int] = []
-        start = 0
-        if self.messages and self.messages[0]["role"] == "system":
-            head, start = self._turn_ids(0), 1
-        elif template.default_system is not None:
-            head = template.turn_ids("system", template.default_system)
-        turns = [self._turn_ids(i) for i in range(start, len(self.messages))]
+        start = 1 if self.messages and self.messages[0]["role"] == "system" else 0
         budget = self.max_context - max(64, self.max_context // 8)  # room for the reply
         dropped = 0
-        while (
-            sum(map(len, turns)) + len(head) + len(template.generation_prompt_ids()) > budget
-            and len(turns) > 1
-        ):
-            turns.pop(0)  # the oldest turn; never the system prompt or the new message
-            dropped += 1
-        # Keep user/assistant alternation: do not start on an assistant turn.
-        if dropped and self.messages[start + dropped]["role"] == "assistant":
-            turns.pop(0)
-            dropped += 1
-        ids = head + [t for turn in turns for t in turn] + template.generation_prompt_ids()
+        while True:
+            msgs, replies = self._conversation(dropped)
+            ids = template.render_ids(msgs, True, replies)
+            last = len(self.messages) - 1  # the new message: never dropped
+            if len(ids) <= budget or start + dropped >= last:
+                break
+            dropped += 1  # the oldest turn; never the system prompt
+            # Keep user/assistant alternation: do not start on an assistant turn.
+            while start + dropped < last and self.messages[start + dropped]["role"] == "assistant":
+                dropped += 1
         if len(ids) >= self.max_context:
             raise MoechatError(
                 f"the message is too long: {len(ids)} tokens for a context of {self.max_context}"

@@ -230,3 +230,16 @@ def describe_template(
 
 
 DEFAULT_SYSTEM = "You are a helpful assistant"
+
+
+def template_summary(chat: ChatTemplateSpec) -> str:
+    """One line for ``moechat info``: renderer, origin, format and end-of-turn token."""
+    if chat.format == "jinja":
+        head = f"jinja (from {chat.source or 'the model'}; {chat.family or 'own format'})"
+    elif chat.jinja:
+        head = f"chatml (the model's template from {chat.source or 'the model'} renders as ChatML)"
+    else:
+        head = "chatml (built-in)"
+    end = ", ".join(chat.end_of_turn) or ("<|im_end|>" if chat.format == "chatml" else "eos")
+    system = f", default system {chat.default_system!r}" if chat.default_system else ""
+    return f"{head}, end of turn {end}{system}"
