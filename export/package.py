@@ -23,6 +23,7 @@ from moechat.export.onnx_graph import export_decoder
 from moechat.export.options import ExportOptions
 from moechat.export.parity import DECODE_STEPS, cpu_decoder, measure_parity, parity_prompts
 from moechat.models.loading import LoadedCheckpoint
+from moechat.models.modeling import parameter_counts
 from moechat.runtime.chat_template import describe_template
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.jinja_template import SPECIAL_KEYS
@@ -184,6 +185,20 @@ def export_package(
     folders += [tokenizer_dir] if tokenizer_dir not in folders else []
     tokenizer_meta = _check_tokenizer(tokenizer, cfg.vocab_size, chat, folders)
     max_context = options.max_context or min(cfg.max_position_embeddings, 4096)
+    if cfg.sliding_window and max_context > cfg.sliding_window:
+        # Within the window full attention is the model's own attention: cap the context.
+        if options.max_context:
+            raise MoechatError(
+                f"this model attends to a sliding window of {cfg.sliding_window} tokens: "
+                f"--max-context can be at most {cfg.sliding_window}"
+            )
+        max_context = cfg.sliding_window
+        progress(f"context capped at the model's sliding window: {max_context} tokens")
+    if options.attention == "gqa" and cfg.head_dim % 16:
+        raise MoechatError(
+            f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of 16 "
+            f"(this model: {cfg.head_dim}); export with --attention ops"
+        )
     if max_context > ckpt.model.cos_cache.shape[0]:
         raise MoechatError(
             f"--max-context {max_context} exceeds the RoPE table the model was built with"
@@ -308,10 +323,12 @@ def build_manifest(
 ) -> dict:  # fmt: skip
     cfg = ckpt.config
     sources = [str(p) for p in ckpt.weight_files]
+    total, active = parameter_counts(ckpt.model)
     return {
         "format_version": FORMAT_VERSION,
         "name": options.name or Path(ckpt.source).stem,
         "architecture": cfg.to_dict(),
+        "parameters": {"total": total, "active_per_token": active},
         "graph": {
             "file": "model.onnx",
             "dtype": "float32",

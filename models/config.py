@@ -22,11 +22,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, get_args
 
 from moechat.runtime.errors import MoechatError
+from moechat.runtime.manifest import SUPPORTED_ARCHITECTURES
 
 Family = Literal[
     "minimind", "llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "deepseek"
 ]
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = get_args(Family)
+assert SUPPORTED_MODEL_TYPES == SUPPORTED_ARCHITECTURES, "the runtime must accept every family"
 QKNorm = Literal["none", "head", "full"]  # RMSNorm per head, or over the whole q / k width
 
 

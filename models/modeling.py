@@ -252,6 +252,18 @@ class CausalLM(nn.Module):
         return out[0], list(out[1:])
 
 
+def parameter_counts(model: CausalLM) -> tuple[int, int]:
+    """(total, active per token): a token runs top-k of each MoE layer's routed experts."""
+    total = sum(p.numel() for p in model.parameters())  # a tied table counts once
+    active = total
+    cfg = model.config
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, MoEFeedForward):
+            per_expert = sum(p.numel() for p in layer.mlp.experts[0].parameters())
+            active -= per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+    return total, active
+
+
 def random_model(cfg: ModelConfig, seed: int = 0, max_positions: int = 4096) -> CausalLM:
     """A model of any config with random weights of realistic scale (tests, benchmarks)."""
     torch.manual_seed(seed)

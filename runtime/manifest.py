@@ -18,7 +18,18 @@ from typing import Any, Literal, TypeVar, cast
 from moechat.runtime.errors import MoechatError
 
 FORMAT_VERSION = 1
-SUPPORTED_ARCHITECTURES = ("minimind", "llama")
+# Every family's graph has the same interface (docs/architecture.md); models/config.py's
+# Family type lists the same names.
+SUPPORTED_ARCHITECTURES = (
+    "minimind",
+    "llama",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "granitemoe",
+    "deepseek",
+)
 
 T = TypeVar("T")
 _MISSING: Any = object()
