@@ -7,6 +7,8 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
 
+from moechat.app.slash_menu import SlashMenu, takes_argument
+
 
 class PromptInput(TextArea):
     """Enter sends; Shift+Enter or Ctrl+J inserts a newline.
@@ -43,6 +45,7 @@ class PromptInput(TextArea):
             highlight_cursor_line=False,
         )
         self.prompts: list[str] = []
+        self.menu: SlashMenu | None = None  # slash-command completion (set by the app)
         self._history_index: int | None = None
         self._draft = ""
 
@@ -50,6 +53,10 @@ class PromptInput(TextArea):
 
     async def _on_key(self, event: events.Key) -> None:
         if self.read_only:
+            return
+        if self._menu_key(event.key):
+            event.stop()
+            event.prevent_default()
             return
         if event.key == "enter":
             event.stop()
@@ -63,6 +70,36 @@ class PromptInput(TextArea):
             self._replace_via_keyboard("\n", start, end)
             return
         await super()._on_key(event)
+
+    def _menu_key(self, key: str) -> bool:
+        """Keys for the slash-command list while it is open; True when one was used."""
+        menu = self.menu
+        if menu is None or not menu.display:
+            return False
+        if key in ("up", "down"):
+            menu.move(-1 if key == "up" else 1)
+            return True
+        if key == "escape":
+            menu.hide()
+            return True
+        spec = menu.chosen
+        if spec is None or key not in ("tab", "enter"):
+            return False
+        completed = f"/{spec.name}"
+        typed = self.text[1:].lower()
+        if key == "enter" and typed in (spec.name, *spec.aliases):
+            menu.hide()  # a whole command name: Enter runs what was typed (/set alone too)
+            return False
+        needs_argument = takes_argument(spec)
+        if key == "enter" and not needs_argument:
+            menu.hide()
+            self.load_text(completed)
+            self.submit()
+            return True
+        self.load_text(completed + (" " if needs_argument or key == "tab" else ""))
+        self.move_cursor(self.document.end)
+        menu.hide()
+        return True
 
     def submit(self) -> None:
         """Post the text and clear the prompt at once, so keys typed right after Enter

@@ -42,6 +42,7 @@ from moechat.app.prefill import PrefillDone, PrefillJob
 from moechat.app.prompt_input import PromptInput
 from moechat.app.sampling_panel import SamplingPanel
 from moechat.app.slash_commands import CommandActions
+from moechat.app.slash_menu import SlashMenu
 from moechat.app.status_line import StatusLine
 from moechat.app.store import ConversationStore, StoredMessage
 from moechat.app.welcome import Welcome, manifest_of, welcome_text
@@ -134,6 +135,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         with Horizontal(id="main"):
             yield VerticalScroll(id="chat-log")
             yield SamplingPanel(self.params, self.system_prompt, id="sampling")
+        yield SlashMenu(id="slash-menu")
         yield PromptInput(
             id="prompt", placeholder="Message (Enter sends, Shift+Enter newline, /help)"
         )
@@ -163,6 +165,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
     async def on_mount(self) -> None:
         self.chat_log.anchor()
         self.prompt.focus()
+        self.prompt.menu = self.query_one("#slash-menu", SlashMenu)
         self._install_signal_handlers()
         source = self._engine_source
         if callable(source) and not hasattr(source, "send"):
@@ -422,6 +425,12 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         return widget
 
     # -- sending ---------------------------------------------------------------------
+
+    @on(PromptInput.Changed, "#prompt")
+    def _prompt_changed(self, event: PromptInput.Changed) -> None:
+        menu = self.prompt.menu
+        if menu is not None:
+            menu.update_for(self.prompt.text)
 
     @on(PromptInput.Submitted)
     async def _submitted(self, event: PromptInput.Submitted) -> None:

@@ -496,6 +496,50 @@ async def test_slash_commands_set_every_parameter(db_path):
         assert stored(app)[2].content == "/not a command"
 
 
+def menu_items(app: ChatApp) -> list[str]:
+    menu = app.query_one("#slash-menu")
+    return [spec.name for spec in menu.specs] if menu.display else []
+
+
+@pilot_test
+async def test_slash_completion_where_you_type(db_path):
+    app = make_app(db_path, FakeEngine("ok"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("slash")
+        await wait_until(pilot, lambda: len(menu_items(app)) > 10)
+        menu = app.query_one("#slash-menu")
+        assert menu.region.height >= 3 and menu.region.bottom <= app.prompt.region.y
+        first = str(menu.get_option_at_index(0).prompt)
+        assert first.startswith("/help") and "list the slash commands" in first
+        await pilot.press("s", "e")
+        await wait_until(pilot, lambda: menu_items(app) == ["set"])
+        await pilot.press("tab")  # completes, with room for the arguments
+        assert app.prompt.text == "/set " and menu_items(app) == []
+        assert app.focused is app.prompt
+        await pilot.press(*"temperature 0.4", "enter")
+        await wait_until(pilot, lambda: app.params.temperature == 0.4)
+
+        await pilot.press("slash", "e")
+        await wait_until(pilot, lambda: menu_items(app) == ["edit", "export", "quit"])  # /exit
+        await pilot.press("down", "tab")
+        assert app.prompt.text == "/export "
+        app.prompt.load_text("")
+        await pilot.press("slash", "h", "e")  # Enter runs a command that takes no argument
+        await wait_until(pilot, lambda: menu_items(app) == ["help"])
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen))
+
+        await pilot.press("slash", "r")
+        await wait_until(pilot, lambda: menu_items(app) == ["regen", "rename"])
+        await pilot.press("escape")  # closes the list, keeps the text
+        assert menu_items(app) == [] and app.prompt.text == "/r"
+        app.prompt.load_text("")
+        await pilot.press("slash", "slash")  # a message starting with / offers nothing
+        assert menu_items(app) == []
+
+
 # -- conversations ---------------------------------------------------------------------------
 
 
