@@ -154,7 +154,7 @@ class ConversationActions:
         if self._gen is not None:
             self._save_reply(self._gen, self._gen.text, partial=True, reason=None)
         formats = FORMATS if fmt in ("all", "both", "") else (fmt,)
-        base = Path(target).expanduser() if target else (self.export_dir or Path.cwd())
+        base = Path(target).expanduser() if target else self.export_dir
         written: list[Path] = []
         try:
             for f in formats:

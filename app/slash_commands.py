@@ -13,7 +13,6 @@ from textual.app import SystemCommand
 from textual.screen import Screen
 
 from moechat.app import commands
-from moechat.app.export_conversation import FORMATS
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.sampling import SamplingParams
 
@@ -42,12 +41,12 @@ class CommandActions:
         elif name == "copy":
             self.action_copy_last()
         elif name == "export":
-            fmt, _, target = arg.partition(" ")
-            if fmt.lower() in (*FORMATS, "all", "both", "markdown"):
-                fmt = "md" if fmt.lower() == "markdown" else fmt.lower()
-            else:
-                fmt, target = "all", arg
-            await self.action_export(fmt, target.strip())
+            try:
+                fmt, target = commands.parse_export(arg)
+            except MoechatError as err:
+                self.notify(str(err), title="Export", severity="error")
+                return
+            await self.action_export(fmt, target)
         elif name == "list":
             self.action_conversations()
         elif name == "rename":

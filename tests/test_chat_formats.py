@@ -11,17 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import AddedToken
 
-from moechat.runtime.chat_template import load_template
+from moechat.runtime.chat_template import describe_template, load_template
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.jinja_template import JinjaTemplate
 from moechat.runtime.manifest import ChatTemplateSpec
 
-from tokenizer_factory import build_tiny_tokenizer
+from template_factory import FAMILIES, chat_meta, fixture, make_folder
 
-FIXTURES = Path(__file__).parent / "chat_templates"
-FAMILIES = sorted(p.stem for p in FIXTURES.glob("*.json"))
 NO_SYSTEM = {"mistral-v0.1"}  # its template raises on a system message
 
 SYSTEM = {"role": "system", "content": "你是一个乐于助人的助手。 Be brief."}
@@ -33,34 +30,6 @@ CHAT = [
     {"role": "user", "content": "def f(x):\n    return x * 2\n"},
 ]
 CHATML = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-
-
-def fixture(family: str) -> dict:
-    return json.loads((FIXTURES / f"{family}.json").read_text(encoding="utf-8"))
-
-
-def make_folder(folder: Path, family: str, special_flag: bool = True) -> Path:
-    """tokenizer.json + tokenizer_config.json for ``family`` (transformers' layout)."""
-    fx = fixture(family)
-    tok = build_tiny_tokenizer()
-    tok.add_tokens([AddedToken(t, special=special_flag, normalized=False) for t in fx["special"]])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in fx["added"]])
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": fx["chat_template"]}
-    for key in ("bos_token", "eos_token", "pad_token"):
-        if fx.get(key):
-            config[key] = fx[key]
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
-    return folder
-
-
-def chat_meta(family: str, **kwargs) -> ChatTemplateSpec:
-    fx = fixture(family)
-    specials = {k: fx[k] for k in ("bos_token", "eos_token", "pad_token") if fx.get(k)}
-    return ChatTemplateSpec(
-        format="jinja", jinja=fx["chat_template"], special_tokens=specials, kwargs=kwargs
-    )
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -186,3 +155,41 @@ def test_sandbox_blocks_code(tmp_path: Path) -> None:
     _, template = load_template(ChatTemplateSpec("jinja", jinja=evil), folder / "tokenizer.json")
     with pytest.raises(MoechatError):
         template.render_text([{"role": "user", "content": "hi"}])
+
+
+def test_stored_template_equals_transformers(family) -> None:
+    """What export stores (describe_template: ChatML fast path where the template renders
+    as ChatML, e.g. Qwen1.5) renders the ids transformers does."""
+    transformers = pytest.importorskip("transformers")
+    name, folder, _ = family
+    fx = fixture(name)
+    specials = {k: fx[k] for k in ("bos_token", "eos_token", "pad_token") if fx.get(k)}
+    meta = describe_template(fx["chat_template"], "x", specials, folder / "tokenizer.json")
+    assert meta["format"] == ("chatml" if name == "qwen1.5" else "jinja")
+    spec = ChatTemplateSpec(**{k: v for k, v in meta.items() if k != "source"})
+    _, template = load_template(spec, folder / "tokenizer.json")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    msgs = conversation(name, 5)
+    expected = hf.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    assert template.render_ids(msgs) == list(expected)
+    no_system = msgs[1:] if msgs[0]["role"] == "system" else msgs
+    expected = hf.apply_chat_template(no_system, add_generation_prompt=True, return_dict=False)
+    assert template.render_ids(no_system) == list(expected)
+
+
+def test_minimind_template_equals_transformers() -> None:
+    """MiniMind's real tokenizer and template (ChatML fast path, its default system)."""
+    transformers = pytest.importorskip("transformers")
+    folder = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    folder = folder / "minimind-tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        pytest.skip("MiniMind tokenizer fixture not available")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    specials = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token") if cfg.get(k)}
+    meta = describe_template(cfg["chat_template"], "x", specials, folder / "tokenizer.json")
+    assert meta["format"] == "chatml" and meta["default_system"] == "You are a helpful assistant"
+    _, template = load_template(ChatTemplateSpec(**meta), folder / "tokenizer.json")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for msgs in (CHAT, [SYSTEM, *CHAT]):
+        expected = hf.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+        assert template.render_ids(msgs) == list(expected)
