@@ -101,6 +101,28 @@ def unescape(text: str) -> str:
     return stripped[1:] if stripped.startswith("//") else text
 
 
+EXPORT_FORMATS = ("md", "json")
+_FORMAT_ALIASES = {"markdown": "md", "all": "all", "both": "all"}
+
+
+def parse_export(arg: str) -> tuple[str, str]:
+    """``/export [md|json] [PATH]`` -> (format or "all", path or "").
+
+    A single bare word (no ``/``, ``.`` or ``~``) is read as a format, so ``/export xml``
+    is refused rather than written into a folder ``./xml/``; ``./xml`` is a folder.
+    """
+    first, _, rest = arg.strip().partition(" ")
+    word = first.lower()
+    if word in EXPORT_FORMATS or word in _FORMAT_ALIASES:
+        return _FORMAT_ALIASES.get(word, word), rest.strip()
+    if first and not rest.strip() and not any(c in first for c in "/\\.~"):
+        raise MoechatError(
+            f"unknown export format {first!r}: use /export md, /export json or /export "
+            "(both); a folder or file name needs a / or an extension (./notes, chat.md)"
+        )
+    return "all", arg.strip()
+
+
 def split_set(arg: str) -> tuple[str, str]:
     """``"temperature 0.7"`` -> ``("temperature", "0.7")``; accepts ``name=value`` too."""
     arg = arg.strip()

@@ -33,6 +33,37 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+def _shown(params: Any) -> str:
+    if not isinstance(params, dict):
+        return "?"
+    return ", ".join(f"{k}={v}" for k, v in params.items() if v not in (None, [], ""))
+
+
+def sampling_lines(conversation: Conversation, messages: list[StoredMessage]) -> list[str]:
+    """The sampling settings each reply was made with (one line when they all agree).
+
+    Replies saved before moechat recorded them (schema v2) fall back to the
+    conversation's current settings, and say so.
+    """
+    current = (conversation.settings or {}).get("params")
+    replies = [m for m in messages if m.role == "assistant"]
+    if not replies:
+        return [f"- Sampling: {_shown(current)}"] if current else []
+    recorded = [(n, m.settings.get("params")) for n, m in enumerate(replies, 1) if m.settings]
+    distinct = {json.dumps(p, sort_keys=True) for _, p in recorded}
+    if len(recorded) == len(replies) and len(distinct) == 1:
+        label = "the reply" if len(replies) == 1 else f"all {len(replies)} replies"
+        return [f"- Sampling ({label}): {_shown(recorded[0][1])}"]
+    lines = [f"- Sampling, reply {n}: {_shown(p)}" for n, p in recorded]
+    missing = len(replies) - len(recorded)
+    if missing:
+        lines.append(
+            f"- Sampling of {missing} earlier repl{'y' if missing == 1 else 'ies'} not recorded; "
+            f"the chat's settings now: {_shown(current)}"
+        )
+    return lines
+
+
 def to_markdown(conversation: Conversation, messages: list[StoredMessage]) -> str:
     settings = conversation.settings or {}
     created = datetime.fromtimestamp(conversation.created_at).strftime("%Y-%m-%d %H:%M")
@@ -40,10 +71,7 @@ def to_markdown(conversation: Conversation, messages: list[StoredMessage]) -> st
     meta = [f"- Created: {created}"]
     if conversation.model:
         meta.append(f"- Model: {conversation.model}")
-    params = settings.get("params")
-    if isinstance(params, dict) and params:
-        shown = ", ".join(f"{k}={v}" for k, v in params.items() if v not in (None, [], ""))
-        meta.append(f"- Sampling: {shown}")
+    meta += sampling_lines(conversation, messages)
     lines += meta + [""]
     system_prompt = settings.get("system_prompt")
     if system_prompt:
@@ -67,6 +95,8 @@ def to_json(conversation: Conversation, messages: list[StoredMessage]) -> str:
         "created_at": datetime.fromtimestamp(conversation.created_at).isoformat(),
         "settings": settings,
         "messages": chatml_messages(messages, settings.get("system_prompt")),
+        # per assistant message, in order: the settings it was generated with (or null)
+        "reply_settings": [m.settings for m in messages if m.role == "assistant"],
     }
     return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
 

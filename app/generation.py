@@ -69,6 +69,7 @@ class Generation:
     last_status: float = 0.0
     saved_len: int = -1
     gate: FrameGate | None = None
+    settings: dict[str, Any] | None = None  # sampling + system prompt, stored with the reply
 
     def should_stop(self) -> bool:
         return self.stop_event.is_set()

@@ -66,7 +66,7 @@ def run_chat_app(
             load,
             store,
             conversation_id=conversation_id,
-            export_dir=export_dir,
+            export_dir=export_dir or Path(store.path).parent / "exports",
             model_loader=load_package,
         )
         # The generation thread needs the GIL between tokens; a short switch interval lets

@@ -11,7 +11,9 @@ Tables:
   parameters and system prompt in force for the conversation).
 * ``messages``: id, conversation_id, seq (order within the conversation), role, content,
   partial (1 while a reply is streaming or when it was stopped/cut off), finish_reason,
-  stats (JSON), created_at.
+  stats (JSON), settings (JSON: the sampling parameters and system prompt a reply was
+  generated with; NULL for user messages and for replies saved before schema v3),
+  created_at.
 """
 
 from __future__ import annotations
@@ -67,7 +69,12 @@ def _migrate_2(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX conversations_by_update ON conversations (updated_at DESC)")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_1, _migrate_2]
+def _migrate_3(conn: sqlite3.Connection) -> None:
+    """v3: the sampling settings each reply was generated with (exports list them)."""
+    conn.execute("ALTER TABLE messages ADD COLUMN settings TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_1, _migrate_2, _migrate_3]
 """MIGRATIONS[i] upgrades a database from schema version i to i + 1."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -95,6 +102,7 @@ class StoredMessage:
     finish_reason: str | None = None
     stats: dict[str, Any] | None = None
     created_at: float = 0.0
+    settings: dict[str, Any] | None = None
 
     def chatml(self) -> dict[str, str]:
         return {"role": self.role, "content": self.content}
@@ -243,6 +251,10 @@ class ConversationStore:
                 stats = json.loads(r["stats"]) if r["stats"] else None
             except ValueError:
                 stats = None
+            try:
+                settings = json.loads(r["settings"]) if r["settings"] else None
+            except ValueError:
+                settings = None
             out.append(
                 StoredMessage(
                     id=r["id"],
@@ -254,6 +266,7 @@ class ConversationStore:
                     finish_reason=r["finish_reason"],
                     stats=stats,
                     created_at=r["created_at"],
+                    settings=settings if isinstance(settings, dict) else None,
                 )
             )
         return out
@@ -274,6 +287,7 @@ class ConversationStore:
         partial: bool = False,
         finish_reason: str | None = None,
         stats: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> int:
         """Append a message at the end of the conversation; returns its seq."""
         seq = self.next_seq(conversation_id)
@@ -285,6 +299,7 @@ class ConversationStore:
             partial=partial,
             finish_reason=finish_reason,
             stats=stats,
+            settings=settings,
         )
         return seq
 
@@ -298,18 +313,22 @@ class ConversationStore:
         partial: bool = False,
         finish_reason: str | None = None,
         stats: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
-        """Insert the message at ``seq`` or overwrite it (used for the streaming reply)."""
+        """Insert the message at ``seq`` or overwrite it (used for the streaming reply).
+
+        ``settings`` None keeps what the row has (a failed regenerate restores a reply)."""
         if role not in ROLES:
             raise MoechatError(f"unknown message role {role!r}")
         now = time.time()
         with self._transaction() as conn:
             conn.execute(
                 "INSERT INTO messages (conversation_id, seq, role, content, partial,"
-                " finish_reason, stats, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " finish_reason, stats, settings, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (conversation_id, seq) DO UPDATE SET role = excluded.role,"
                 " content = excluded.content, partial = excluded.partial,"
-                " finish_reason = excluded.finish_reason, stats = excluded.stats",
+                " finish_reason = excluded.finish_reason, stats = excluded.stats,"
+                " settings = COALESCE(excluded.settings, messages.settings)",
                 (
                     conversation_id,
                     seq,
@@ -318,6 +337,7 @@ class ConversationStore:
                     int(partial),
                     finish_reason,
                     json.dumps(stats) if stats is not None else None,
+                    json.dumps(settings) if settings is not None else None,
                     now,
                 ),
             )

@@ -23,7 +23,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Footer, Header
 
-from moechat.app import commands
+from moechat.app import commands, paths
 from moechat.app.conversation_actions import ConversationActions
 from moechat.app.engine import ChatEngine, EngineSource, short_provider
 from moechat.app.generation import (
@@ -112,7 +112,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         self.engine: ChatEngine | None = None
         self.engine_error: str | None = None
         self.store = store
-        self.export_dir = export_dir
+        self.export_dir = export_dir or paths.data_dir() / "exports"  # never the cwd
         self.flush_interval = flush_interval
         self.save_interval = save_interval
         self.conversation_id: int | None = None
@@ -508,6 +508,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         self._push_system_prompt()
         self._gen_counter += 1
         gen = Generation(
+            settings=self._settings(),
             id=self._gen_counter,
             kind=kind,
             conversation_id=self.conversation_id,
@@ -585,6 +586,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
             partial=partial,
             finish_reason=reason,
             stats=stats,
+            settings=gen.settings,
         )
 
     def persist_in_progress(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -726,6 +727,55 @@ async def test_export_markdown_and_json(db_path):
         target = db_path.parent / "elsewhere" / "chat.json"
         await type_and_send(pilot, f"/export json {target}")
         await wait_until(pilot, lambda: target.is_file())
+
+
+@pilot_test
+async def test_export_paths_default_errors_and_settings_per_reply(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("MOECHAT_DATA_DIR", str(data))
+    monkeypatch.chdir(cwd)
+    store = ConversationStore(data / "conversations.sqlite3")
+    app = ChatApp(FakeEngine("answer"), store)  # no export_dir: the data dir's exports/
+    async with app.run_test(size=SIZE) as pilot:
+        await type_and_send(pilot, "/set temperature 0.3")
+        await send_and_wait(pilot, "first")
+        await type_and_send(pilot, "/set temperature 0.9")
+        await send_and_wait(pilot, "second")
+        await type_and_send(pilot, "/export xml")
+        await wait_until(
+            pilot,
+            lambda: any("unknown export format 'xml'" in n.message for n in app._notifications),
+        )
+        await type_and_send(pilot, "/export md")
+        out = data / "exports"
+        await wait_until(pilot, lambda: len(list(out.glob("*.md"))) == 1)
+        assert list(cwd.iterdir()) == []  # nothing in the current folder, no ./xml/
+        md = next(out.glob("*.md")).read_text()
+        assert "- Sampling, reply 1: temperature=0.3" in md
+        assert "- Sampling, reply 2: temperature=0.9" in md
+        await type_and_send(pilot, "/export json ./here")  # a path with a / is a folder
+        await wait_until(pilot, lambda: len(list((cwd / "here").glob("*.json"))) == 1)
+    store.close()
+
+
+@pilot_test
+async def test_help_screen_shows_usages_literally_and_oterm_differences(db_path):
+    from rich.console import Console
+    from textual.widgets import Static
+
+    app = make_app(db_path, FakeEngine("x"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        for widget in app.screen.query(Static):
+            console.print(widget.content)
+        text = console.export_text()
+        assert "/export [md|json] [PATH]" in text and "/model [PATH]" in text
+        assert "/system [TEXT]" in text
+        assert "ollama" in text and "oterm" in text
 
 
 # -- robustness ------------------------------------------------------------------------------

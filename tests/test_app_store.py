@@ -154,3 +154,40 @@ def test_export_markdown_and_chatml_json(store, tmp_path):
     assert not list((tmp_path / "x").glob("*.tmp"))
     with pytest.raises(MoechatError):
         export_conversation(conv, msgs, "pdf", tmp_path)
+
+
+def test_migrates_a_version_2_database_and_stores_settings_per_reply(tmp_path):
+    path = tmp_path / "v2.sqlite3"
+    with ConversationStore(path, target_version=2) as old:
+        cid = old.create_conversation("old", settings={"params": {"temperature": 0.5}})
+        old._conn.execute(
+            "INSERT INTO messages (conversation_id, seq, role, content, partial, finish_reason,"
+            " stats, created_at) VALUES (?, 0, 'user', 'hi', 0, NULL, NULL, 0),"
+            " (?, 1, 'assistant', 'old reply', 0, 'eos', NULL, 0)",
+            (cid, cid),
+        )
+    with ConversationStore(path) as new:
+        assert new.schema_version == SCHEMA_VERSION >= 3
+        assert [m.settings for m in new.messages(cid)] == [None, None]
+        made_with = {"params": {"temperature": 0.9, "top_p": 0.8}, "system_prompt": None}
+        new.add_message(cid, "user", "again")
+        new.add_message(cid, "assistant", "new reply", finish_reason="eos", settings=made_with)
+        assert new.messages(cid)[3].settings == made_with
+        new.upsert_message(cid, 3, "assistant", "restored")  # no settings: the row keeps them
+        assert new.messages(cid)[3].settings == made_with
+        conv, msgs = new.get_conversation(cid), new.messages(cid)
+        md = to_markdown(conv, msgs)
+        assert "- Sampling, reply 2: temperature=0.9, top_p=0.8" in md
+        assert "- Sampling of 1 earlier reply not recorded; the chat's settings now: " in md
+        assert json.loads(to_json(conv, msgs))["reply_settings"] == [None, made_with]
+
+
+def test_export_header_lists_one_line_when_every_reply_agrees(store):
+    cid = store.create_conversation("c", settings={"params": {"temperature": 0.1}})
+    made_with = {"params": {"temperature": 0.7, "seed": None, "stop": []}}
+    for text in ("a", "b"):
+        store.add_message(cid, "user", text)
+        store.add_message(cid, "assistant", text.upper(), settings=made_with)
+    md = to_markdown(store.get_conversation(cid), store.messages(cid))
+    assert "- Sampling (all 2 replies): temperature=0.7\n" in md
+    assert "temperature=0.1" not in md  # the conversation's current settings are not the replies'
