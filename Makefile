@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install install-chat install-dev test lint chat binary binary-smoke bench
+.PHONY: install install-chat install-dev test lint typecheck chat binary binary-smoke bench
 
 install:
 	$(PIP) install -q -e .
@@ -13,9 +13,16 @@ install-chat:
 install-dev:
 	$(PIP) install -q -e '.[export,dev]'
 
-lint:
+lint: typecheck
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
+
+# mypy (pyproject.toml [tool.mypy]) reads the source folders under their import names
+# (app/ is moechat.app, ...: pyproject's package-dir) through links in build/typecheck.
+typecheck:
+	@rm -rf build/typecheck && mkdir -p build/typecheck/moechat
+	@for f in moechat/*.py app export runtime models; do ln -s "$$PWD/$$f" build/typecheck/moechat/; done
+	$(PYTHON) -m mypy
 
 test: install-dev lint
 	$(PYTHON) -m pytest -q

@@ -6,7 +6,10 @@ the generation flow and this module the conversation bookkeeping around it.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from moechat.app.conversation_list import ConversationListScreen
 from moechat.app.dialogs import ConfirmScreen, TextPromptScreen
@@ -15,11 +18,72 @@ from moechat.app.messages import AssistantMessage, UserMessage, note_for
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from textual.containers import VerticalScroll
+    from textual.screen import Screen
+
+    from moechat.app.engine import ChatEngine
+    from moechat.app.generation import Generation
+    from moechat.app.prompt_input import PromptInput
+    from moechat.app.status_line import StatusLine
+    from moechat.app.store import ConversationStore, StoredMessage
+
+Severity = Literal["information", "warning", "error"]
+
+
+class ConversationHost(Protocol):
+    """What :class:`ConversationActions` needs from the app it is mixed into (ChatApp)."""
+
+    conversation_id: int | None
+    sub_title: str
+    params: SamplingParams
+    system_prompt: str | None
+    engine: ChatEngine | None
+    export_dir: Path
+    _gen: Generation | None
+    _busy: bool
+
+    @property
+    def store(self) -> ConversationStore: ...
+    @property
+    def chat_log(self) -> VerticalScroll: ...
+    @property
+    def prompt(self) -> PromptInput: ...
+    @property
+    def status(self) -> StatusLine: ...
+
+    def notify(
+        self, message: str, *, title: str = "", severity: Severity = "information",
+        timeout: float | None = None, markup: bool = True,
+    ) -> None: ...  # fmt: skip
+    def push_screen(
+        self, screen: Screen[Any], callback: Callable[[Any], Any] | None = None
+    ) -> Any: ...
+    def call_later(self, callback: Callable[..., Any], *args: Any) -> bool: ...
+    def engine_quiet(self) -> AbstractContextManager[None]: ...
+    def _db(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+    def _refuse_while_generating(self) -> bool: ...
+    def _set_settings(
+        self, params: SamplingParams, system_prompt: str | None, *, save: bool = True
+    ) -> None: ...
+    def _push_system_prompt(self) -> None: ...
+    def _stored(self) -> list[StoredMessage]: ...
+    def _sync_engine(self) -> None: ...
+    def _save_reply(
+        self, gen: Generation, text: str, *, partial: bool, reason: str | None
+    ) -> object: ...
+    def _log(self, text: str, kind: str = "info") -> Awaitable[object]: ...
+    async def show_welcome(self) -> None: ...
+    # this mixin's own methods, called through ``self``
+    async def action_new_chat(self, keep_settings: bool = False) -> None: ...
+    async def load_conversation(self, conversation_id: int) -> None: ...
+    def _deleted(self, conv_id: int) -> None: ...
+
 
 class ConversationActions:
-    """Needs the ChatApp's store, engine, widgets and settings helpers."""
+    """Conversation bookkeeping; its methods need a :class:`ConversationHost` as ``self``."""
 
-    async def action_new_chat(self, keep_settings: bool = False) -> None:
+    async def action_new_chat(self: ConversationHost, keep_settings: bool = False) -> None:
         if self._refuse_while_generating():
             return
         self.conversation_id = None
@@ -42,7 +106,7 @@ class ConversationActions:
         await self.show_welcome()
         self.prompt.focus()
 
-    async def load_conversation(self, conversation_id: int) -> None:
+    async def load_conversation(self: ConversationHost, conversation_id: int) -> None:
         if self._refuse_while_generating():
             return
         conv = self._db(self.store.get_conversation, conversation_id)
@@ -84,7 +148,7 @@ class ConversationActions:
         finally:
             self._busy = False
 
-    def action_conversations(self) -> None:
+    def action_conversations(self: ConversationHost) -> None:
         if self._refuse_while_generating():
             return
 
@@ -106,11 +170,11 @@ class ConversationActions:
             chosen,
         )
 
-    def _deleted(self, conv_id: int) -> None:
+    def _deleted(self: ConversationHost, conv_id: int) -> None:
         if conv_id == self.conversation_id:
             self.call_later(self.action_new_chat)
 
-    def action_delete_conversation(self) -> None:
+    def action_delete_conversation(self: ConversationHost) -> None:
         if self._refuse_while_generating():
             return
         conv_id = self.conversation_id
@@ -128,7 +192,7 @@ class ConversationActions:
 
         self.push_screen(ConfirmScreen(f"Delete “{title}”? This cannot be undone."), done)
 
-    def action_rename_conversation(self, title: str = "") -> None:
+    def action_rename_conversation(self: ConversationHost, title: str = "") -> None:
         conv_id = self.conversation_id
         if conv_id is None:
             self.notify("Send a message first; new chats are named after it.")
@@ -145,7 +209,9 @@ class ConversationActions:
             conv = self.store.get_conversation(conv_id)
             self.push_screen(TextPromptScreen("New title:", conv.title if conv else ""), done)
 
-    async def action_export(self, fmt: str = "all", target: str = "") -> list[Path]:
+    async def action_export(
+        self: ConversationHost, fmt: str = "all", target: str = ""
+    ) -> list[Path]:
         conv_id = self.conversation_id
         conv = self._db(self.store.get_conversation, conv_id) if conv_id is not None else None
         if conv is None:

@@ -6,8 +6,9 @@ typing (``/set temperature 0.7``) or from the palette (Ctrl+P).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from textual.app import SystemCommand
 from textual.screen import Screen
@@ -16,13 +17,56 @@ from moechat.app import commands
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from moechat.app.conversation_actions import Severity
+    from moechat.app.engine import ChatEngine
+
+
+class CommandHost(Protocol):
+    """What :class:`CommandActions` needs from the app it is mixed into (ChatApp): the
+    actions it dispatches to and the settings it reads."""
+
+    params: SamplingParams
+    system_prompt: str | None
+    engine: ChatEngine | None
+
+    def notify(
+        self, message: str, *, title: str = "", severity: Severity = "information",
+        timeout: float | None = None, markup: bool = True,
+    ) -> None: ...  # fmt: skip
+    def _log(self, text: str, kind: str = "info") -> Awaitable[object]: ...
+    def _set_settings(
+        self, params: SamplingParams, system_prompt: str | None, *, save: bool = True
+    ) -> None: ...
+    def switch_model(self, path: Path) -> None: ...
+    def action_help(self) -> None: ...
+    def action_stop(self) -> None: ...
+    def action_copy_last(self) -> None: ...
+    def action_toggle_sampling(self) -> None: ...
+    def action_model_info(self) -> None: ...
+    def action_conversations(self) -> None: ...
+    def action_rename_conversation(self, title: str = "") -> None: ...
+    def action_delete_conversation(self) -> None: ...
+    async def action_new_chat(self, keep_settings: bool = False) -> None: ...
+    async def action_regenerate(self) -> None: ...
+    async def action_edit_last(self) -> None: ...
+    async def action_export(self, fmt: str = "all", target: str = "") -> Any: ...
+    async def action_quit(self) -> None: ...
+    # this mixin's own methods, called through ``self``
+    async def _command_set(self, arg: str) -> None: ...
+    async def _command_system(self, arg: str) -> None: ...
+    async def _palette_clear(self) -> None: ...
+    async def _palette_export_md(self) -> None: ...
+    async def _palette_export_json(self) -> None: ...
+
 
 class CommandActions:
-    """Needs the ChatApp's actions (this mixin only dispatches to them)."""
+    """Dispatches slash commands and palette entries; its methods need a
+    :class:`CommandHost` as ``self``."""
 
     # -- slash commands ----------------------------------------------------------------
 
-    async def run_command(self, command: commands.SlashCommand) -> None:
+    async def run_command(self: CommandHost, command: commands.SlashCommand) -> None:
         name, arg = command.name, command.arg
         if name == "help":
             self.action_help()
@@ -63,7 +107,7 @@ class CommandActions:
         elif name == "quit":
             await self.action_quit()
 
-    async def _command_set(self, arg: str) -> None:
+    async def _command_set(self: CommandHost, arg: str) -> None:
         if not arg:
             lines = [f"{k} = {v!r}" for k, v in self.params.to_dict().items()]
             lines.append(f"system = {self.system_prompt!r}")
@@ -91,7 +135,7 @@ class CommandActions:
         shown = ", ".join(f"{k} = {v!r}" for k, v in params.to_dict().items() if before[k] != v)
         self.notify(f"{shown or 'unchanged'} (applies to the next reply)", timeout=3)
 
-    async def _command_system(self, arg: str) -> None:
+    async def _command_system(self: CommandHost, arg: str) -> None:
         if not arg:
             current = self.system_prompt or "(none: the model's default)"
             await self._log(f"System prompt: {current}\nSet it with /system TEXT; /system clear.")
@@ -102,8 +146,8 @@ class CommandActions:
 
     # -- command palette -------------------------------------------------------------
 
-    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield from super().get_system_commands(screen)
+    def get_system_commands(self: CommandHost, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)  # type: ignore[misc]  # textual's App
         yield SystemCommand("Stop generating", "Stop the reply (Esc)", self.action_stop)
         yield SystemCommand(
             "Regenerate reply", "Re-roll the last reply (Ctrl+R)", self.action_regenerate
@@ -139,11 +183,11 @@ class CommandActions:
         yield SystemCommand("Model info", "Model, provider, context", self.action_model_info)
         yield SystemCommand("Keys and commands", "The help screen (F1)", self.action_help)
 
-    async def _palette_clear(self) -> None:
+    async def _palette_clear(self: CommandHost) -> None:
         await self.action_new_chat(keep_settings=True)
 
-    async def _palette_export_md(self) -> None:
+    async def _palette_export_md(self: CommandHost) -> None:
         await self.action_export("md")
 
-    async def _palette_export_json(self) -> None:
+    async def _palette_export_json(self: CommandHost) -> None:
         await self.action_export("json")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import collections
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 import onnx
@@ -78,7 +79,7 @@ def find_routers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return sorted(found.values(), key=lambda n: order[id(n)])
 
 
-def gemm_to_matmul(model: onnx.ModelProto, keep: set[str] = frozenset()) -> int:
+def gemm_to_matmul(model: onnx.ModelProto, keep: AbstractSet[str] = frozenset()) -> int:
     """Rewrite Gemm(A, const B[, C]) as MatMul(A, B') (+ Add C); returns how many."""
     graph = model.graph
     inits = initializers(graph)
@@ -138,7 +139,7 @@ def _fusable_groups(graph: onnx.GraphProto, inits: dict, skip: set[str]) -> list
     return [nodes for nodes in groups.values() if len(nodes) > 1]
 
 
-def fuse_shared_input_matmuls(model: onnx.ModelProto, skip: set[str] = frozenset()) -> int:
+def fuse_shared_input_matmuls(model: onnx.ModelProto, skip: AbstractSet[str] = frozenset()) -> int:
     """Merge MatMuls that read one input into one MatMul + Split; returns groups fused.
 
     q/k/v and gate/up projections read the same activation through separate kernels;

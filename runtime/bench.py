@@ -106,6 +106,8 @@ def _proc_status_kib(key: str) -> int | None:
 
 
 def _windows_memory() -> ProcessMemory:
+    if sys.platform != "win32":  # (tells the type checker where ctypes.windll exists)
+        raise OSError("Windows only")
     import ctypes
     from ctypes import wintypes
 

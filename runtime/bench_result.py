@@ -134,7 +134,7 @@ def format_report(result: BenchResult) -> str:
     """The human-readable table of a bench result (comparisons: ``format_compare``)."""
     m, g, mem, chat = result.machine, result.graph, result.memory, result.chat
     graph = f"{g.weights}, attention {g.attention}" + (f", MoE {g.moe_impl}" if g.moe_impl else "")
-    load = " ".join(str(x) for x in m["load_avg"]) if m.get("load_avg") else "?"
+    load = " ".join(str(x) for x in m["load_avg"] or []) or "?"
     lines = [
         f"moechat bench: {result.model} ({graph}) on {result.provider}, "
         f"{result.threads} threads{'' if result.spinning else ' (MOECHAT_SPIN=0)'}, "

@@ -59,7 +59,9 @@ class Decoder:
                 # numpy owns the memory (pages are committed as they are first written);
                 # onnxruntime gets [1, H, capacity, D] views of its first elements.
                 size = kv_heads * max_context * head_dim
-                self._storage = [np.empty(size, dtype=kv_dtype) for _ in self._kv_names]
+                self._storage: list[np.ndarray] = [
+                    np.empty(size, dtype=kv_dtype) for _ in self._kv_names
+                ]
                 self.capacity = min(max_context, max(1, initial_capacity))
                 self._bind_views()
                 self._last_logits = self._logits_buffer(session)
@@ -73,7 +75,7 @@ class Decoder:
                 self._bind(buffers)
         else:
             self.capacity = max_context
-            self._empty = np.zeros((1, kv_heads, 0, head_dim), dtype=kv_dtype)
+            self._empty: np.ndarray = np.zeros((1, kv_heads, 0, head_dim), dtype=kv_dtype)
             self._arrays = [self._empty] * len(self._kv_names)
 
     @staticmethod

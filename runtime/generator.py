@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from moechat.runtime.events import DoneEvent, GenerationEvent, GenerationStats, TokenEvent
+from moechat.runtime.events import (
+    DoneEvent,
+    FinishReason,
+    GenerationEvent,
+    GenerationStats,
+    TokenEvent,
+)
 from moechat.runtime.model import LoadedModel
 from moechat.runtime.sampling import Sampler, SamplingParams
 from moechat.runtime.streaming import StreamDecoder
@@ -65,7 +71,7 @@ def generate(
         prompt_tokens=len(new_ids), provider=model.provider, max_context=decoder.max_context
     )
     generated: list[int] = []
-    finish = "length"
+    finish: FinishReason = "length"
     start = time.perf_counter()
     first_token_at = start
     logits = decoder.forward(new_ids)[-1]

@@ -293,7 +293,7 @@ def _convert_and_export(ckpt, outdir, work, progress, int8, force) -> dict:
 
 def _perplexities(held_out: dict, dense_nll: dict, moe_nll: dict) -> tuple[dict, dict]:
     """(combined, per text) perplexities from summed negative log-likelihoods."""
-    ppl = {}
+    ppl: dict[str, dict[str, float]] = {}
     for name, seqs in held_out.items():
         tokens = sum(len(s) - 1 for s in seqs)
         dense, moe = math.exp(dense_nll[name] / tokens), math.exp(moe_nll[name] / tokens)
@@ -301,11 +301,11 @@ def _perplexities(held_out: dict, dense_nll: dict, moe_nll: dict) -> tuple[dict,
             "dense": round(dense, 3), "moe": round(moe, 3), "ratio": round(moe / dense, 4),
             "tokens": tokens,
         }  # fmt: skip
-    tokens = sum(p["tokens"] for p in ppl.values())
-    dense = math.exp(sum(dense_nll.values()) / tokens)
-    moe = math.exp(sum(moe_nll.values()) / tokens)
+    total = sum(int(p["tokens"]) for p in ppl.values())
+    dense = math.exp(sum(dense_nll.values()) / total)
+    moe = math.exp(sum(moe_nll.values()) / total)
     main = {"dense": round(dense, 3), "moe": round(moe, 3), "ratio": round(moe / dense, 4)}
-    return {**main, "tokens": tokens}, ppl
+    return {**main, "tokens": total}, ppl
 
 
 def _layer_progress(progress: Callable[[str], None], layers: int) -> Callable[[str], None]:

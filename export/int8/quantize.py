@@ -369,7 +369,7 @@ def quantize_model(
         scales = smooth(model, calibration[0], calibration[1], options.alpha)
     info["smoothing"] = (
         f"{len(scales)} activations (alpha {options.alpha}, {len(calibration[1])} calibration tokens)"
-        if scales
+        if scales and calibration is not None
         else None
     )
     lm_input = next((n.input[0] for n in model.graph.node if tied and n.name == tied[0]), None)
@@ -395,7 +395,7 @@ def quantize_model(
     info["lm_head_rescoring"] = None
     if tied and tables:
         top = min(RESCORE_TOP, _vocab(model, tables[0]))
-        add_lm_head_rescoring(model, tables[0], scales.get(lm_input), top)
+        add_lm_head_rescoring(model, tables[0], scales.get(lm_input or ""), top)
         info["lm_head_rescoring"] = (
             f"top {top} logits recomputed from float activations and the tied int8 table"
         )

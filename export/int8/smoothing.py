@@ -193,7 +193,7 @@ def _projection_columns(tensor: str, producers: dict, inits: dict) -> tuple:
 
 
 def _past_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for inp in model.graph.input:
         if inp.name.startswith("past_key_values."):
             dims = inp.type.tensor_type.shape.dim
