@@ -19,10 +19,14 @@ def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def write_llama_gguf(model, tokenizer_json: Path, path: Path, quantize: bool = False) -> Path:
+def write_llama_gguf(
+    model, tokenizer_json: Path, path: Path, quantize: bool = False, user_defined: bool = False
+) -> Path:
     """``model`` (a Llama-config CausalLM) + a byte-level BPE tokenizer.json -> GGUF.
 
-    With ``quantize`` the 2-D weights are stored as Q8_0 (as llama.cpp would)."""
+    With ``quantize`` the 2-D weights are stored as Q8_0 (as llama.cpp would); with
+    ``user_defined`` the special tokens are USER_DEFINED (4) rather than CONTROL (3), as
+    many GGUF files on the Hub mark their chat tokens."""
     import gguf
 
     cfg = model.config
@@ -49,7 +53,8 @@ def write_llama_gguf(model, tokenizer_json: Path, path: Path, quantize: bool = F
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt2")
     w.add_token_list(tokens)
-    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    kind = 4 if user_defined else 3
+    w.add_token_types([kind if i in special else 1 for i in range(len(tokens))])
     w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
