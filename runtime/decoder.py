@@ -17,6 +17,8 @@ Two cache strategies behind one interface:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnxruntime as ort
 
@@ -136,7 +138,9 @@ class Decoder:
                 else [self._empty] * len(self._arrays)
             )
 
-    def forward(self, token_ids, logits_for: str = "last") -> np.ndarray:
+    def forward(
+        self, token_ids: Sequence[int] | np.ndarray, logits_for: str = "last"
+    ) -> np.ndarray:
         """Append ``token_ids`` to the cache; return logits [n, vocab] for the last or all positions."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]

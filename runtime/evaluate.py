@@ -16,10 +16,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moechat.runtime.errors import MoechatError
+
+if TYPE_CHECKING:
+    from moechat.runtime.decoder import Decoder
 
 DEFAULT_CHUNK = 256
 
@@ -125,7 +129,7 @@ class ProgressBar:
 
 
 def evaluate_perplexity(
-    decoder,
+    decoder: Decoder,
     token_ids: Sequence[int],
     chunk: int = DEFAULT_CHUNK,
     window: int | None = None,
