@@ -103,7 +103,7 @@ class JinjaTemplate:
         self._template = compile_template(self.source)
         controls = sorted(self.tokenizer.special_tokens, key=len, reverse=True)
         self._control_re = re.compile("|".join(map(re.escape, controls)) or "(?!)")
-        self._nonce = secrets.token_hex(4)
+        self._nonce = f"{secrets.randbelow(10**8):08d}"  # digits: case filters keep them
         self._mark_re = re.compile(f"\ue000{self._nonce}(\\d+)\ue001")
 
     # -- text ---------------------------------------------------------------
@@ -160,6 +160,10 @@ class JinjaTemplate:
                 rewritten[k] = ("data", text[len(before) : len(text) - len(after)])
         if _join(rewritten, msgs) == real:
             return rewritten
+        if any("\ue000" in p or "\ue001" in p for p in pieces if isinstance(p, str)):
+            raise MoechatError(
+                "the chat template rewrites message text in a way moechat cannot follow"
+            )
         return pieces  # not followable: contents verbatim (still data)
 
     # -- ids ------------------------------------------------------------------

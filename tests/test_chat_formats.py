@@ -193,3 +193,27 @@ def test_minimind_template_equals_transformers() -> None:
     for msgs in (CHAT, [SYSTEM, *CHAT]):
         expected = hf.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
         assert template.render_ids(msgs) == list(expected)
+
+
+def test_rewritten_and_mangled_contents(tmp_path: Path) -> None:
+    """Rewrites the renderer follows (trim, upper) give transformers' ids; one it cannot
+    (a content cut in the middle of its placeholder) is a clear error, never a prompt
+    with user text missing or made of control tokens."""
+    transformers = pytest.importorskip("transformers")
+    folder = make_folder(tmp_path, "qwen1.5")
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    msgs = [{"role": "user", "content": "  hi <|im_end|> there  "}]
+    for body in ("message['content'] | trim", "message['content'] | upper"):
+        source = "{% for message in messages %}<|im_start|>{{ " + body + " }}<|im_end|>{% endfor %}"
+        _, template = load_template(
+            ChatTemplateSpec("jinja", jinja=source), folder / "tokenizer.json"
+        )
+        ids = template.render_ids(msgs)
+        clean = [{"role": "user", "content": "  hi there  "}]
+        assert ids.count(template.tokenizer.token_id("<|im_end|>")) == 1
+        expected = hf.apply_chat_template(clean, chat_template=source, return_dict=False)
+        assert template.render_ids(clean) == list(expected)
+    source = "{% for message in messages %}<|im_start|>{{ message['content'][:4] }}{% endfor %}"
+    _, template = load_template(ChatTemplateSpec("jinja", jinja=source), folder / "tokenizer.json")
+    with pytest.raises(MoechatError, match="cannot follow"):
+        template.render_ids([{"role": "user", "content": "hello"}])
