@@ -214,12 +214,21 @@ def describe_template(
     specials = {k: v for k, v in special_tokens.items() if k in SPECIAL_KEYS and v}
     if not source:
         meta = {"format": "chatml", "source": "built-in", "default_system": DEFAULT_SYSTEM}
-        load_template(ChatTemplateSpec(default_system=DEFAULT_SYSTEM), tokenizer_path)
+        try:
+            load_template(ChatTemplateSpec(default_system=DEFAULT_SYSTEM), tokenizer_path)
+        except MoechatError as err:
+            raise MoechatError(
+                f"the model has no chat template and ChatML does not fit its tokenizer ({err})"
+            ) from None
         return {**meta, "family": "chatml", "jinja": None, "end_of_turn": ["<|im_end|>"]}
     meta = {"format": "jinja", "jinja": source, "special_tokens": specials}
     spec = ChatTemplateSpec(format="jinja", jinja=source, special_tokens=specials)
     _, template = load_template(spec, tokenizer_path)
-    template.render_ids([{"role": "user", "content": "hi"}])  # it renders, tokens exist
+    user = {"role": "user", "content": "hi"}
+    try:  # it renders and its tokens exist (some templates insist on a system message)
+        template.render_ids([user])
+    except MoechatError:
+        template.render_ids([{"role": "system", "content": "s"}, user])
     end = template.end_of_turn()
     chatml = _as_chatml(template)
     if chatml is not None:
