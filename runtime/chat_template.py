@@ -2,9 +2,9 @@
 
 :func:`load_template` picks the renderer a package asks for (``chat_template.format``):
 ``jinja`` (runtime/jinja_template.py) for packages that carry their model's template,
-``chatml`` for packages without one (and packages written before templates were
-rendered). The rest of this docstring is about the built-in ChatML renderer.
-
+``chatml`` for models without one, models whose template renders exactly as ChatML
+(:func:`describe_template` checks at export) and packages written before templates were
+rendered. The rest of this docstring is about the built-in ChatML renderer.
 
 Layout::
 
@@ -130,8 +130,12 @@ def control_text(chat: ChatTemplateSpec) -> str:
     token strings and the ChatML markers (see runtime/tokenizer.py)."""
     parts = ["<|im_start|>", "<|im_end|>"] if chat.format == "chatml" else []
     parts += [v for v in chat.special_tokens.values() if v]
-    if chat.format == "jinja" and chat.jinja:
-        parts.append(literal_text(chat.jinja))
+    if chat.jinja:
+        try:
+            parts.append(literal_text(chat.jinja))
+        except MoechatError:  # a ChatML package's template is not rendered: let it be
+            if chat.format == "jinja":
+                raise
     return "\0".join(parts)
 
 
