@@ -6,7 +6,7 @@ typing (``/set temperature 0.7``) or from the palette (Ctrl+P).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -148,40 +148,28 @@ class CommandActions:
 
     def get_system_commands(self: CommandHost, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)  # type: ignore[misc]  # textual's App
-        yield SystemCommand("Stop generating", "Stop the reply (Esc)", self.action_stop)
-        yield SystemCommand(
-            "Regenerate reply", "Re-roll the last reply (Ctrl+R)", self.action_regenerate
-        )
-        yield SystemCommand(
-            "Edit last message", "Put it back into the prompt (Ctrl+E)", self.action_edit_last
-        )
-        yield SystemCommand(
-            "Sampling panel", "Show or hide the settings (Ctrl+S)", self.action_toggle_sampling
-        )
-        yield SystemCommand(
-            "Conversations", "Open, rename, delete chats (Ctrl+L)", self.action_conversations
-        )
-        yield SystemCommand("New chat", "Start a new conversation (Ctrl+N)", self.action_new_chat)
-        yield SystemCommand(
-            "Clear chat", "New conversation, same settings (/clear)", self._palette_clear
-        )
-        yield SystemCommand(
-            "Copy last reply", "Copy it to the clipboard (Ctrl+Y)", self.action_copy_last
-        )
-        yield SystemCommand(
-            "Export as Markdown", "Write a .md file (/export md)", self._palette_export_md
-        )
-        yield SystemCommand(
-            "Export as JSON", "Write the ChatML list (/export json)", self._palette_export_json
-        )
-        yield SystemCommand(
-            "Rename conversation", "Give this chat a title", self.action_rename_conversation
-        )
-        yield SystemCommand(
-            "Delete conversation", "Delete this chat (asks first)", self.action_delete_conversation
-        )
-        yield SystemCommand("Model info", "Model, provider, context", self.action_model_info)
-        yield SystemCommand("Keys and commands", "The help screen (F1)", self.action_help)
+        palette: list[tuple[str, str, Callable[[], object]]] = [
+            ("Stop generating", "Stop the reply (Esc)", self.action_stop),
+            ("Regenerate reply", "Re-roll the last reply (Ctrl+R)", self.action_regenerate),
+            ("Edit last message", "Put it back into the prompt (Ctrl+E)", self.action_edit_last),
+            ("Sampling panel", "Show or hide the settings (Ctrl+S)", self.action_toggle_sampling),
+            ("Conversations", "Open, rename, delete chats (Ctrl+L)", self.action_conversations),
+            ("New chat", "Start a new conversation (Ctrl+N)", self.action_new_chat),
+            ("Clear chat", "New conversation, same settings (/clear)", self._palette_clear),
+            ("Copy last reply", "Copy it to the clipboard (Ctrl+Y)", self.action_copy_last),
+            ("Export as Markdown", "Write a .md file (/export md)", self._palette_export_md),
+            ("Export as JSON", "Write the ChatML list (/export json)", self._palette_export_json),
+            ("Rename conversation", "Give this chat a title", self.action_rename_conversation),
+            (
+                "Delete conversation",
+                "Delete this chat (asks first)",
+                self.action_delete_conversation,
+            ),
+            ("Model info", "Model, provider, context", self.action_model_info),
+            ("Keys and commands", "The help screen (F1)", self.action_help),
+        ]
+        for title, help_text, action in palette:
+            yield SystemCommand(title, help_text, action)
 
     async def _palette_clear(self: CommandHost) -> None:
         await self.action_new_chat(keep_settings=True)

@@ -56,9 +56,17 @@ def source_missing(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def not_llama(manifest: dict[str, Any]) -> bool:
+def llama_engine_problem(
+    manifest: dict[str, Any], module: str, not_installed: str, engine: str
+) -> str | None:
+    """Why an engine for dense Llama models (``module`` to import) cannot run this
+    package's source, or None."""
     arch = manifest["architecture"]
-    return arch.get("model_type") != "llama" or bool(arch.get("use_moe"))
+    if not installed(module):
+        return not_installed
+    if arch.get("model_type") != "llama" or arch.get("use_moe"):
+        return f"not applicable: {engine} has no MiniMind / MiniMind-MoE architecture"
+    return source_missing(manifest)
 
 
 def log(message: str) -> None:

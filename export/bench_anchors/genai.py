@@ -24,13 +24,11 @@ INSTALL = "pip install onnxruntime-genai==0.18.0 transformers"
 
 
 def skip_reason(manifest: dict[str, Any], source: Path | None) -> str | None:
-    if not common.installed("onnxruntime_genai"):
-        return f"not installed ({INSTALL})"
-    if common.not_llama(manifest):
-        return "not applicable: its model builder has no MiniMind / MiniMind-MoE architecture"
-    missing = common.source_missing(manifest)
-    if missing:
-        return missing
+    problem = common.llama_engine_problem(
+        manifest, "onnxruntime_genai", f"not installed ({INSTALL})", "its model builder"
+    )
+    if problem:
+        return problem
     if not (common.installed("transformers") and common.installed("torch")):
         return "its model builder needs transformers and torch (pip install transformers)"
     if source is None or common.source_kind(source) == "state_dict":

