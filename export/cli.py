@@ -86,7 +86,7 @@ def print_int8_summary(manifest: dict[str, Any]) -> None:
         if threshold_misses(f) and _residual_pass_would_help(q):
             lines += [
                 "  --int8-residual-pass brings the answers closer to fp32 (demo MoE: top-1",
-                "  96.3% -> 97.2%) for about a quarter of the decode speed.",
+                "  96.3% -> 97.2%) for 27% slower decoding.",
             ]
         lines.append(bar)
         print("\n".join(lines), file=sys.stderr, flush=True)

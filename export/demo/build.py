@@ -11,8 +11,8 @@ Steps (each reported through ``progress``):
 5. perplexity of the dense and the MoE model on held-out text (the project's
    ``heldout.txt`` and held-out Python documentation, neither used for calibration);
 6. export through the normal path (``export_package``, int8 with the residual pass
-   (``export.int8.residual_pass``: the demo is where answers matter more than the last
-   quarter of decode speed), a shorter parity check: 2 prompts x 8 decode steps; int8
+   (``export.int8.residual_pass``: the demo is where answers matter more than the
+   27% of decode speed it costs), a shorter parity check: 2 prompts x 8 decode steps; int8
    fidelity on the same English held-out text as step 5), recording the numbers under
    ``"demo"`` in moechat.json.
 PyTorch runs on the idle cores only (:func:`torch_threads`).

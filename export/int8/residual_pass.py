@@ -11,8 +11,8 @@ kernel once over ``x`` and ``e`` stacked on a new first axis, summing the two re
 
 ``e``'s own rounding error is 1/127 of ``e``, so the activations act as if they had
 about 14 bits; the weights stay int8, stored and prepacked once (two separate kernel
-nodes on one weight ran the second at twice the cost of the first). It costs
-about a quarter of the decode speed and half the prefill speed on the demo MoE
+nodes on one weight ran the second at twice the cost of the first). It decodes
+27% slower (about a quarter less decode speed) and prefills at half the speed on the demo MoE
 (docs/benchmarks.md), so ``moechat export`` runs it only on request
 (``--int8-residual-pass``).
 """
