@@ -195,7 +195,10 @@ class JinjaTemplate:
             if isinstance(p, tuple):
                 run.append(p[1])
             elif isinstance(p, int):
-                if p in reply_ids and self._splices(msgs, pieces, k):
+                cut = self._splice_cut(msgs, pieces, k) if p in reply_ids else None
+                if cut is not None:
+                    text = "".join(run)
+                    run[:] = [text[: len(text) - cut]]
                     flush()
                     ids.extend(int(t) for t in reply_ids[p])
                 else:
@@ -215,17 +218,24 @@ class JinjaTemplate:
         flush()
         return ids
 
-    def _splices(self, msgs: list[dict], pieces: list, k: int) -> bool:
-        """Whether the text before piece ``k`` is the generation prompt of the history
-        before its message, so the generated ids can stand in for the reply."""
+    def _splice_cut(self, msgs: list[dict], pieces: list, k: int) -> int | None:
+        """Whether the generated ids can stand in for the reply at piece ``k``: the text
+        before it must be the generation prompt the reply was generated after, plus at
+        most some whitespace that the reply itself starts with (DeepSeek's ``'Assistant:'``
+        prompt and ``'Assistant: ' + reply``; the reply's first token carries the
+        space). Returns how many characters of template text the ids replace, or None."""
         index = pieces[k]
         if msgs[index]["role"] != "assistant" or index == 0:
-            return False
+            return None
         before = "".join(_text(q, msgs) for q in pieces[:k])
         try:
-            return before == self._render(msgs[:index], True)
+            prompt = self._render(msgs[:index], True)
         except MoechatError:
-            return False
+            return None
+        extra = before[len(prompt) :]
+        if not before.startswith(prompt) or extra.strip():
+            return None
+        return len(extra) if msgs[index]["content"].startswith(extra) else None
 
     def generation_prompt_text(self, messages: Sequence[Mapping]) -> str:
         """What the template appends for the model to start a reply."""

@@ -136,6 +136,12 @@ def test_generated_reply_ids_are_kept(family) -> None:
     if name in ("qwen1.5", "qwen3", "granite", "olmoe"):
         assert ids[: len(prompt) + len(reply)] == prompt + reply
     assert template.tokenizer.decode(ids).count("Paris, of course") == 1
+    # A reply that starts with the space the template writes before it (DeepSeek's
+    # "Assistant: ", Mixtral's "[/INST] "): the model generated that space itself.
+    spaced = template.tokenizer.encode_text(" Paris, of course")
+    history = [*msgs, {"role": "assistant", "content": " Paris, of course"}, follow[-1]]
+    ids = template.render_ids(history, reply_ids={len(msgs): spaced})
+    assert ids[: len(prompt) + len(spaced)] == prompt + spaced, name
 
 
 def test_template_errors_are_one_line(tmp_path: Path) -> None:
