@@ -19,8 +19,8 @@ class PromptInput(TextArea):
     """
 
     BINDINGS = [
-        Binding("ctrl+e", "app.edit_last", "Edit"),
-        Binding("ctrl+y", "app.copy_last", "Copy"),
+        Binding("ctrl+e", "app.edit_last", "Edit", show=False),  # the footer has the app's
+        Binding("ctrl+y", "app.copy_last", "Copy", show=False),
         Binding("ctrl+c", "interrupt", "Stop / copy / quit", show=False),
         Binding("ctrl+d", "delete_or_quit", "Delete right / quit", show=False),
         Binding("pageup", "app.scroll_log('up')", "Scroll up", show=False),

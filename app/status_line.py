@@ -23,24 +23,46 @@ class StatusInfo:
     temperature: float | None = None
 
 
-def format_status(info: StatusInfo) -> str:
-    parts = [info.model]
+def _parts(info: StatusInfo) -> dict[str, str]:
+    parts = {"model": info.model}
     if info.provider:
-        parts.append(short_provider(info.provider))
+        parts["provider"] = short_provider(info.provider)
     speed = "–" if info.tokens_per_s is None else f"{info.tokens_per_s:.1f}"
-    parts.append(f"{speed} tok/s")
+    parts["speed"] = f"{speed} tok/s"
     ttft = "–" if info.ttft_ms is None else f"{info.ttft_ms:.0f} ms"
-    parts.append(f"TTFT {ttft}")
+    parts["ttft"] = f"TTFT {ttft}"
     if info.max_context:
         pct = 100.0 * info.context_used / info.max_context
-        parts.append(f"ctx {info.context_used}/{info.max_context} ({pct:.0f}%)")
+        parts["ctx"] = f"ctx {info.context_used}/{info.max_context} ({pct:.0f}%)"
     else:
-        parts.append(f"ctx {info.context_used}/–")
+        parts["ctx"] = f"ctx {info.context_used}/–"
     if info.temperature is not None:
-        parts.append("greedy" if info.temperature == 0 else f"T {info.temperature:g}")
+        parts["temperature"] = "greedy" if info.temperature == 0 else f"T {info.temperature:g}"
     if info.state:
-        parts.append(info.state)
-    return "  │  ".join(parts)
+        parts["state"] = info.state
+    return parts
+
+
+# What goes first when the line is too narrow (the context meter and the state stay).
+_DROP_ORDER = ("provider", "temperature", "ttft", "speed")
+
+
+def format_status(info: StatusInfo, width: int | None = None) -> str:
+    """The status line; with ``width``, the least useful parts go until it fits."""
+    parts = _parts(info)
+    text = "  │  ".join(parts.values())
+    if width is None or len(text) <= width:
+        return text
+    for key in (None, *_DROP_ORDER):
+        parts.pop(key, None)
+        text = " │ ".join(parts.values())
+        if len(text) <= width:
+            return text
+    if len(parts["model"]) > 12:
+        parts["model"] = parts["model"][:11] + "…"
+    if "ctx" in parts and info.max_context:
+        parts["ctx"] = f"ctx {info.context_used}/{info.max_context}"
+    return " │ ".join(parts.values())
 
 
 class StatusLine(Static):
@@ -51,8 +73,17 @@ class StatusLine(Static):
     def show(self, **changes: object) -> None:
         for key, value in changes.items():
             setattr(self.info, key, value)
-        self.update(Text(format_status(self.info), no_wrap=True, overflow="ellipsis"))
+        self.refresh()
+
+    def render(self) -> Text:
+        width = self.content_size.width or None
+        return Text(format_status(self.info, width), no_wrap=True, overflow="ellipsis")
 
     @property
     def text(self) -> str:
         return format_status(self.info)
+
+    @property
+    def shown(self) -> str:
+        """The line as drawn at the widget's width."""
+        return format_status(self.info, self.content_size.width or None)

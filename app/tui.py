@@ -76,24 +76,26 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
     CSS_PATH = "chat.tcss"
     TITLE = "moechat"
 
+    # Footer order: what a newcomer needs first (a 60-column footer shows about six).
     BINDINGS = [
+        Binding("f1", "help", "Help", tooltip="this help screen"),
         Binding(
             "escape",
             "stop",
             "Stop",
             tooltip="stop the reply being generated (kept, marked stopped)",
         ),
-        Binding("ctrl+r", "regenerate", "Regen", tooltip="regenerate the last reply"),
-        Binding("ctrl+e", "edit_last", "Edit", tooltip="put the last message back into the prompt"),
-        Binding("ctrl+s", "toggle_sampling", "Sampling", tooltip="show/hide the sampling panel"),
         Binding("ctrl+l", "conversations", "Chats", tooltip="conversations: open, rename, delete"),
         Binding("ctrl+n", "new_chat", "New", tooltip="start a new conversation"),
+        Binding("ctrl+s", "toggle_sampling", "Sampling", tooltip="show/hide the sampling panel"),
+        Binding("ctrl+r", "regenerate", "Regen", tooltip="regenerate the last reply"),
+        Binding("ctrl+e", "edit_last", "Edit", tooltip="put the last message back into the prompt"),
         Binding("ctrl+y", "copy_last", "Copy", tooltip="copy the last reply to the clipboard"),
-        Binding("f1", "help", "Help", tooltip="this help screen"),
         Binding(
             "ctrl+q", "quit", "Quit", tooltip="quit (a reply in progress is saved)", priority=True
         ),
     ]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (90, "-wide")]
 
     def __init__(
         self,
@@ -409,6 +411,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
             text = welcome_text(
                 manifest_of(engine), engine.model_name, can_switch=self.model_loader is not None
             )
+        self.chat_log.anchor(False)  # read from the top; the first message anchors again
         existing = self.chat_log.query(Welcome)
         if existing:
             existing.first().show(text)
@@ -681,8 +684,8 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
     # -- actions ---------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "stop":
-            return True if self._gen is not None else None
+        if action == "stop":  # hidden from the footer unless a reply is being generated
+            return True if self._gen is not None else False
         if action in ("regenerate", "edit_last", "new_chat"):
             return None if self._gen is not None else True
         return True

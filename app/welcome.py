@@ -16,14 +16,14 @@ from textual.widgets import Static
 MAIN_KEYS = (
     ("Enter", "send"),
     ("Shift+Enter", "newline"),
-    ("Esc / Ctrl+C", "stop a reply"),
+    ("Esc/Ctrl+C", "stop"),
     ("Ctrl+R", "regenerate"),
     ("Ctrl+E", "edit"),
     ("Ctrl+S", "sampling"),
     ("Ctrl+L", "chats"),
-    ("Ctrl+N", "new chat"),
+    ("Ctrl+N", "new"),
     ("F1", "all keys"),
-    ("Ctrl+Q / Ctrl+D", "quit"),
+    ("Ctrl+D", "quit"),
 )
 
 
@@ -64,10 +64,10 @@ def describe_model(manifest: dict[str, Any], fallback_name: str = "") -> list[st
         size = _params(source)
         base = source.split(" (")[0].split("/")[-1]
         lines = [
-            f"{name}: the demo model.",
-            f"{base} ({size + ' parameters, ' if size else ''}English only) with every "
-            "feed-forward layer converted into a mixture of experts, without training. A toy "
-            "for trying the app: short answers, often wrong; it does not read other languages.",
+            f"{name}: the demo model",
+            f"{base} ({size + ', ' if size else ''}English only) with its feed-forward layers "
+            "turned into a mixture of experts, without training: a toy for trying the app. "
+            "Expect short, often wrong answers.",
         ]
         ppl = demo.get("perplexity") or {}
         if "moe" in ppl and "dense" in ppl:
@@ -93,18 +93,13 @@ def welcome_text(
     text.append("\n")
     for i, (key, what) in enumerate(MAIN_KEYS):
         text.append(key, style="bold")
-        text.append(f" {what}" + ("  ·  " if i < len(MAIN_KEYS) - 1 else "\n"))
-    text.append("Type / for the commands (/help lists them).\n\n")
-    other = (
-        "Another model: /model PATH opens a package folder here, or run "
-        if can_switch
-        else "Another model: quit and run "
-    )
-    text.append(
-        other + "`moechat chat PATH`; `moechat export CHECKPOINT PATH` makes a package "
-        "from a Hugging Face folder, a MiniMind .pth or a GGUF (README: Using a real "
-        "MiniMind2-MoE)."
-    )
+        text.append(f" {what}" + (" · " if i < len(MAIN_KEYS) - 1 else "\n"))
+    text.append("Type / for the commands.\n")
+    if can_switch:
+        text.append("Another model: /model PATH (a package folder), or `moechat chat PATH`.\n")
+    else:
+        text.append("Another model: quit, then `moechat chat PATH`.\n")
+    text.append("`moechat export` makes packages from checkpoints (see the README).")
     return text
 
 

@@ -123,7 +123,7 @@ async def test_welcome_view_until_the_first_message(db_path):
         for fact in ["the demo model", "SmolLM2-135M-Instruct", "135M", "English only", "toy"]:
             assert fact in text, fact
         assert "30 layers" in text and "4 routed experts top-2 + 1 shared" in text
-        for key in ["Enter", "Esc / Ctrl+C", "Ctrl+L", "F1", "Ctrl+Q"]:
+        for key in ["Enter", "Esc/Ctrl+C", "Ctrl+L", "F1", "Ctrl+D"]:
             assert key in text
         assert "/model PATH" in text and "moechat chat PATH" in text and "Type /" in text
         await send_and_wait(pilot, "hello")
@@ -144,7 +144,7 @@ async def test_welcome_view_while_loading_and_for_a_plain_package(db_path):
     app = make_app(db_path, factory)
     async with app.run_test(size=SIZE) as pilot:
         await wait_until(pilot, lambda: "Loading the model" in welcome(app))
-        assert "quit and run" in welcome(app)  # no /model PATH without a loader
+        assert "quit, then" in welcome(app)  # no /model PATH without a loader
         release.set()
         await wait_until(pilot, lambda: "fake-moe" in welcome(app))
         assert "demo" not in welcome(app)
@@ -776,6 +776,53 @@ async def test_help_screen_shows_usages_literally_and_oterm_differences(db_path)
         assert "/export [md|json] [PATH]" in text and "/model [PATH]" in text
         assert "/system [TEXT]" in text
         assert "ollama" in text and "oterm" in text
+
+
+@pilot_test
+async def test_usable_at_60x20_status_footer_toasts_and_panel(db_path):
+    from textual.widgets import Footer
+    from textual.widgets._footer import FooterKey
+    from textual.widgets._toast import Toast
+
+    engine = FakeEngine("ok")
+    engine.model_name = "smollm2-moe-demo"
+    app = make_app(db_path, engine)
+    async with app.run_test(size=(60, 20), notifications=True) as pilot:
+        await wait_until(pilot, lambda: welcome(app) != "")
+        top = app.chat_log.query_one(Welcome).region  # read from its first line
+        assert top.height > 0 and top.y <= app.chat_log.region.y + 1
+        await send_and_wait(pilot, "hello")
+        screen = app.screen.region
+        status, footer, prompt = app.status, app.query_one(Footer), app.prompt
+        assert status.region.height == 1 and footer.region.height == 1
+        assert screen.contains_region(status.region) and screen.contains_region(footer.region)
+        assert status.region.bottom <= footer.region.y and prompt.region.bottom <= status.region.y
+        shown = status.shown  # the line as drawn: shortened to fit, the context meter kept
+        assert len(shown) <= status.content_size.width and "ctx " in shown
+        assert "smollm2-moe-demo" in shown or "smollm2-moe…" in shown
+        await wait_until(pilot, lambda: bool(app.query(FooterKey)))
+        help_key = [k for k in app.query(FooterKey) if k.key == "f1"]
+        assert help_key and screen.contains_region(help_key[0].region)
+
+        app.notify("a toast that must not hide the status line")
+        await wait_until(pilot, lambda: bool(app.screen.query(Toast)))
+        await pilot.pause(0.2)
+        for toast in app.screen.query(Toast):
+            assert toast.region.bottom <= prompt.region.y, (toast.region, prompt.region)
+
+        await pilot.press("ctrl+s")  # the panel lies over the chat; the chat keeps its width
+        await wait_until(pilot, lambda: app.panel.region.width > 0)
+        assert app.chat_log.region.width >= 50
+        assert screen.contains_region(app.panel.region) and app.panel.region.width >= 30
+        await pilot.press("ctrl+s")
+
+    app.store.close()
+    app = make_app(db_path, FakeEngine("ok"))
+    async with app.run_test(size=(120, 30)) as pilot:  # wide: the panel sits beside the chat
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: app.panel.region.width > 0)
+        assert app.chat_log.region.right <= app.panel.region.x
+        assert app.chat_log.region.width >= 70
 
 
 # -- robustness ------------------------------------------------------------------------------
