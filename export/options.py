@@ -18,7 +18,7 @@ Attention = Literal["gqa", "ops"]  # GroupQueryAttention, or standard ops
 Int8Matmuls = Literal["nbits", "dynamic"]  # MatMulNBits, or dynamic quantisation
 Variant = Literal["dml"]  # extra per-provider graphs
 
-INT8_DEFAULT_MOE: MoeImpl = "qmoe"  # measured fastest on CPU at decode: docs/benchmarks.md
+INT8_DEFAULT_MOE: MoeImpl = "qmoe"  # fastest on CPU at decode: docs/decisions/0001-*
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Decoding reads every weight once per token, well over the CPU caches' size, so each
 step walks tens of thousands of 4 KiB pages; on 2 MiB pages the TLB misses all but
-disappear (SmolLM2 int8 decodes about 5% faster, docs/benchmarks.md). onnxruntime
+disappear (SmolLM2 int8 decodes about 5% faster, docs/decisions/0005-*). onnxruntime
 allocates its prepacked weights with plain malloc, and Linux's usual THP mode
 (``madvise``) gives huge pages only to memory that asks for them, so after a session
 is created we ask for the regions it added: ``MADV_HUGEPAGE`` marks them,

@@ -63,7 +63,7 @@ def session_options(provider: str, threads: int | None = None) -> ort.SessionOpt
     opts.inter_op_num_threads = 1
     if os.environ.get("MOECHAT_SPIN") == "0":
         # Idle worker threads block instead of spinning: much faster on a CPU shared
-        # with other busy processes (see docs/benchmarks.md, "moechat bench").
+        # with other busy processes (docs/decisions/0009-spinning-threads.md).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for key, value in session_config_entries(os.environ.get("MOECHAT_SESSION_CONFIG", "")):
         opts.add_session_config_entry(key, value)

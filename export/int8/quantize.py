@@ -19,7 +19,7 @@ them per block on the fly).
     larger blocks and errs more (SmolLM2: the block-64 graph costs 11-17% less per
     decode step than onnxruntime-genai's block-32 graph; block 32, the anchors'
     granularity, has a third less KL; with smoothing both stay below the anchors' KL:
-    docs/benchmarks.md);
+    docs/decisions/0003-int8-block-sizes.md);
   - ``dynamic``: ``quantize_dynamic`` (MatMulInteger, per-channel int8 weights,
     activations quantised per tensor at run time: fastest prefill, but far less
     accurate on trained models).
@@ -36,7 +36,7 @@ them per block on the fly).
 - Optionally (``residual_pass``) each MatMulNBits but the lm_head also runs over its
   activations' int8 rounding error (``moechat.export.int8.residual_pass``).
 
-See docs/benchmarks.md for the measurements behind the default choice.
+See docs/decisions/0001-0003 for the measurements behind the default choice.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def default_nbits_block(arch: dict) -> int:
 
     A MoE's routers turn small upstream errors into a different expert, so MoE models
     get the finer block: on the demo MoE it cuts the int8 mean KL by 29% for a few % of
-    decode speed; dense models keep the faster block 64 (docs/benchmarks.md).
+    decode speed; dense models keep the faster block 64 (docs/decisions/0003-*).
     """
     return MOE_NBITS_BLOCK_SIZE if arch.get("use_moe") else NBITS_BLOCK_SIZE
 

@@ -3,7 +3,7 @@
 onnxruntime's 8-bit ``MatMulNBits`` with ``accuracy_level=4`` quantises its input
 activations to int8 per block of ``block_size`` along K (symmetric, scale = block
 max / 127, round half to even) before the integer dot products. That rounding is most
-of the int8 error of a small trained model (docs/benchmarks.md). This rewrite computes
+of the int8 error of a small trained model (docs/decisions/0006-*). This rewrite computes
 the same rounding with standard ops, ``e = x - dequant(quant(x))``, and runs the
 kernel once over ``x`` and ``e`` stacked on a new first axis, summing the two results:
 
@@ -13,7 +13,7 @@ kernel once over ``x`` and ``e`` stacked on a new first axis, summing the two re
 about 14 bits; the weights stay int8, stored and prepacked once (two separate kernel
 nodes on one weight ran the second at twice the cost of the first). It decodes
 27% slower (about a quarter less decode speed) and prefills at half the speed on the demo MoE
-(docs/benchmarks.md), so ``moechat export`` runs it only on request
+(docs/decisions/0006-int8-residual-pass.md), so ``moechat export`` runs it only on request
 (``--int8-residual-pass``).
 """
 
