@@ -101,3 +101,31 @@ def test_corrupt_file(tmp_path: Path, content: str) -> None:
     with pytest.raises(MoechatError, match="cannot load tokenizer") as info:
         TextTokenizer.from_file(bad)
     assert "\n" not in str(info.value)
+
+
+def test_control_tokens_named_by_the_template_are_data_whatever_the_flag(tmp_path: Path) -> None:
+    """Issue 21.1: added tokens marked ``special: false`` (GGUF USER_DEFINED) that the chat
+    template names are control tokens too; other added tokens (a whitespace run) stay
+    ordinary vocabulary, as in transformers."""
+    import json
+
+    path = train_tiny_tokenizer(tmp_path)
+    doc = json.loads(path.read_text())
+    for token in doc["added_tokens"]:
+        token["special"] = False
+    doc["added_tokens"].append(
+        {"id": 400, "content": "    ", "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": False}
+    )  # fmt: skip
+    doc["model"]["vocab"]["    "] = 400
+    path.write_text(json.dumps(doc))
+    plain = TextTokenizer.from_file(path)
+    assert plain.special_tokens == {}
+    assert 2 in plain.encode_text(INJECTION)  # unmarked: the library matches them
+    tok = TextTokenizer.from_file(path, control_text="\0".join(SPECIAL_TOKENS) + "\0    ")
+    assert tok.special_tokens == {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    ids = tok.encode_text(INJECTION)
+    assert not {0, 1, 2} & set(ids) and tok.decode(ids) == INJECTION
+    assert not {0, 1, 2} & set(tok.encode_raw(INJECTION))
+    assert 400 in tok.encode_text("a    b")  # a whitespace token is never a control token
+    assert tok.decode([1, 2], skip_special_tokens=False) == "<|im_start|><|im_end|>"
