@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install install-chat install-dev test lint typecheck chat binary binary-smoke bench
+.PHONY: install install-chat install-dev test test-fast lint typecheck chat binary binary-smoke bench
 
 install:
 	$(PIP) install -q -e .
@@ -24,8 +24,13 @@ typecheck:
 	@for f in moechat/*.py app export runtime models; do ln -s "$$PWD/$$f" build/typecheck/moechat/; done
 	$(PYTHON) -m mypy
 
+# Everything (CI too); -rs lists each skipped test with its reason.
 test: install-dev lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -rs
+
+# While developing: without the minutes-long and the PyPI-dependent tests.
+test-fast:
+	$(PYTHON) -m pytest -q -rs -m "not slow and not network"
 
 chat: install-chat
 	$(PYTHON) -m moechat --yes

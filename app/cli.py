@@ -119,6 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from moechat.app.package_info import package_facts
     from moechat.runtime.chat_template import template_summary
     from moechat.runtime.package import load_package
 
@@ -145,12 +146,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"graph         {g['file']} ({(g.get('quantization') or {}).get('method') or g['dtype']}; MoE {g.get('moe_impl')}, attention {g['attention']})",
         f"max context   {m['max_context']}",
         f"chat template {template_summary(package.spec.chat_template)}",
-        f"parity        {json.dumps(m.get('parity', {}))}",
     ]
-    if "fidelity" in m:
-        lines.append(f"fidelity      {json.dumps(m['fidelity'])}")
-    prov = m.get("provenance", {})
-    lines.append(f"source        {prov.get('source')} (moechat {prov.get('moechat_version')})")
+    lines += package_facts(m)
     if args.verify:
         lines.append("checksums     ok")
     print("\n".join(lines))

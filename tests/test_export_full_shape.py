@@ -1,5 +1,6 @@
 """Parity at the real MiniMind2-MoE shape (random weights): 8 layers, hidden 640, 4+1 experts."""
 
+import pytest
 import torch
 
 from moechat.export.onnx_graph import export_decoder
@@ -11,6 +12,7 @@ from moechat.runtime.decoder import Decoder
 from moechat.runtime.providers import create_session
 
 
+@pytest.mark.slow  # the full 145M-parameter shape: trace, export and run
 def test_minimind2_moe_shape_parity(tmp_path):
     cfg = preset("minimind2-moe")
     model = random_model(cfg, seed=11, max_positions=512)
