@@ -7,6 +7,7 @@ with ``//`` is sent as a message starting with ``/`` (the first slash is dropped
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 
 from moechat.runtime.errors import MoechatError
@@ -121,6 +122,22 @@ def parse_export(arg: str) -> tuple[str, str]:
             "(both); a folder or file name needs a / or an extension (./notes, chat.md)"
         )
     return "all", arg.strip()
+
+
+def human_value(name: str, value: object) -> str:
+    """A setting as /set shows it: ``seed = random``, ``stop = none``, not Python reprs."""
+    if name == "seed" and value is None:
+        return "random (no seed)"
+    if name == "stop":
+        strings = list(value or [])  # type: ignore[call-overload]
+        return ", ".join(json.dumps(s, ensure_ascii=False) for s in strings) or "none"
+    if name in ("system", "system_prompt"):
+        return json.dumps(value, ensure_ascii=False) if value else "none (the model's default)"
+    if name == "temperature" and value == 0:
+        return "0 (greedy)"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def split_set(arg: str) -> tuple[str, str]:

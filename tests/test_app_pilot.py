@@ -541,6 +541,24 @@ async def test_slash_completion_where_you_type(db_path):
         assert menu_items(app) == []
 
 
+@pilot_test
+async def test_set_shows_values_for_people(db_path):
+    engine = FakeEngine("ok")
+    engine.defaults = engine.defaults.replace(temperature=0.0)
+    app = make_app(db_path, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await type_and_send(pilot, "/set")
+        shown = str(app.chat_log.query(InfoMessage).last().content)
+        assert "seed = random (no seed)" in shown and "stop = none" in shown
+        assert (
+            "temperature = 0 (greedy)" in shown and "system = none (the model's default)" in shown
+        )
+        assert "None" not in shown and "[]" not in shown
+        await type_and_send(pilot, "/set stop \\n\\nUser:")
+        await type_and_send(pilot, "/set")
+        assert 'stop = "\\n\\nUser:"' in str(app.chat_log.query(InfoMessage).last().content)
+
+
 # -- conversations ---------------------------------------------------------------------------
 
 

