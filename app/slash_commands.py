@@ -109,8 +109,8 @@ class CommandActions:
 
     async def _command_set(self: CommandHost, arg: str) -> None:
         if not arg:
-            shown = {**self.params.to_dict(), "system": self.system_prompt}
-            lines = [f"{k} = {commands.human_value(k, v)}" for k, v in shown.items()]
+            settings = {**self.params.to_dict(), "system": self.system_prompt}
+            lines = [f"{k} = {commands.human_value(k, v)}" for k, v in settings.items()]
             await self._log("Sampling settings:\n" + "\n".join(lines))
             return
         key, value = commands.split_set(arg)

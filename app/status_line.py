@@ -53,7 +53,7 @@ def format_status(info: StatusInfo, width: int | None = None) -> str:
     text = "  │  ".join(parts.values())
     if width is None or len(text) <= width:
         return text
-    for key in (None, *_DROP_ORDER):
+    for key in ("", *_DROP_ORDER):  # "": first only the narrower separator
         parts.pop(key, None)
         text = " │ ".join(parts.values())
         if len(text) <= width:
