@@ -133,23 +133,37 @@ def _tmux(socket: str, *args: str, check: bool = True) -> subprocess.CompletedPr
     )
 
 
+@pytest.fixture(scope="module")
+def slow_package(tmp_path_factory) -> Path:
+    """A random MoE big enough that a long reply takes seconds: time to press Ctrl+C."""
+    from model_factory import TINY_MOE, export_tiny_package, make_hf_folder
+
+    cfg = TINY_MOE.with_changes(
+        hidden_size=256, num_hidden_layers=6, intermediate_size=1024,
+        shared_intermediate_size=1024, max_position_embeddings=2048,
+    )  # fmt: skip
+    root = tmp_path_factory.mktemp("slow")
+    return export_tiny_package(make_hf_folder(root / "ckpt", cfg), root / "slow-moe")
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-def test_moechat_chat_in_tmux(tiny_package, tmp_path):
-    """Drive the real `moechat chat` process: type a prompt, see the reply, quit cleanly."""
+def test_moechat_chat_in_tmux(slow_package, tmp_path):
+    """Drive the real `moechat chat` process: type a prompt, see the reply, stop a long
+    reply with Ctrl+C, quit with Ctrl+D on the empty prompt; a second run quits on Ctrl+C."""
     data = tmp_path / "data"
     socket = f"moechat-e2e-{os.getpid()}"
     exit_marker = "MOECHAT-EXITED-"
-    command = shlex.join([sys.executable, "-m", "moechat", "chat", str(tiny_package)])
+    command = shlex.join([sys.executable, "-m", "moechat", "chat", str(slow_package)])
+    env = f"env -u COLUMNS -u LINES {ENV_DATA_DIR}={shlex.quote(str(data))} TERM=xterm-256color"
     shell = (
-        f"env -u COLUMNS -u LINES {ENV_DATA_DIR}={shlex.quote(str(data))} TERM=xterm-256color "
-        f"{command}; "
-        f"echo {exit_marker}$?; sleep 30"
+        f"{env} {command}; echo {exit_marker}1-$?; "
+        f"{env} {command}; echo {exit_marker}2-$?; sleep 30"
     )
 
     def screen() -> str:
         return _tmux(socket, "capture-pane", "-p", "-t", "chat", check=False).stdout
 
-    def wait_for(predicate, timeout: float, what: str) -> str:
+    def wait_for(predicate, timeout: float, what: str, every: float = 0.2) -> str:
         deadline = time.monotonic() + timeout
         while True:
             text = screen()
@@ -159,25 +173,47 @@ def test_moechat_chat_in_tmux(tiny_package, tmp_path):
                 pytest.fail(f"{what}: the app reported an error:\n{text}")
             if time.monotonic() > deadline:
                 pytest.fail(f"timed out waiting for {what}; the screen was:\n{text}")
-            time.sleep(0.2)
+            time.sleep(every)
 
     def type_line(text: str) -> None:
         _tmux(socket, "send-keys", "-t", "chat", "-l", text)
         _tmux(socket, "send-keys", "-t", "chat", "Enter")
 
+    def loaded(s: str) -> bool:
+        return (
+            "tok/s" in s
+            and "loading model" not in s
+            and "no model" not in s
+            and "Message (Enter" in s
+        )
+
+    db = data / DB_FILENAME
+
+    def saved() -> tuple[list, str]:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT role, content, partial, finish_reason FROM messages"
+                " ORDER BY conversation_id, seq"
+            ).fetchall()
+            settings = conn.execute("SELECT settings FROM conversations").fetchone()
+        finally:
+            conn.close()
+        return rows, settings[0] if settings else ""
+
+    def wait_saved(count: int, timeout: float = 60) -> tuple[list, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows, settings = saved()
+            if len(rows) == count and rows[-1][3] is not None:
+                return rows, settings
+            assert time.monotonic() < deadline, f"the reply was not saved: {rows}\n{screen()}"
+            time.sleep(0.2)
+
     _tmux(socket, "new-session", "-d", "-s", "chat", "-x", "120", "-y", "40", shell)
     _tmux(socket, "resize-window", "-t", "chat", "-x", "120", "-y", "40", check=False)
     try:
-        wait_for(
-            lambda s: (
-                "tok/s" in s
-                and "loading model" not in s
-                and "no model" not in s
-                and "Message (Enter" in s
-            ),
-            90,
-            "the app to start and load the model",
-        )
+        wait_for(loaded, 90, "the app to start and load the model")
         type_line("/set temperature 0")
         type_line("/set max_new_tokens 16")
         type_line("hello from tmux")
@@ -185,36 +221,30 @@ def test_moechat_chat_in_tmux(tiny_package, tmp_path):
             lambda s: TOKENS_PER_S.search(s) and "Assistant" in s, 90, "the reply to stream"
         )
         assert "hello from tmux" in text and "You" in text
-
-        db = data / DB_FILENAME
-
-        def saved() -> tuple[list, str]:
-            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            try:
-                rows = conn.execute(
-                    "SELECT role, content, partial, finish_reason FROM messages"
-                    " ORDER BY conversation_id, seq"
-                ).fetchall()
-                settings = conn.execute("SELECT settings FROM conversations").fetchone()
-            finally:
-                conn.close()
-            return rows, settings[0] if settings else ""
-
-        deadline = time.monotonic() + 60
-        while True:
-            rows, settings = saved()
-            if len(rows) == 2 and rows[1][3] is not None:
-                break
-            assert time.monotonic() < deadline, f"the reply was not saved: {rows}\n{screen()}"
-            time.sleep(0.2)
+        rows, settings = wait_saved(2)
         assert [r[0] for r in rows] == ["user", "assistant"]
         assert rows[0][1] == "hello from tmux" and rows[1][2] == 0
         assert rows[1][3] in ("eos", "length", "stop", "context")
         assert '"temperature": 0' in settings and '"max_new_tokens": 16' in settings
-        text = wait_for(lambda s: re.search(r"\d+ tokens", s), 10, "the final status")
+        wait_for(lambda s: re.search(r"\d+ tokens", s), 10, "the final status")
 
-        _tmux(socket, "send-keys", "-t", "chat", "C-q")
-        text = wait_for(lambda s: exit_marker in s, 30, "the app to exit")
-        assert f"{exit_marker}0" in text
+        # Ctrl+C during a reply stops it (kept, marked stopped); the app keeps running
+        type_line("/set max_new_tokens 1500")
+        type_line("tell me a very long story")
+        wait_for(lambda s: "generating" in s, 30, "the long reply to start", every=0.05)
+        _tmux(socket, "send-keys", "-t", "chat", "C-c")
+        rows, _ = wait_saved(4)
+        assert rows[3][3] == "cancelled" and rows[3][2] == 1, rows[3]
+        wait_for(lambda s: "stopped" in s, 10, "the reply to show as stopped")
+        assert exit_marker not in screen()
+
+        _tmux(socket, "send-keys", "-t", "chat", "C-d")  # empty prompt: quit
+        wait_for(lambda s: f"{exit_marker}1-" in s, 30, "the app to exit on Ctrl+D")
+        assert f"{exit_marker}1-0" in screen()
+
+        wait_for(lambda s: loaded(s.split(f"{exit_marker}1-0")[-1]), 90, "the second run")
+        _tmux(socket, "send-keys", "-t", "chat", "C-c")  # empty prompt: quit
+        text = wait_for(lambda s: f"{exit_marker}2-" in s, 30, "the app to exit on Ctrl+C")
+        assert f"{exit_marker}2-0" in text
     finally:
         _tmux(socket, "kill-server", check=False)
