@@ -11,8 +11,8 @@ What llama.cpp's converter (``convert_hf_to_gguf.py``) does to a checkpoint, und
   (weights and biases) so that they pair what Hugging Face's rotate-half RoPE pairs
   (``x[i], x[i + d/2]``); :func:`unpermute_rope_rows` undoes it. The NeoX-RoPE
   architectures (qwen2moe, qwen3moe, olmoe) are stored unpermuted;
-- routed experts are stacked: ``ffn_{gate,up,down}_exps`` [E, out, in] (or fused
-  ``ffn_gate_up_exps``), split here into MiniMind's per-expert keys;
+- routed experts are stacked: ``ffn_{gate,up,down}_exps`` [E, out, in], split here into
+  MiniMind's per-expert keys; ``--fuse-qkv`` files hold q, k and v in one ``attn_qkv``;
 - routing facts the file does not carry are fixed per architecture in llama.cpp's graphs
   (renormalised top-k for llama and granitemoe and qwen3moe, not for qwen2moe, olmoe and
   deepseek) and are read from :data:`ARCHITECTURES` the same way;
@@ -82,12 +82,11 @@ _LAYER_KEYS = {
     "ffn_up_shexp.weight": "mlp.shared_experts.0.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_experts.0.down_proj.weight",
 }
-# Stacked routed experts [E, out, in] -> the projections they hold, in row order.
+# Stacked routed experts [E, out, in] -> the projection each expert's slice is.
 _STACKED_EXPERTS = {
-    "ffn_gate_exps.weight": ("gate_proj",),
-    "ffn_up_exps.weight": ("up_proj",),
-    "ffn_down_exps.weight": ("down_proj",),
-    "ffn_gate_up_exps.weight": ("gate_proj", "up_proj"),  # convert --fuse-gate-up-exps
+    "ffn_gate_exps.weight": "gate_proj",
+    "ffn_up_exps.weight": "up_proj",
+    "ffn_down_exps.weight": "down_proj",
 }
 _FUSED_QKV = ("attn_qkv.weight", "attn_qkv.bias")  # convert --fuse-qkv
 _GLOBAL_KEYS = {
@@ -207,8 +206,6 @@ def _width(shapes: dict[str, tuple[int, ...]], kind: str, default: int) -> int:
     for name, shape in shapes.items():
         if name.startswith("blk.") and name.endswith(f".ffn_up{kind}.weight"):
             return shape[-2]
-        if kind == "_exps" and name.endswith(".ffn_gate_up_exps.weight"):
-            return shape[-2] // 2
     return default
 
 
@@ -230,15 +227,7 @@ def gguf_config(reader, max_positions: int | None = None) -> ModelConfig:
     shapes = tensor_shapes(reader)
     moe_layers = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
     experts = meta.integer("expert_count", 0)
-    if bool(experts) != bool(moe_layers):
-        raise MoechatError(
-            f"GGUF {arch_name}.expert_count is {experts} but {len(moe_layers)} blocks have "
-            "a router (ffn_gate_inp)"
-        )
-    if meta.integer("expert_gating_func", _SOFTMAX_GATING) != _SOFTMAX_GATING:
-        raise MoechatError("GGUF expert gating other than softmax is not supported")
-    if meta.number("expert_weights_scale", 1.0) not in (0.0, 1.0):
-        raise MoechatError("GGUF expert_weights_scale (scaled routing weights) is not supported")
+    _check_routing(meta, experts, moe_layers)
     ffn = meta.integer("feed_forward_length", 0)
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     window = meta.integer("attention.sliding_window", 0)
@@ -270,6 +259,19 @@ def gguf_config(reader, max_positions: int | None = None) -> ModelConfig:
         **(_granite_scales(meta) if family == "granitemoe" else {}),
     }
     return ModelConfig(**values)
+
+
+def _check_routing(meta: Metadata, experts: int, moe_layers: list[int]) -> None:
+    """Refuse routing this model cannot run: softmax top-k, unscaled, is what it has."""
+    if bool(experts) != bool(moe_layers):
+        raise MoechatError(
+            f"GGUF {meta.arch}.expert_count is {experts} but {len(moe_layers)} blocks have "
+            "a router (ffn_gate_inp)"
+        )
+    if meta.integer("expert_gating_func", _SOFTMAX_GATING) != _SOFTMAX_GATING:
+        raise MoechatError("GGUF expert gating other than softmax is not supported")
+    if meta.number("expert_weights_scale", 1.0) not in (0.0, 1.0):
+        raise MoechatError("GGUF expert_weights_scale (scaled routing weights) is not supported")
 
 
 def _shared_experts(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -337,18 +339,13 @@ def block_tensors(rest: str, weight: np.ndarray, cfg: ModelConfig) -> dict[str, 
     """One ``blk.N.<rest>`` tensor as :class:`CausalLM` layer keys (``rest`` -> keys under
     ``model.layers.N.``): stacked experts and fused q/k/v are split."""
     if rest in _STACKED_EXPERTS:
-        parts = _STACKED_EXPERTS[rest]
         if weight.ndim != 3 or weight.shape[0] != cfg.n_routed_experts:
             raise MoechatError(
                 f"GGUF tensor {rest} has shape {weight.shape}, expected "
                 f"[{cfg.n_routed_experts}, ...] (expert_count)"
             )
-        rows = weight.shape[1] // len(parts)
-        return {
-            f"mlp.experts.{e}.{proj}.weight": weight[e, i * rows : (i + 1) * rows]
-            for e in range(weight.shape[0])
-            for i, proj in enumerate(parts)
-        }
+        proj = _STACKED_EXPERTS[rest]
+        return {f"mlp.experts.{e}.{proj}.weight": weight[e] for e in range(len(weight))}
     if rest in _FUSED_QKV:
         kind = rest.split(".")[1]
         q = cfg.num_attention_heads * cfg.head_dim

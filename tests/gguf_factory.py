@@ -97,3 +97,119 @@ def write_llama_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -- MoE families through llama.cpp's own converter ------------------------------------
+
+# Per family, what llama.cpp's converter and graphs can hold: its qwen2moe/qwen3moe
+# tensor maps have no dense FFN layers, its olmoe graph has no clip_qkv and the olmoe
+# converter always writes rms_norm_eps 1e-5 (OLMoE's own value).
+GGUF_OVERRIDES: dict[str, dict] = {
+    "mixtral": {},
+    "qwen2_moe": {"mlp_only_layers": []},
+    "qwen3_moe": {"decoder_sparse_step": 1},
+    "olmoe": {"clip_qkv": None, "rms_norm_eps": 1e-5},
+    "granitemoe": {},
+}
+
+# K-quant block sizes in bytes and where their float16 scales sit (gguf.quants' layouts)
+_K_BLOCKS = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def make_gguf_family_folder(family: str, folder: Path, seed: int = 0):
+    """A tiny checkpoint of ``family`` that llama.cpp's converter takes; returns the
+    transformers model (or, for DeepSeek, its state dict)."""
+    from family_factory import make_deepseek_folder, make_family_folder
+
+    if family == "deepseek":
+        model = make_deepseek_folder(folder, seed=seed)
+    else:
+        model = make_family_folder(family, folder, seed=seed, **GGUF_OVERRIDES[family])
+    # the converter loads the tokenizer with AutoTokenizer: without a class it would pick
+    # the model type's default (GPT-NeoX's for OLMoE, which adds a pad token)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return model
+
+
+def convert_with_llamacpp(llama_cpp: Path, jobs: list[tuple]) -> None:
+    """Run llama.cpp's convert_hf_to_gguf.py on each (folder, out.gguf, outtype, *flags),
+    in one process (see llamacpp_convert.py); a failure raises with its output."""
+    import subprocess
+    import sys
+
+    driver = Path(__file__).with_name("llamacpp_convert.py")
+    args = [
+        [str(src), "--outtype", outtype, "--outfile", str(out), *flags]
+        for src, out, outtype, *flags in jobs
+    ]
+    result = subprocess.run(
+        [sys.executable, str(driver), str(llama_cpp), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{result.stderr[-4000:]}")
+
+
+def random_k_quant(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Valid random blocks of a K-quant type for a tensor of ``shape`` (rows of 256k):
+    random bits, with the float16 block scales small and finite."""
+    block_bytes, scale_offsets = _K_BLOCKS[kind]
+    *outer, row = shape
+    blocks = rng.integers(0, 256, size=(*outer, row // 256, block_bytes), dtype=np.uint8)
+    for offset in scale_offsets:
+        scale = rng.uniform(1e-3, 1e-2, size=blocks.shape[:-1]).astype(np.float16)
+        blocks[..., offset : offset + 2] = scale[..., None].view(np.uint8)
+    return blocks.reshape(*outer, row // 256 * block_bytes)
+
+
+def write_k_quant_moe_gguf(path: Path, types: dict[str, str], seed: int = 0) -> Path:
+    """A one-block Mixtral-layout GGUF (hidden 256, 4 experts of 256) whose tensors named
+    in ``types`` (e.g. {"ffn_gate_exps": "Q4_K"}) hold random K-quant blocks; the rest
+    are F32. No tokenizer: for the weight loader only."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    hidden, inter, experts, vocab, heads = 256, 256, 4, 32, 4
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_expert_count(experts)
+    w.add_expert_used_count(2)
+    w.add_vocab_size(vocab)
+    shapes = {
+        "token_embd.weight": (vocab, hidden),
+        "output_norm.weight": (hidden,),
+        "blk.0.attn_norm.weight": (hidden,),
+        "blk.0.ffn_norm.weight": (hidden,),
+        "blk.0.attn_q.weight": (hidden, hidden),
+        "blk.0.attn_k.weight": (hidden, hidden),
+        "blk.0.attn_v.weight": (hidden, hidden),
+        "blk.0.attn_output.weight": (hidden, hidden),
+        "blk.0.ffn_gate_inp.weight": (experts, hidden),
+        "blk.0.ffn_gate_exps.weight": (experts, inter, hidden),
+        "blk.0.ffn_up_exps.weight": (experts, inter, hidden),
+        "blk.0.ffn_down_exps.weight": (experts, hidden, inter),
+    }
+    for name, shape in shapes.items():
+        kind = types.get(name.removeprefix("blk.0.").removesuffix(".weight"))
+        if kind is None:
+            scale = 1.0 if len(shape) == 1 else shape[-1] ** -0.5
+            w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
+        else:
+            qtype = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, random_k_quant(kind, shape, rng), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
