@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
@@ -99,7 +99,9 @@ def teacher_forced_chunks(
 class ProgressBar:
     """A one-line progress bar on stderr, redrawn with \\r (no dependency)."""
 
-    def __init__(self, total: int, label: str = "eval", stream=None, width: int = 30) -> None:
+    def __init__(
+        self, total: int, label: str = "eval", stream: TextIO | None = None, width: int = 30
+    ) -> None:
         self.total, self.label, self.width = max(total, 1), label, width
         self.stream = stream if stream is not None else sys.stderr
         self.start = time.perf_counter()

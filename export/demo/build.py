@@ -192,8 +192,16 @@ def _fidelity_line(f: dict) -> str:
     )
 
 
-def _convert_and_export(ckpt, outdir, work, progress, int8, force) -> dict:
+def _convert_and_export(
+    ckpt: LoadedCheckpoint,
+    outdir: Path,
+    work: Path,
+    progress: Callable[[str], None],
+    int8: bool,
+    force: bool,
+) -> dict:
     tokenizer_dir = ckpt.tokenizer_dir
+    assert tokenizer_dir is not None  # load_gguf writes tokenizer.json beside the weights
     tokenizer = TextTokenizer.from_file(tokenizer_dir / "tokenizer.json")
     from moechat.export.package import _chat_template
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,7 +296,7 @@ def add_lm_head_rescoring(
 
 
 @contextlib.contextmanager
-def _quiet_quantizer():
+def _quiet_quantizer() -> Iterator[None]:
     """onnxruntime.quantization logs advice at WARNING level on every call."""
     loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization")]
     levels = [lg.level for lg in loggers]
