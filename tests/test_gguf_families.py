@@ -4,7 +4,7 @@ Tiny checkpoints of each family are written by transformers (family_factory), co
 to GGUF by llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist on PyPI,
 downloaded once), exported with the real CLI and run on onnxruntime: prefill, greedy
 decode and a chunked append against transformers' logits for the same ids (F32: <= 1e-4
-of the logit scale, same greedy tokens). F16 and Q8_0 files must load to exactly the
+of the logit scale, same greedy tokens). F16, BF16 and Q8_0 files must load to exactly the
 F32 weights passed through the type's rounding. K-quants (which gguf-py cannot write)
 are random valid blocks written with GGUFWriter, checked against gguf's dequantize.
 """
@@ -102,7 +102,7 @@ def converted(llama_cpp, tmp_path_factory) -> dict[str, tuple[object, dict[str, 
     jobs = []
     for family in FAMILIES:
         model = make_gguf_family_folder(family, root / family, seed=1)
-        files = {t: root / f"{family}-{t}.gguf" for t in ("f32", "f16", "q8_0")}
+        files = {t: root / f"{family}-{t}.gguf" for t in ("f32", "f16", "bf16", "q8_0")}
         jobs += [(root / family, path, t) for t, path in files.items()]
         out[family] = (model, files)
     convert_with_llamacpp(llama_cpp, jobs)
@@ -157,14 +157,16 @@ def _rounding(weight: np.ndarray, outtype: str) -> str:
     q8 = gguf.GGMLQuantizationType.Q8_0
     if outtype == "q8_0" and weight.shape[-1] % 32 == 0:
         return "Q8_0", gguf.quants.dequantize(gguf.quants.quantize(weight, q8), q8)
+    if outtype == "bf16":  # round to nearest even, as gguf-py and torch both do
+        return "BF16", torch.from_numpy(weight).to(torch.bfloat16).float().numpy()
     return "F16", weight.astype(np.float16).astype(np.float32)
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_quantised_weights_are_the_rounded_f32_weights(converted, family, outtype):
-    """Each weight from an F16/Q8_0 file is exactly the F32 file's weight through that
+    """Each weight from an F16/BF16/Q8_0 file is exactly the F32 file's weight through that
     type's rounding (or the F32 weight where the converter kept F32): stacked experts,
     permuted q/k rows and fused tensors are split the same way whatever the type."""
     model, files = converted[family]
@@ -184,7 +186,7 @@ def test_gguf_quantised_weights_are_the_rounded_f32_weights(converted, family, o
     assert rounded["model.layers.1.self_attn.q_proj.weight"] == main
     error = relative(eager_logits(files[outtype], IDS), reference_logits(model, family, IDS))
     print(f"{family} {outtype.upper()} vs transformers: {error:.2e} of the logit scale")
-    assert 0 < error < (2e-3 if outtype == "f16" else 3e-2)
+    assert 0 < error < {"f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}[outtype]
 
 
 @pytest.mark.network
