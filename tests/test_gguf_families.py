@@ -62,7 +62,8 @@ def _unpack_converter(sdist: Path, dest: Path) -> None:
             if rel.startswith(keep) and (m.isfile() or m.isdir()):
                 m.name = rel
                 members.append(m)
-        tar.extractall(dest, members=members, filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.10.12+
+        tar.extractall(dest, members=members, **safe)
 
 
 @pytest.fixture(scope="session")
