@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import threading
 import time
 
@@ -787,7 +787,7 @@ async def test_help_screen_shows_usages_literally_and_oterm_differences(db_path)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f1")
         await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen))
-        console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console = Console(width=160, record=True, file=io.StringIO())
         for widget in app.screen.query(Static):
             console.print(widget.content)
         text = console.export_text()
