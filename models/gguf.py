@@ -250,7 +250,7 @@ def gguf_config(reader, max_positions: int | None = None) -> ModelConfig:
         "sliding_window": window or None,
         "use_moe": bool(experts),
         "n_routed_experts": experts or 4,
-        "num_experts_per_tok": meta.integer("expert_used_count", 1) if experts else 2,
+        "num_experts_per_tok": meta.integer("expert_used_count", minimum=1) if experts else 2,
         "norm_topk_prob": arch.norm_topk_prob,
         "bos_token_id": int(field(reader, "tokenizer.ggml.bos_token_id", 1)),
         "eos_token_id": int(field(reader, "tokenizer.ggml.eos_token_id", 2)),
