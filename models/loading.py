@@ -9,6 +9,9 @@ and (see ``moechat.models.gguf``) GGUF files. Code shipped in a checkpoint folde
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +44,16 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as err:
             raise MoechatError(f"cannot read {path}: {err}") from None
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is not for users
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running the file's code:
+        # never pass that on.
+        raise MoechatError(
+            f"{path} holds Python objects besides tensors, which moechat never loads (they "
+            "could run code): save the weights alone (model.state_dict()) or as safetensors"
+        ) from None
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MoechatError(f"cannot read {path} as a weights-only state dict: {first}") from None
@@ -64,6 +76,24 @@ def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_sizes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    """Cheap checks of config.json's sizes against the weights, before building anything
+    (a config claiming a million layers must not build a million modules first)."""
+    layers = {int(m[1]) for k in state if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    if layers and len(layers) != cfg.num_hidden_layers:
+        raise MoechatError(
+            f"checkpoint does not match the config: config.json says {cfg.num_hidden_layers} "
+            f"layers, the weights hold {len(layers)}"
+        )
+    embed = state.get("model.embed_tokens.weight", state.get("lm_head.weight"))
+    expected = (cfg.vocab_size, cfg.hidden_size)
+    if embed is not None and tuple(embed.shape) != expected:
+        raise MoechatError(
+            f"checkpoint does not match the config: the embedding table is "
+            f"{tuple(embed.shape)}, config.json says vocab x hidden = {expected}"
+        )
+
+
 def build_model(
     cfg: ModelConfig, state: dict[str, torch.Tensor], max_positions: int = 4096
 ) -> CausalLM:
@@ -73,6 +103,7 @@ def build_model(
     config whose sizes disagree with the weights fails before anything is allocated.
     """
     state = to_internal_keys(normalise_keys(state), cfg)
+    _check_sizes(cfg, state)
     if cfg.tie_word_embeddings or "lm_head.weight" not in state:
         if "lm_head.weight" in state and "model.embed_tokens.weight" not in state:
             state["model.embed_tokens.weight"] = state["lm_head.weight"]

@@ -13,13 +13,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from family_factory import FAMILIES, VOCAB, make_family_folder
+from family_factory import (
+    DEEPSEEK_CONFIG,
+    FAMILIES,
+    VOCAB,
+    make_deepseek_folder,
+    make_family_folder,
+)
 
 from moechat.export.parity import cpu_decoder
 from moechat.models import ops
 from moechat.models.config import ModelConfig
 from moechat.models.loading import load_checkpoint
 from moechat.runtime.decoder import Decoder
+from moechat.runtime.errors import MoechatError
 
 from model_factory import export_tiny_package
 
@@ -99,3 +106,79 @@ def test_qwen3_moe_sparse_step(tmp_path):
     make_family_folder("qwen3_moe", tmp_path / "ckpt")
     cfg = load_checkpoint(tmp_path / "ckpt").config
     assert cfg.dense_layers == (0, 2) and cfg.qk_norm == "head"
+
+
+def deepseek_reference(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """DeepSeek-MoE (v1) assembled from transformers' modules: Llama attention and FFNs,
+    and transformers' DeepSeek-V2 MoE block with v1's settings (softmax, greedy top-k,
+    no renormalisation, no scaling, shared experts) in the MoE layers."""
+    from transformers import DeepseekV2Config, LlamaConfig, LlamaForCausalLM
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+
+    c = DEEPSEEK_CONFIG
+    llama_keys = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+        "rms_norm_eps", "tie_word_embeddings", "rope_theta",
+    )  # fmt: skip
+    model = LlamaForCausalLM(LlamaConfig(**{k: c[k] for k in llama_keys}))
+    moe_config = DeepseekV2Config(
+        hidden_size=c["hidden_size"], moe_intermediate_size=c["moe_intermediate_size"],
+        n_routed_experts=c["n_routed_experts"], num_experts_per_tok=c["num_experts_per_tok"],
+        n_shared_experts=c["n_shared_experts"], routed_scaling_factor=1.0,
+        topk_method="greedy", norm_topk_prob=False,
+    )  # fmt: skip
+    state = dict(state)
+    for i in range(c["first_k_dense_replace"], c["num_hidden_layers"]):
+        model.model.layers[i].mlp = DeepseekV2Moe(moe_config)
+        p = f"model.layers.{i}.mlp"
+        experts = range(c["n_routed_experts"])
+        gate_up = [
+            torch.cat((state.pop(f"{p}.experts.{e}.gate_proj.weight"),
+                       state.pop(f"{p}.experts.{e}.up_proj.weight")))
+            for e in experts
+        ]  # fmt: skip
+        state[f"{p}.experts.gate_up_proj"] = torch.stack(gate_up)
+        down = [state.pop(f"{p}.experts.{e}.down_proj.weight") for e in experts]
+        state[f"{p}.experts.down_proj"] = torch.stack(down)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def test_deepseek_moe_matches_a_reference_from_transformers_modules(tmp_path):
+    state = make_deepseek_folder(tmp_path / "ckpt", seed=2)
+    reference = deepseek_reference(state)
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    cfg = ckpt.config
+    assert cfg.dense_layers == (0,) and cfg.n_shared_experts == 1 and not cfg.norm_topk_prob
+    assert cfg.shared_intermediate_size == 64  # two shared experts as one MLP
+    # layer by layer: the MoE block and the attention on the same hidden states
+    x = torch.randn(1, 9, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = ckpt.model.model.layers[1].mlp, reference.model.layers[1].mlp
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # the whole model through the exported package
+    pkg = export_tiny_package(tmp_path / "ckpt", tmp_path / "pkg")
+    ids, got, prompt = run_package(cpu_decoder(pkg / "model.onnx", cfg, 128))
+    with torch.no_grad():
+        ref = reference(torch.tensor([ids])).logits[0].numpy()
+    assert_matches(got, ref, ids, prompt)
+    assert distinct_routings(tmp_path / "ckpt", ids) >= 3
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"model_type": "phimoe"}, "unsupported architecture 'phimoe'"),
+        ({"hidden_size": "64"}, "'hidden_size' must be an integer"),
+        ({"num_hidden_layers": None}, "has no 'num_hidden_layers'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
+        ({"num_hidden_layers": 1000000}, "checkpoint does not match"),
+    ],
+)
+def test_bad_configs_are_one_line_errors(tmp_path, change, message):
+    make_family_folder("mixtral", tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(MoechatError, match=message):
+        load_checkpoint(tmp_path / "ckpt")
