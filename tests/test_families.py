@@ -182,3 +182,24 @@ def test_bad_configs_are_one_line_errors(tmp_path, change, message):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(MoechatError, match=message):
         load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [*FAMILIES, "deepseek"])
+def test_int8_package_of_every_family_exports_and_chats(tmp_path, capsys, family):
+    from moechat.app.cli import main
+
+    if family == "deepseek":
+        make_deepseek_folder(tmp_path / "ckpt")
+    else:
+        make_family_folder(family, tmp_path / "ckpt")
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["--int8", "--heldout", str(heldout)]
+    pkg = export_tiny_package(tmp_path / "ckpt", tmp_path / "pkg", *args)
+    fidelity = json.loads((pkg / "moechat.json").read_text())["fidelity"]
+    assert fidelity["tokens"] > 100 and 0.0 <= fidelity["mean_kl"] < 0.1
+    assert "top-1 agreement" in capsys.readouterr().out  # the report is printed
+    assert main(["run", str(pkg), "Hello there", "-n", "6", "--json", "--seed", "1"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["prompt_tokens"] > 2 and len(reply["token_ids"]) >= 1
