@@ -20,16 +20,15 @@ What llama.cpp's converter (``convert_hf_to_gguf.py``) does to a checkpoint, und
   the tensors (a layer with ``ffn_gate_inp`` is MoE): llama.cpp's metadata for them is
   optional and differs between architectures.
 
-The GGUF also carries the tokenizer (``tokenizer.ggml.*``: byte-level BPE tokens,
-merges, token types, pre-tokenizer name) and the chat template;
-:func:`write_tokenizer_files` turns them into ``tokenizer.json`` for the ``tokenizers``
+The GGUF also carries the tokenizer (``tokenizer.ggml.*``: byte-level BPE or
+SentencePiece vocabulary) and the chat template; :func:`write_tokenizer_files`
+(models/gguf_tokenizer.py) turns them into ``tokenizer.json`` for the ``tokenizers``
 library and ``tokenizer_config.json`` with the ``chat_template``.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -40,26 +39,10 @@ import numpy as np
 import torch
 
 from moechat.models.config import Family, ModelConfig, QKNorm
+from moechat.models.gguf_tokenizer import tokenizer_json as tokenizer_json  # re-exported
+from moechat.models.gguf_tokenizer import write_tokenizer_files
 from moechat.models.loading import LoadedCheckpoint, build_model
 from moechat.runtime.errors import MoechatError
-
-# GGUF token types (llama.cpp's llama_token_type)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = (
-    1,
-    2,
-    3,
-    4,
-    5,
-    6,
-)
-
-# tokenizer.ggml.pre -> pre-tokenizer steps before the GPT-2 byte-level regex split.
-# llama.cpp's "smollm" is "\p{N}" (digits one by one) then the GPT-2 regex.
-_PRE_TOKENIZERS: dict[str, list[dict]] = {
-    "default": [],
-    "gpt2": [],
-    "smollm": [{"type": "Digits", "individual_digits": True}],
-}
 
 _LAYER_KEYS = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -394,113 +377,10 @@ def gguf_state_dict(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-# ---------------------------------------------------------------- tokenizer
-
-
-def tokenizer_json(reader) -> dict:
-    """The ``tokenizer.json`` document (as a dict) of the GGUF's byte-level BPE vocabulary."""
-    model = field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise MoechatError(
-            f"unsupported GGUF tokenizer model {model!r} (supported: gpt2 byte-level BPE)"
-        )
-    pre = field(reader, "tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
-        raise MoechatError(
-            f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(_PRE_TOKENIZERS)})"
-        )
-    tokens: list[str] = field(reader, "tokenizer.ggml.tokens")
-    merges: list[str] = field(reader, "tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise MoechatError("the GGUF has no tokenizer (tokenizer.ggml.tokens/merges)")
-    types = field(reader, "tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
-    if len(types) != len(tokens) or len(set(tokens)) != len(tokens):
-        raise MoechatError("the GGUF tokenizer is corrupt (token list and types disagree)")
-    added = []
-    for i, (tok, kind) in enumerate(zip(tokens, types, strict=True)):
-        if kind in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN):
-            added.append(
-                {
-                    "id": i,
-                    "content": tok,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "special": kind != TOKEN_USER_DEFINED,
-                }
-            )
-    pre_steps = _PRE_TOKENIZERS[pre] + [
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    ]
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
-        "normalizer": None,
-        "pre_tokenizer": pre_steps[0]
-        if len(pre_steps) == 1
-        else {"type": "Sequence", "pretokenizers": pre_steps},
-        "post_processor": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": False,
-            "use_regex": True,
-        },
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": True,
-            "use_regex": True,
-        },
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": {tok: i for i, tok in enumerate(tokens)},
-            "merges": [m.split(" ", 1) for m in merges],
-        },
-    }
-
-
-def write_tokenizer_files(reader, folder: Path) -> Path:
-    """Write tokenizer.json and tokenizer_config.json (with the chat template) to ``folder``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    doc = tokenizer_json(reader)
-    (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    tokens = field(reader, "tokenizer.ggml.tokens")
-
-    def token(key: str) -> str | None:
-        idx = field(reader, f"tokenizer.ggml.{key}")
-        return tokens[int(idx)] if idx is not None and 0 <= int(idx) < len(tokens) else None
-
-    config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "pad_token": token("padding_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "model_max_length": int(field(reader, "llama.context_length", 2048)),
-        "chat_template": field(reader, "tokenizer.chat_template"),
-    }
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    return folder
-
-
 def load_gguf(
     path: Path, max_positions: int = 4096, tokenizer_dir: Path | None = None
 ) -> LoadedCheckpoint:
-    """Load a Llama GGUF; the tokenizer files go to ``tokenizer_dir`` (default: a temp dir
+    """Load a GGUF checkpoint; the tokenizer files go to ``tokenizer_dir`` (default: a temp dir
     removed at exit)."""
     path = Path(path)
     reader = open_gguf(path)

@@ -121,7 +121,7 @@ def test_unsupported_tokenizer_is_refused(tiny_gguf):
             return self.value
 
     class Reader:
-        fields = {"tokenizer.ggml.model": Field("llama")}
+        fields = {"tokenizer.ggml.model": Field("t5")}  # llama.cpp's Unigram vocabulary
 
     with pytest.raises(MoechatError, match="unsupported GGUF tokenizer"):
         tokenizer_json(Reader())
