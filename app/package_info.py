@@ -11,6 +11,30 @@ def _num(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "?"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
+def ffn_text(arch: dict[str, Any], parameters: dict[str, int] | None) -> str:
+    """'MoE: 8 routed experts, 2 active per token, 1 shared; 1.2M parameters, 0.5M active'."""
+    text = "dense"
+    if arch.get("use_moe"):
+        layers = arch["num_hidden_layers"]
+        moe_layers = layers - len(arch.get("dense_layers") or ())
+        shared = arch.get("n_shared_experts") or 0
+        text = (
+            f"MoE: {arch['n_routed_experts']} routed experts, {arch['num_experts_per_tok']} active "
+            f"per token, {shared} shared{' (gated)' if arch.get('shared_expert_gate') else ''}"
+        )
+        if moe_layers != layers:
+            text += f"; {moe_layers} of {layers} layers MoE"
+    if parameters:
+        text += f"; {_count(parameters['total'])} parameters"
+        if parameters["active_per_token"] != parameters["total"]:
+            text += f", {_count(parameters['active_per_token'])} active per token"
+    return text
+
+
 def parity_text(parity: dict[str, Any]) -> str:
     """``PyTorch fp32 vs onnxruntime: max error 2.3e-05 = 2.9e-07 of the logit scale ...``"""
     if not parity:
