@@ -148,16 +148,22 @@ def _bos_template(reader, tokens: list[str], default: bool) -> dict | None:
     used = {k: int(v) for k, v in ids.items() if add[k] and v is not None and 0 <= v < len(tokens)}
     if not used:
         return None
-    first = [{"SpecialToken": {"id": tokens[used[bos]], "type_id": 0}}] if bos in used else []
-    last = [{"SpecialToken": {"id": tokens[used[eos]], "type_id": 0}}] if eos in used else []
 
-    def seq(type_id: int) -> list[dict]:
-        return [{"Sequence": {"id": "A" if type_id == 0 else "B", "type_id": type_id}}]
+    def part(type_id: int) -> list[dict]:
+        def special(key: str) -> list[dict]:
+            return (
+                [{"SpecialToken": {"id": tokens[used[key]], "type_id": type_id}}]
+                if key in used
+                else []
+            )
+
+        seq = {"Sequence": {"id": "AB"[type_id], "type_id": type_id}}
+        return [*special(bos), seq, *special(eos)]
 
     return {
         "type": "TemplateProcessing",
-        "single": first + seq(0) + last,
-        "pair": first + seq(0) + last + first + seq(1) + last,
+        "single": part(0),
+        "pair": part(0) + part(1),
         "special_tokens": {
             tokens[i]: {"id": tokens[i], "ids": [i], "tokens": [tokens[i]]} for i in used.values()
         },
