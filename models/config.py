@@ -12,7 +12,12 @@ config.json by :mod:`moechat.models.families`):
   ``sigmoid(shared_expert_gate(x))`` (Qwen2-MoE);
 - the layer schedule: ``dense_layers`` are plain FFNs of ``dense_intermediate_size`` in an
   otherwise MoE model (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers);
-- Granite's embedding / residual multipliers and logits scaling.
+- Granite's embedding / residual multipliers and logits scaling;
+- DeepSeek-V2/V3's multi-head latent attention (``kv_lora_rank`` > 0, models/mla.py):
+  the KV cache holds per token the normalised latent as the "key" (one KV head,
+  ``head_dim`` = kv_lora_rank) and the shared rotary key as the "value"
+  (``value_head_dim`` = qk_rope_head_dim); and their routers (``topk_method``:
+  greedy, group_limited_greedy, noaux_tc; sigmoid scores, ``routed_scaling_factor``).
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from moechat.runtime.errors import MoechatError
 from moechat.runtime.manifest import SUPPORTED_ARCHITECTURES
 
 Family = Literal[
-    "minimind", "llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "deepseek"
-]
+    "minimind", "llama", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "deepseek",
+    "deepseek_v2", "deepseek_v3",
+]  # fmt: skip
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = get_args(Family)
 assert SUPPORTED_MODEL_TYPES == SUPPORTED_ARCHITECTURES, "the runtime must accept every family"
 QKNorm = Literal["none", "head", "full"]  # RMSNorm per head, or over the whole q / k width
+TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 
 
 def minimind_intermediate_size(hidden_size: int) -> int:
@@ -66,9 +73,22 @@ class ModelConfig:
     shared_intermediate_size: int = 0  # 0: intermediate_size
     shared_expert_gate: bool = False  # Qwen2-MoE: shared output * sigmoid(gate(x))
     norm_topk_prob: bool = True
-    scoring_func: Literal["softmax"] = "softmax"
+    scoring_func: Literal["softmax", "sigmoid"] = "softmax"
+    topk_method: TopkMethod = "greedy"  # DeepSeek-V2/V3 routers (models/mla.py)
+    n_group: int = 1  # expert groups; topk_group of them are kept per token
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # routed experts' weights times this
+    score_correction_bias: bool = False  # V3: e_score_correction_bias, for the choice only
     dense_layers: tuple[int, ...] = ()  # plain FFN layers of a MoE model
     dense_intermediate_size: int = 0  # 0: intermediate_size
+    value_head_dim: int = 0  # width of the cached "value"; 0: head_dim
+    # multi-head latent attention (DeepSeek-V2/V3); kv_lora_rank 0: not MLA
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # 0: q_proj; else q_a_proj -> RMSNorm -> q_b_proj
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary pairs (x0, x1), (x2, x3)... in the checkpoint
     bos_token_id: int = 1
     eos_token_id: int = 2
 
@@ -87,13 +107,54 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if self.shared_intermediate_size == 0:
             object.__setattr__(self, "shared_intermediate_size", self.intermediate_size)
+        if self.kv_lora_rank:
+            if min(self.qk_rope_head_dim, self.v_head_dim) < 1 or self.qk_rope_head_dim % 2:
+                raise MoechatError("MLA needs an even qk_rope_head_dim and a v_head_dim")
+            # the cache: the latent as the "key" of one KV head, the rope key as its "value"
+            object.__setattr__(self, "num_key_value_heads", 1)
+            object.__setattr__(self, "head_dim", self.kv_lora_rank)
+            object.__setattr__(self, "value_head_dim", self.qk_rope_head_dim)
+        if self.value_head_dim == 0:
+            object.__setattr__(self, "value_head_dim", self.head_dim)
         if self.num_attention_heads % self.num_key_value_heads:
             raise MoechatError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.use_moe:
-            if self.scoring_func != "softmax":
+            if self.scoring_func not in ("softmax", "sigmoid"):
                 raise MoechatError(f"unsupported MoE scoring function {self.scoring_func!r}")
             if not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
                 raise MoechatError("num_experts_per_tok must be between 1 and n_routed_experts")
+            if self.topk_method not in get_args(TopkMethod):
+                raise MoechatError(f"unsupported topk_method {self.topk_method!r}")
+            if self.n_routed_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+                raise MoechatError(
+                    "n_group must divide n_routed_experts and topk_group be in 1..n_group"
+                )
+            if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2:
+                raise MoechatError("noaux_tc routing needs at least 2 experts per group")
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotated part of a query/key head."""
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    @property
+    def grouped_routing(self) -> bool:
+        """A router other than softmax / top-k / optional renormalisation (models/mla.py)."""
+        return (
+            self.topk_method != "greedy"
+            or self.scoring_func != "softmax"
+            or self.routed_scaling_factor != 1.0
+            or self.score_correction_bias
+        )
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 4) -> int:
+        """KV cache bytes per token (all layers): per-head K/V, or MLA's latent + rope key."""
+        width = self.num_key_value_heads * (self.head_dim + self.value_head_dim)
+        return width * self.num_hidden_layers * dtype_bytes
 
     @property
     def num_key_value_groups(self) -> int:

@@ -21,6 +21,7 @@ from moechat.models.config import (
     ModelConfig,
     minimind_intermediate_size,
 )
+from moechat.models.mla import prepare_mla_state
 from moechat.runtime.errors import MoechatError
 
 
@@ -263,6 +264,63 @@ def _deepseek(f: ConfigFields) -> dict[str, Any]:
     }
 
 
+def _deepseek_mla(f: ConfigFields, family: Family) -> dict[str, Any]:
+    """DeepSeek-V2/V3 as transformers' classes read them (models/mla.py)."""
+    common = _common(f, family)
+    if f.flag("mlp_bias", False):
+        raise MoechatError("DeepSeek with mlp_bias is not supported")
+    expert = f.integer("moe_intermediate_size", minimum=1)
+    n_shared = f.integer("n_shared_experts", 0)
+    n_group = f.integer("n_group", 1, minimum=1)
+    return {
+        **common,
+        **_routed(f, "n_routed_experts", "moe_intermediate_size", norm=False),
+        "n_shared_experts": 1 if n_shared else 0,
+        "shared_intermediate_size": expert * max(n_shared, 1),
+        # transformers: MoE from layer first_k_dense_replace on (moe_layer_freq unused)
+        "dense_layers": tuple(range(min(f.integer("first_k_dense_replace", 0),
+                                        common["num_hidden_layers"]))),
+        "dense_intermediate_size": f.integer("intermediate_size", minimum=1),
+        "n_group": n_group,
+        "topk_group": f.integer("topk_group", n_group, minimum=1),
+        "routed_scaling_factor": f.number("routed_scaling_factor", 1.0),
+        "kv_lora_rank": f.integer("kv_lora_rank", 512, minimum=1),
+        "q_lora_rank": f.integer("q_lora_rank", 0),
+        "qk_nope_head_dim": f.integer("qk_nope_head_dim", 128, minimum=1),
+        "qk_rope_head_dim": f.integer("qk_rope_head_dim", 64, minimum=2),
+        "v_head_dim": f.integer("v_head_dim", 128, minimum=1),
+    }  # fmt: skip
+
+
+def _deepseek_v2(f: ConfigFields) -> dict[str, Any]:
+    method = f.raw.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise MoechatError(f"DeepSeek-V2 topk_method {method!r} is not supported")
+    # transformers' V2 router: softmax, no renormalisation (norm_topk_prob is not read);
+    # its rotary embedding is complex, i.e. interleaved pairs
+    return {**_deepseek_mla(f, "deepseek_v2"), "topk_method": method, "rope_interleave": True}
+
+
+def _deepseek_v3(f: ConfigFields) -> dict[str, Any]:
+    method = f.raw.get("topk_method") or "noaux_tc"
+    if method != "noaux_tc" or (f.raw.get("scoring_func") or "sigmoid") != "sigmoid":
+        raise MoechatError(f"DeepSeek-V3 routing {method!r} is not supported (noaux_tc only)")
+    values = _deepseek_mla(f, "deepseek_v3")
+    return {
+        **values,
+        "bos_token_id": f.token_id("bos_token_id", 0),
+        "eos_token_id": f.token_id("eos_token_id", 1),
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "score_correction_bias": True,
+        "norm_topk_prob": f.flag("norm_topk_prob", True),
+        "n_group": f.integer("n_group", 8, minimum=1),
+        "topk_group": f.integer("topk_group", 4, minimum=1),
+        "routed_scaling_factor": f.number("routed_scaling_factor", 2.5),
+        "rope_interleave": f.flag("rope_interleave", True),
+    }
+
+
 CONFIG_READERS: dict[str, Callable[[ConfigFields], dict[str, Any]]] = {
     "minimind": _minimind,
     "llama": _llama,
@@ -272,6 +330,8 @@ CONFIG_READERS: dict[str, Callable[[ConfigFields], dict[str, Any]]] = {
     "olmoe": _olmoe,
     "granitemoe": _granitemoe,
     "deepseek": _deepseek,
+    "deepseek_v2": _deepseek_v2,
+    "deepseek_v3": _deepseek_v3,
 }
 assert set(CONFIG_READERS) == set(SUPPORTED_MODEL_TYPES)
 
@@ -349,4 +409,6 @@ def to_internal_keys(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         for pattern, replacement in _RENAMES:
             key = pattern.sub(replacement, key)
         out[key] = tensor
+    if cfg.is_mla:
+        out = prepare_mla_state(out, cfg)
     return out

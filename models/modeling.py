@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moechat.models import ops
+from moechat.models import mla, ops
 from moechat.models.config import ModelConfig
 
 
@@ -108,6 +108,8 @@ class MoEGate(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+        if cfg.score_correction_bias:  # DeepSeek-V3: added to the scores for the choice only
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight.t()
@@ -119,6 +121,9 @@ class MoEFeedForward(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.normalize = cfg.norm_topk_prob
         self.gate = MoEGate(cfg)
+        self.grouped_routing = cfg.grouped_routing  # DeepSeek-V2/V3 routers (models/mla.py)
+        self.routing = (cfg.scoring_func, cfg.topk_method, cfg.n_group, cfg.topk_group)
+        self.routed_scaling_factor = cfg.routed_scaling_factor
         self.experts = nn.ModuleList(
             FeedForward(cfg.hidden_size, cfg.intermediate_size) for _ in range(cfg.n_routed_experts)
         )
@@ -159,7 +164,16 @@ class MoEFeedForward(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         fc1, fc2 = self._packed_weights()
-        y = ops.moe_routed(flat, self.gate(flat), fc1, fc2, self.top_k, self.normalize)
+        if self.grouped_routing:
+            bias = getattr(self.gate, "e_score_correction_bias", None)
+            if bias is None:
+                bias = flat.new_zeros(fc1.shape[0])
+            y = mla.moe_grouped(
+                flat, self.gate(flat), bias, fc1, fc2, self.top_k, *self.routing,
+                self.normalize, self.routed_scaling_factor,
+            )  # fmt: skip
+        else:
+            y = ops.moe_routed(flat, self.gate(flat), fc1, fc2, self.top_k, self.normalize)
         if self.shared_experts:
             shared = sum(expert(flat) for expert in self.shared_experts)
             if self.shared_expert_gate is not None:
@@ -171,7 +185,7 @@ class MoEFeedForward(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn: nn.Module = mla.MLAttention(cfg) if cfg.is_mla else Attention(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module = (
@@ -212,7 +226,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_caches(cfg.head_dim, max_positions, cfg.rope_theta)
+        cos, sin = rope_caches(cfg.rope_dim, max_positions, cfg.rope_theta)
         self.register_buffer("cos_cache", cos, persistent=False)
         self.register_buffer("sin_cache", sin, persistent=False)
 
@@ -239,8 +253,8 @@ class CausalLM(nn.Module):
 
     def empty_cache(self, batch: int = 1) -> list[torch.Tensor]:
         cfg = self.config
-        shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
-        return [torch.zeros(shape) for _ in range(2 * cfg.num_hidden_layers)]
+        widths = (cfg.head_dim, cfg.value_head_dim) * cfg.num_hidden_layers
+        return [torch.zeros(batch, cfg.num_key_value_heads, 0, d) for d in widths]
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, past: list[torch.Tensor]):

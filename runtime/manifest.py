@@ -29,6 +29,8 @@ SUPPORTED_ARCHITECTURES = (
     "olmoe",
     "granitemoe",
     "deepseek",
+    "deepseek_v2",
+    "deepseek_v3",
 )
 
 T = TypeVar("T")
