@@ -15,12 +15,19 @@ SentencePiece (``"llama"``, Mixtral): a tiny BPE ``tokenizer.model`` is trained 
 written as llama.cpp's converter does (pieces, scores, token types), and moechat's
 tokenizer must give SentencePiece's own ids, its decoded text, and transformers'
 ``LlamaTokenizer`` ids with BOS.
+
+The same originals are also written to GGUF by llama.cpp's converter's own vocabulary
+code (tests/llamacpp_vocab.py; the converter comes from the llama-cpp-python sdist,
+as in test_gguf_families.py) and must read back the same.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +36,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 import gguf  # noqa: E402
+from test_gguf_families import llama_cpp  # noqa: E402, F401 (llama.cpp's converter)
 from tokenizers import (  # noqa: E402
     AddedToken,
     Regex,
@@ -386,3 +394,71 @@ def test_sentencepiece_without_scores_is_one_line(sentencepiece_model, tmp_path)
     _close(w)
     with pytest.raises(MoechatError, match="no scores"):
         write_tokenizer_files(open_gguf(tmp_path / "bad.gguf"), tmp_path / "out")
+
+
+# -- through llama.cpp's converter's own vocabulary code ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def llamacpp_converted(llama_cpp, sentencepiece_model, converted, tmp_path_factory):  # noqa: F811
+    """GGUF files written by the converter: "sentencepiece" from a Mixtral-style folder
+    (tokenizer.model, add_bos_token), and each byte-level family's original saved as a
+    Hugging Face folder."""
+    root = tmp_path_factory.mktemp("llamacpp-vocab")
+    _, spm_root = sentencepiece_model
+    folder = root / "sentencepiece"
+    folder.mkdir()
+    shutil.copy(spm_root / "tokenizer.model", folder)
+    config: dict = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    jobs = [(folder, root / "sentencepiece.gguf", "llama", "sentencepiece", "")]
+    for name, (arch, _, add_bos) in FAMILIES.items():
+        folder = root / name
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(converted[name][0].to_str(), encoding="utf-8")
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": add_bos,
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|im_end|>",
+        }
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        jobs.append((folder, root / f"{name}.gguf", arch, "gpt2", name))
+    driver = Path(__file__).with_name("llamacpp_vocab.py")
+    args = json.dumps([[str(a) for a in job] for job in jobs])
+    result = subprocess.run(
+        [sys.executable, str(driver), str(llama_cpp), args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {
+        job[4] or "sentencepiece": write_tokenizer_files(
+            open_gguf(job[1]), root / f"{job[1].stem}.out"
+        )
+        for job in jobs
+    }
+
+
+def test_llamacpp_sentencepiece_vocab(llamacpp_converted, sentencepiece_model) -> None:
+    sp, _ = sentencepiece_model
+    built = Tokenizer.from_file(str(llamacpp_converted["sentencepiece"] / "tokenizer.json"))
+    for text in [t for t in TEXTS if "<|" not in t]:
+        ids = sp.encode(text)
+        assert built.encode(text, add_special_tokens=False).ids == ids, text
+        assert built.decode(ids) == text
+    assert built.encode("hi").ids == [sp.bos_id(), *sp.encode("hi")]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_llamacpp_byte_level_vocab(llamacpp_converted, converted, name) -> None:
+    original, _ = converted[name]
+    built = Tokenizer.from_file(str(llamacpp_converted[name] / "tokenizer.json"))
+    for text in TEXTS:
+        ids = original.encode(text, add_special_tokens=False).ids
+        assert built.encode(text, add_special_tokens=False).ids == ids, text
+        assert built.decode(ids) == original.decode(ids)
+    bos = original.token_to_id("<|endoftext|>")
+    assert (built.encode("x").ids[0] == bos) is FAMILIES[name][2]
