@@ -332,7 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true",
                    help="float16 weights, activations and KV cache: for CUDA GPUs "
                    "(half the size of fp32; on CPU use --int8)")  # fmt: skip
-    g = p.add_argument_group("int8")
+    g = p.add_argument_group("int8 / int4")
+    g.add_argument(
+        "--int4",
+        action="store_true",
+        help="4-bit weights: routed experts (QMoE) and matmuls (MatMulNBits, block 32); "
+        "lm_head and embedding stay 8-bit",
+    )
+    g.add_argument(
+        "--int4-experts",
+        action="store_true",
+        help="routed experts 4-bit, every other matmul 8-bit (MoE models)",
+    )
     g.add_argument("--int8", action="store_true",
                    help="int8 weights (routers stay fp32); measures fidelity against fp32")  # fmt: skip
     g.add_argument("--int8-matmuls", choices=["nbits", "dynamic"],

@@ -14,6 +14,7 @@ from moechat.export.int8.step import SIZE_RATIO_MAX
 from moechat.export.options import ExportOptions
 from moechat.export.package import export_package
 from moechat.models.loading import load_checkpoint
+from moechat.runtime.errors import MoechatError
 from moechat.runtime.evaluate import read_text_file
 
 
@@ -28,9 +29,12 @@ def progress_printer() -> Callable[[str], None]:
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
     """The ``moechat export`` command line (app/cli.py's parser) as ExportOptions."""
+    if args.int4 and args.int4_experts:
+        raise MoechatError("--int4 and --int4-experts are alternatives: choose one")
     return ExportOptions(
         moe_impl=args.moe_impl, attention=args.attention, max_context=args.max_context,
         name=args.name, force=args.force, int8=args.int8, int8_matmuls=args.int8_matmuls,
+        int4="all" if args.int4 else "experts" if args.int4_experts else None,
         int8_block=args.int8_block, int8_residual_pass=args.int8_residual_pass,
         heldout=Path(args.heldout) if args.heldout else None, variants=tuple(args.variant),
         fp16=args.fp16,
@@ -62,7 +66,8 @@ def print_int8_summary(manifest: dict[str, Any]) -> None:
     q, f = manifest["graph"]["quantization"], manifest["fidelity"]
     print(
         f"size: fp32 package {q['fp32_package_bytes'] / 1e6:.1f} MB, "
-        f"int8 package {q['int8_package_bytes'] / 1e6:.1f} MB ({q['size_ratio']:.1%} of fp32)"
+        f"{q['weights']} package {q['int8_package_bytes'] / 1e6:.1f} MB "
+        f"({q['size_ratio']:.1%} of fp32)"
     )
     routing = f["routing_agreement"]
     print(
@@ -73,11 +78,11 @@ def print_int8_summary(manifest: dict[str, Any]) -> None:
     )
     problems = []
     if q["size_ratio"] > SIZE_RATIO_MAX:
-        problems.append(f"the int8 package is {q['size_ratio']:.0%} of fp32 (target <= 30%)")
+        problems.append(f"the package is {q['size_ratio']:.0%} of fp32 (target <= 30%)")
     problems += threshold_misses(f)
     if problems:
         bar = "!" * 72
-        lines = [bar, "WARNING: this int8 package misses its fidelity/size targets:"]
+        lines = [bar, f"WARNING: this {q['weights']} package misses its fidelity/size targets:"]
         lines += [f"  - {p}" for p in problems]
         lines += [
             "  (thresholds are for trained models; random weights miss them). Compare with",

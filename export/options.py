@@ -17,6 +17,7 @@ MoeImpl = Literal["contrib", "ops", "qmoe"]  # onnxruntime MoE op, standard ops,
 Attention = Literal["gqa", "ops"]  # GroupQueryAttention, or standard ops
 Int8Matmuls = Literal["nbits", "dynamic"]  # MatMulNBits, or dynamic quantisation
 Variant = Literal["dml"]  # extra per-provider graphs
+Int4Level = Literal["all", "experts"]  # 4-bit matmuls and experts, or routed experts only
 
 INT8_DEFAULT_MOE: MoeImpl = "qmoe"  # fastest on CPU at decode: docs/decisions/0001-*
 
@@ -30,7 +31,8 @@ class ExportOptions:
     force: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)  # sampling defaults
     extra_manifest: dict[str, Any] = field(default_factory=dict)
-    int8: bool = False
+    int8: bool = False  # a quantised package: 8-bit weights unless int4 says otherwise
+    int4: Int4Level | None = None  # 4-bit weights (sets int8: the same quantisation step)
     int8_matmuls: Int8Matmuls | None = None  # None: "nbits"
     int8_block: int | None = None  # MatMulNBits block (default: default_nbits_block)
     int8_residual_pass: bool = False  # export.int8.residual_pass (slower, more accurate)
@@ -40,6 +42,11 @@ class ExportOptions:
     quick_parity: bool = False  # 2 prompts x 8 decode steps instead of 6 x 16 (the demo)
 
     def __post_init__(self) -> None:
+        _check_choice("--int4", self.int4, Int4Level)
+        if self.int4 is not None:
+            if self.int8:
+                raise MoechatError("--int8 and --int4 are alternatives: choose one")
+            self.int8 = True
         validate_options(self)
         if self.moe_impl is None:
             self.moe_impl = INT8_DEFAULT_MOE if self.int8 else "contrib"
@@ -68,6 +75,11 @@ def validate_options(options: ExportOptions) -> None:
         raise MoechatError("--fp16 and --int8 are alternatives: choose one")
     if options.fp16 and options.variants:
         raise MoechatError("--variant adds float32 graphs; it does not combine with --fp16")
+    if options.int4 is not None:
+        if options.int8_matmuls == "dynamic":
+            raise MoechatError("--int4 matmuls are MatMulNBits: not with --int8-matmuls dynamic")
+        if options.int4 == "experts" and options.moe_impl == "ops":
+            raise MoechatError("--int4-experts quantises the QMoE op's experts: not with ops")
     if options.int8:
         if options.int8_block is not None and options.int8_matmuls == "dynamic":
             raise MoechatError(

@@ -303,11 +303,14 @@ def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None
     from moechat.export.int8.quantize import QuantizeOptions, default_nbits_block
     from moechat.export.int8.step import quantize_package_graph
 
+    dense_bits = 4 if options.int4 == "all" else 8
     quantize = QuantizeOptions(
         moe=options.moe_impl,
         dense=options.int8_matmuls or "nbits",
-        block=options.int8_block or default_nbits_block(manifest["architecture"]),
+        block=options.int8_block or default_nbits_block(manifest["architecture"], dense_bits),
         residual_pass=options.int8_residual_pass,
+        expert_bits=4 if options.int4 else 8,
+        dense_bits=dense_bits,
     )
     result = quantize_package_graph(
         work, manifest["architecture"], tokenizer, quantize, options.heldout, max_context, progress

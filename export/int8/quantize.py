@@ -67,6 +67,7 @@ from moechat.export.int8.smoothing import ALPHA, smooth
 from moechat.export.onnx_graph import save_model
 
 INT8_MOE_IMPLS = ("qmoe", "ops")
+WEIGHT_BITS = (4, 8)
 DENSE_METHODS = ("dynamic", "nbits")
 QMOE_BLOCK_SIZES = (32, 16)
 NBITS_BLOCK_SIZE = 64  # default MatMulNBits block along K for dense models
@@ -74,13 +75,16 @@ MOE_NBITS_BLOCK_SIZE = 32  # ... and for MoE models (their routing amplifies the
 NBITS_BLOCK_SIZES = (16, 32, 64, 128)
 
 
-def default_nbits_block(arch: dict) -> int:
-    """The MatMulNBits block ``moechat export --int8`` uses when none is given.
+def default_nbits_block(arch: dict, bits: int = 8) -> int:
+    """The MatMulNBits block ``moechat export --int8/--int4`` uses when none is given.
 
     A MoE's routers turn small upstream errors into a different expert, so MoE models
     get the finer block: on the demo MoE it cuts the int8 mean KL by 29% for a few % of
-    decode speed; dense models keep the faster block 64 (docs/decisions/0003-*).
+    decode speed; dense models keep the faster block 64 (docs/decisions/0003-*). 4-bit
+    weights take block 32 (llama.cpp's Q4_0 granularity): 16 levels need the finer scales.
     """
+    if bits == 4:
+        return MOE_NBITS_BLOCK_SIZE
     return MOE_NBITS_BLOCK_SIZE if arch.get("use_moe") else NBITS_BLOCK_SIZE
 
 
@@ -94,8 +98,14 @@ class QuantizeOptions:
     symmetric: bool = True  # MatMulNBits weights without zero points
     block: int = NBITS_BLOCK_SIZE  # MatMulNBits block along the reduction axis
     residual_pass: bool = False  # second MatMulNBits pass over the activation rounding error
+    expert_bits: int = 8  # routed experts (QMoE, or the per-expert MatMuls of "ops")
+    dense_bits: int = 8  # the other MatMulNBits; the lm_head stays 8-bit at 4
 
     def __post_init__(self) -> None:
+        if self.expert_bits not in WEIGHT_BITS or self.dense_bits not in WEIGHT_BITS:
+            raise ValueError(f"weight bits must be one of {WEIGHT_BITS}")
+        if self.dense_bits == 4 and self.dense != "nbits":
+            raise ValueError("4-bit matmuls are MatMulNBits (dense='nbits')")
         if self.moe not in INT8_MOE_IMPLS:
             raise ValueError(f"moe must be one of {INT8_MOE_IMPLS}")
         if self.dense not in DENSE_METHODS:
@@ -106,17 +116,19 @@ class QuantizeOptions:
             raise ValueError("the residual pass needs MatMulNBits (dense='nbits')")
 
 
-def quantize_rows(w: np.ndarray, block: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 along the last axis: (q int8, scale) with w ~ q * scale.
+def quantize_rows(w: np.ndarray, block: int = 0, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric ``bits``-bit integers along the last axis: (q int8, scale), w ~ q * scale.
 
     ``block`` 0: one scale per row (scale shape ``w.shape[:-1]``); otherwise one per
-    ``block`` consecutive values (scale shape ``w.shape[:-1] + (K // block,)``).
+    ``block`` consecutive values (scale shape ``w.shape[:-1] + (K // block,)``). 8 bits
+    use [-127, 127]; 4 bits [-8, 7] with the block's largest magnitude at 7.
     """
     k = w.shape[-1]
+    top = 127 if bits == 8 else 7
     blocks = w.reshape(*w.shape[:-1], 1 if block == 0 else k // block, -1)
-    scale = np.abs(blocks).max(axis=-1) / 127.0
+    scale = np.abs(blocks).max(axis=-1) / top
     scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[..., None]), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(blocks / scale[..., None]), -top - (bits == 4), top).astype(np.int8)
     if block == 0:
         scale = scale[..., 0]
     return q.reshape(w.shape), scale
@@ -127,8 +139,16 @@ def qmoe_block_size(hidden: int, intermediate: int) -> int:
     return next((b for b in QMOE_BLOCK_SIZES if hidden % b == 0 and intermediate % b == 0), 0)
 
 
-def moe_to_qmoe(model: onnx.ModelProto) -> dict:
-    """Replace each com.microsoft.MoE with an 8-bit QMoE (uint8 weights, zero point 128)."""
+def pack_uint4(q: np.ndarray) -> np.ndarray:
+    """int4 values [..., K] -> uint8 [..., K/2]: offset 8, the even index in the low nibble
+    (QMoE's 4-bit layout; checked against the kernel in tests/test_int4.py)."""
+    u = (q.astype(np.int16) + 8).astype(np.uint8)
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def moe_to_qmoe(model: onnx.ModelProto, bits: int = 8) -> dict:
+    """Replace each com.microsoft.MoE with a QMoE of ``bits``-bit weights (uint8 storage:
+    zero point 128 at 8 bits, two values per byte with zero point 8 at 4 bits)."""
     graph = model.graph
     inits = initializers(graph)
     block = None
@@ -144,16 +164,17 @@ def moe_to_qmoe(model: onnx.ModelProto) -> dict:
         fc2 = numpy_helper.to_array(inits[node.input[4]])  # [E, H, I]
         block = qmoe_block_size(fc1.shape[2], fc2.shape[2])
         new_inputs = [node.input[0], node.input[1]]
+        if bits == 4 and not block:
+            raise ValueError("4-bit QMoE needs hidden and intermediate sizes divisible by 16")
         for name, w in ((node.input[2], fc1), (node.input[4], fc2)):
-            q, scale = quantize_rows(w, block)
-            qname, sname = f"{name}_q8", f"{name}_scale"
-            graph.initializer.append(
-                numpy_helper.from_array((q.astype(np.int16) + 128).astype(np.uint8), qname)
-            )
+            q, scale = quantize_rows(w, block, bits)
+            qname, sname = f"{name}_q{bits}", f"{name}_scale"
+            stored = (q.astype(np.int16) + 128).astype(np.uint8) if bits == 8 else pack_uint4(q)
+            graph.initializer.append(numpy_helper.from_array(stored, qname))
             graph.initializer.append(numpy_helper.from_array(scale, sname))
             new_inputs += [qname, sname, ""]  # weights, scales, (no) bias
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        attrs.update(expert_weight_bits=8)
+        attrs.update(expert_weight_bits=bits)
         if block:
             attrs["block_size"] = block
         del node.input[:]
@@ -309,19 +330,45 @@ def _quiet_quantizer() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def lm_head_node(model: onnx.ModelProto) -> str | None:
+    """The MatMul that produces the logits (through Granite's division, if any)."""
+    producer_of = producers(model.graph)
+    name = "logits"
+    while name in producer_of:
+        node = producer_of[name]
+        if node.op_type in ("MatMul", "Gemm"):
+            return node.name
+        if node.op_type not in ("Div", "Mul", "Reshape", "Cast"):
+            return None
+        name = node.input[0]
+    return None
+
+
+def _nbits(
+    model: onnx.ModelProto, options: QuantizeOptions, bits: int, exclude: list[str]
+) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with _quiet_quantizer():
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=bits, block_size=options.block, is_symmetric=options.symmetric,
+            accuracy_level=4, nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
+        )  # fmt: skip
+        quantizer.process()
+    return quantizer.model.model
+
+
 def _quantize_matmuls(
     model: onnx.ModelProto, options: QuantizeOptions, exclude: list[str]
 ) -> onnx.ModelProto:
     if options.dense == "nbits":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        with _quiet_quantizer():
-            quantizer = MatMulNBitsQuantizer(
-                model, bits=8, block_size=options.block, is_symmetric=options.symmetric,
-                accuracy_level=4, nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
-            )  # fmt: skip
-            quantizer.process()
-        return quantizer.model.model
+        lm_head = lm_head_node(model) if options.dense_bits == 4 else None
+        if lm_head is None:
+            return _nbits(model, options, options.dense_bits, exclude)
+        # 4-bit everywhere but the lm_head, which keeps 8 bits (its errors reach every
+        # logit directly; llama.cpp's 4-bit types keep the output matrix wider too)
+        model = _nbits(model, options, 4, [*exclude, lm_head])
+        return _nbits(model, options, 8, exclude)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp, _quiet_quantizer():
@@ -356,8 +403,12 @@ def quantize_model(
     if options.moe == "qmoe" and not has_moe and _is_moe_ops_graph(model):
         raise ValueError("QMoE needs a graph with com.microsoft.MoE nodes (moe_impl contrib)")
     gemm_to_matmul(model, keep=set(router_names))
+    if options.expert_bits != options.dense_bits and not has_moe:
+        raise ValueError("experts and matmuls at different bits need a MoE graph with QMoE")
+    bits = {options.expert_bits, options.dense_bits}
     info: dict = {
-        "weights": "int8",
+        "weights": "int8" if bits == {8} else "int4" if bits == {4} else "int4 experts, int8",
+        "weight_bits": {"experts": options.expert_bits, "matmuls": options.dense_bits},
         "scheme": "symmetric" if options.symmetric else "asymmetric (matmuls), symmetric (rest)",
         "activations": "float32",
         "routers": "float32",
@@ -381,8 +432,8 @@ def quantize_model(
     if has_moe:
         if options.moe != "qmoe":
             raise ValueError("the standard-op int8 MoE needs a graph exported with moe_impl ops")
-        qmoe = moe_to_qmoe(model)
-        info["routed_experts"] = f"QMoE int8, block {qmoe['block_size']}"
+        qmoe = moe_to_qmoe(model, options.expert_bits)
+        info["routed_experts"] = f"QMoE {options.expert_bits}-bit, block {qmoe['block_size']}"
     elif routers:
         info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options)}"
     tables = quantize_embedding(model) if options.embedding else []
@@ -414,7 +465,8 @@ def _vocab(model: onnx.ModelProto, table: QuantizedTable) -> int:
 
 def _dense_description(options: QuantizeOptions) -> str:
     if options.dense == "nbits":
-        return f"MatMulNBits 8-bit, accuracy_level 4, block {options.block}"
+        text = f"MatMulNBits {options.dense_bits}-bit, accuracy_level 4, block {options.block}"
+        return text + ("; lm_head 8-bit" if options.dense_bits == 4 else "")
     return "MatMulInteger (quantize_dynamic), per-channel int8 weights"
 
 

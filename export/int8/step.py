@@ -71,14 +71,15 @@ def quantize_package_graph(
     )
     calibration = tokenizer.encode_text(calibration_text())[:CALIBRATION_MAX_TOKENS]
     info = quantize_decoder(work / GRAPH, qdir / GRAPH, options, calibration)
-    info = {"method": "int8", **info}
+    level = "int8" if info.get("weights") == "int8" else "int4"
+    info = {"method": level, **info}
 
     if heldout is not None:
         text, name = read_text_file(heldout), Path(heldout).name
     else:
         text, name = heldout_text(), "moechat heldout.txt"
     ids = tokenizer.encode_text(text)[:HELDOUT_MAX_TOKENS]
-    progress(f"measuring int8 fidelity against fp32 on {len(ids)} held-out tokens")
+    progress(f"measuring {level} fidelity against fp32 on {len(ids)} held-out tokens")
     report = measure_fidelity(
         work / GRAPH, qdir / GRAPH, arch, ids, name, window=min(WINDOW, max_context)
     )
