@@ -231,7 +231,9 @@ def sentencepiece_merges(
     tokens: list[str], types: list[int], scores: list[float]
 ) -> list[list[str]]:
     """BPE merges of a SentencePiece vocabulary: every split of a normal piece into two
-    normal pieces, best-scoring joined piece first (ties: the file's order)."""
+    normal pieces, best-scoring joined piece first. Ties go to the joined piece listed
+    first: llama.cpp's converter gives every token -1000 when it builds the vocabulary
+    from a tokenizer.json (no tokenizer.model), whose ids follow its merges."""
     normal = {
         tok: i
         for i, (tok, kind) in enumerate(zip(tokens, types, strict=True))
@@ -252,6 +254,7 @@ def sentencepiece_json(reader, tokens: list[str], types: list[int]) -> dict:
     scores = _field(reader, "tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         raise MoechatError("the GGUF SentencePiece tokenizer has no scores for its tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")  # rarely there; used as given if so
     unknown = _field(reader, "tokenizer.ggml.unknown_token_id")
     if unknown is None:
         unknown = next((i for i, kind in enumerate(types) if kind == TOKEN_UNKNOWN), None)
@@ -274,7 +277,9 @@ def sentencepiece_json(reader, tokens: list[str], types: list[int]) -> dict:
         _added_tokens(tokens, types),
         _bpe(
             tokens,
-            sentencepiece_merges(tokens, types, [float(s) for s in scores]),
+            [m.split(" ", 1) for m in merges]
+            if merges
+            else sentencepiece_merges(tokens, types, [float(s) for s in scores]),
             unk_token=unk,
             fuse_unk=True,
             byte_fallback=True,

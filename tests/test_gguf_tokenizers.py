@@ -329,7 +329,9 @@ def write_spm_gguf(sp, path: Path, **metadata) -> Path:
             kind = gguf.TokenType.BYTE
         types.append(int(kind))
     w = _writer(path, "llama", "llama", tokens, types)
-    w.add_token_scores(scores)
+    w.add_token_scores(metadata.get("scores", scores))
+    if "merges" in metadata:
+        w.add_token_merges(metadata["merges"])
     w.add_bos_token_id(sp.bos_id())
     w.add_eos_token_id(sp.eos_id())
     w.add_unk_token_id(sp.unk_id())
@@ -376,6 +378,32 @@ def test_sentencepiece_matches_transformers_llama(sentencepiece_model, tmp_path)
             assert built.encode(text).ids == reference.encode(text), text
     pair = built.encode("a", "b")
     assert pair.ids == reference("a", "b")["input_ids"] and pair.type_ids == [0, 0, 1, 1]
+
+
+def test_sentencepiece_merges_in_the_file_are_used(sentencepiece_model, tmp_path) -> None:
+    """Merges stored with a SentencePiece vocabulary win over its scores (here upside
+    down); without merges, equal scores (what llama.cpp writes for a vocabulary it built
+    from a tokenizer.json) rank by token order."""
+    sp, root = sentencepiece_model
+    from transformers import LlamaTokenizer
+
+    doc = json.loads(LlamaTokenizer.from_pretrained(str(root)).backend_tokenizer.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in doc["model"]["merges"]]
+    flat = [-1000.0] * sp.get_piece_size()
+    upside_down = [float(i) for i in range(sp.get_piece_size())]
+    path = write_spm_gguf(sp, tmp_path / "m.gguf", scores=upside_down, merges=merges)
+    built = Tokenizer.from_file(
+        str(write_tokenizer_files(open_gguf(path), tmp_path) / "tokenizer.json")
+    )
+    for text in [t for t in TEXTS if "<|" not in t]:
+        assert built.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+    path = write_spm_gguf(sp, tmp_path / "flat.gguf", scores=flat)  # ranked by token order
+    built = Tokenizer.from_file(
+        str(write_tokenizer_files(open_gguf(path), tmp_path) / "tokenizer.json")
+    )
+    assert built.encode("naïve café 12345", add_special_tokens=False).ids == sp.encode(
+        "naïve café 12345"
+    )
 
 
 def test_sentencepiece_without_space_prefix(sentencepiece_model, tmp_path) -> None:
