@@ -272,6 +272,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat_app(_resolve_model(args.model, args.yes), device=args.device, data_dir=data_dir)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from moechat.app.serve.server import ServeOptions, serve
+
+    options = ServeOptions(
+        host=args.host, port=args.port, max_queue=args.max_queue, device=args.device,
+        api_key=args.api_key or os.environ.get("MOECHAT_API_KEY") or None,
+        threads=args.threads, max_context=args.max_context,
+    )  # fmt: skip
+    return serve(_resolve_model(args.model, args.yes), options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moechat", description="Offline chat with small MoE language models."
@@ -302,6 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-y", "--yes", action="store_true", help="build the demo model without asking")
     _add_model_options(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible local server (/v1/chat/completions)")
+    p.add_argument("model", nargs="?", help="model package directory (default: the demo model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: any free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 "
+                   "(default: $MOECHAT_API_KEY; none: no key)")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="requests that may wait for the model; more get 429 (default: 8)")  # fmt: skip
+    p.add_argument("-y", "--yes", action="store_true", help="build the demo model without asking")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="print a package's facts")
     p.add_argument("model", nargs="?")
@@ -409,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MODEL_FLAG_COMMANDS = ("run", "chat", "info", "bench")
+MODEL_FLAG_COMMANDS = ("run", "chat", "info", "bench", "serve")
 
 
 def _hoist_global_options(argv: list[str], commands) -> list[str]:
