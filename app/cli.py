@@ -77,6 +77,33 @@ def _model_and_prompt(model: str | None, prompt: str | None) -> tuple[str | None
     return model, prompt
 
 
+def _read_stdin_text() -> str:
+    """All of stdin as UTF-8 text (a byte that is not UTF-8 is a one-line error)."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MoechatError(
+            f"stdin is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
+        ) from None
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """Text options must be UTF-8: Python turns undecodable argv bytes into lone
+    surrogates, which no tokenizer can encode."""
+    for name in ("prompt", "system", "stop"):
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    what = "PROMPT" if name == "prompt" else f"--{name}"
+                    raise MoechatError(f"{what} is not UTF-8 text") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from moechat.runtime.generator import generate
     from moechat.runtime.model import load_model
@@ -84,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model_arg, prompt = _model_and_prompt(args.model, args.prompt)
     path = _resolve_model(model_arg, args.yes)  # a bad path fails before stdin is read
     if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-        prompt = sys.stdin.read()
+        prompt = _read_stdin_text()
     if prompt is None:
         raise MoechatError("no prompt: give PROMPT, or pipe it on stdin")
     model = load_model(path, args.device, args.max_context, args.threads)
@@ -551,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         print_version()
         return 0
     try:
+        _check_text_args(args)
+        if getattr(args, "threads", None) is not None:  # before anything is loaded or read
+            from moechat.runtime.providers import resolve_threads
+
+            resolve_threads(args.threads)
         return cmd_selfcheck(args) if args.selfcheck else args.func(args)
     except MoechatError as err:
         print(f"moechat: error: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 
 from moechat.export.int8.quantize import NBITS_BLOCK_SIZES
 from moechat.runtime.errors import MoechatError
+from moechat.runtime.manifest import MAX_CONTEXT, MIN_CONTEXT
 
 MoeImpl = Literal["contrib", "ops", "qmoe"]  # onnxruntime MoE op, standard ops, int8 QMoE
 Attention = Literal["gqa", "ops"]  # GroupQueryAttention, or standard ops
@@ -64,6 +65,13 @@ def _check_choice(flag: str, value: object, kind: Any) -> None:
 
 def validate_options(options: ExportOptions) -> None:
     """Reject unknown values and combinations that only make sense for fp32 (or int8)."""
+    if options.max_context is not None and not (
+        MIN_CONTEXT <= options.max_context <= MAX_CONTEXT
+    ):  # 0 is not "the default": it is an error, as is a RoPE table of 10**12 rows
+        raise MoechatError(
+            f"--max-context must be between {MIN_CONTEXT} and {MAX_CONTEXT} tokens "
+            f"(got {options.max_context})"
+        )
     _check_choice("--moe-impl", options.moe_impl, MoeImpl)
     _check_choice("--attention", options.attention, Attention)
     _check_choice("--int8-matmuls", options.int8_matmuls, Int8Matmuls)

@@ -161,6 +161,37 @@ def _check_tokenizer(
     }
 
 
+def check_outdir(outdir: Path, inputs: list[Path], force: bool) -> None:
+    """OUTDIR may be replaced only when it is a moechat package that holds none of the
+    export's inputs: ``--force`` never deletes a checkpoint, a tokenizer or other files."""
+    if outdir.exists() and not outdir.is_dir():
+        raise MoechatError(f"{outdir} is a file, not a folder: choose another OUTDIR")
+    if not outdir.exists() or not any(outdir.iterdir()):
+        return
+    if not force:
+        raise MoechatError(f"{outdir} exists and is not empty (use --force to replace it)")
+    target = outdir.resolve()
+    for path in inputs:
+        source = Path(path).resolve()
+        if source == target or target in source.parents or source in target.parents:
+            relation = (
+                "is"
+                if source == target
+                else "contains"
+                if target in source.parents
+                else "is inside"
+            )
+            raise MoechatError(
+                f"--force would delete the export's input: {outdir} {relation} {path}; "
+                "choose another OUTDIR"
+            )
+    if not (outdir / MANIFEST).is_file():
+        raise MoechatError(
+            f"{outdir} is not a moechat package (no {MANIFEST}): --force only replaces a "
+            "package; choose an empty or new OUTDIR"
+        )
+
+
 def export_package(
     ckpt: LoadedCheckpoint,
     outdir: Path,
@@ -170,9 +201,13 @@ def export_package(
 ) -> dict:
     """Export ``ckpt`` to ``outdir``; return the manifest. Raises MoechatError on failure."""
     outdir = Path(outdir)
-    if outdir.exists() and any(outdir.iterdir()) and not options.force:
-        raise MoechatError(f"{outdir} exists and is not empty (use --force to replace it)")
     tokenizer_dir = tokenizer_dir or ckpt.tokenizer_dir
+    inputs = [
+        Path(ckpt.source),
+        *ckpt.weight_files,
+        *filter(None, [tokenizer_dir, options.heldout]),
+    ]
+    check_outdir(outdir, inputs, options.force)
     if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").is_file():
         raise MoechatError(
             "no tokenizer.json found: pass --tokenizer DIR (MiniMind ships one in model/)"
@@ -204,8 +239,11 @@ def export_package(
             f"--max-context {max_context} exceeds the RoPE table the model was built with"
         )
 
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    try:
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    except OSError as err:
+        raise MoechatError(f"cannot write {outdir}: {err.strerror or err}") from None
     try:
         progress("tracing the model to ONNX")
         export_decoder(

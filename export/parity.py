@@ -15,6 +15,7 @@ import torch
 from moechat.models.config import ModelConfig
 from moechat.models.modeling import CausalLM
 from moechat.runtime.decoder import Decoder
+from moechat.runtime.errors import MoechatError
 from moechat.runtime.providers import create_session
 
 DECODE_STEPS = 16
@@ -53,6 +54,18 @@ def parity_prompts(
     return prompts + [p for p in (tokenizer_ids or []) if p]
 
 
+def _check_finite(ref: np.ndarray, got: np.ndarray) -> None:
+    """Non-finite logits fail the check: ``max(0.0, nan)`` is 0.0, so a NaN would
+    otherwise read as perfect parity."""
+    for name, logits in (("PyTorch", ref), ("onnxruntime", got)):
+        bad = int(np.size(logits) - np.count_nonzero(np.isfinite(logits)))
+        if bad:
+            raise MoechatError(
+                f"parity check failed: {name} computed {bad} non-finite logit(s) (NaN or "
+                "infinity); the checkpoint's weights or config values are broken"
+            )
+
+
 def measure_parity(
     model: CausalLM,
     decoder: Decoder,
@@ -81,6 +94,7 @@ def measure_parity(
         ref, past = model.step(torch.tensor([chunk]), past)
         steps.append((ref[0].numpy(), decoder.forward(chunk, logits_for="all")))
         for r, g in steps:
+            _check_finite(r, g)
             max_diff = max(max_diff, float(np.abs(r - g).max()))
             scale = max(scale, float(np.abs(r).max()))
             tokens += r.shape[0]

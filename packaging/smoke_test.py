@@ -13,6 +13,9 @@ on; no network when ``unshare -n`` works here):
    the binary and no model named; then with no model at all (the error says where it
    looked); ``export`` fails with one line;
 3. ``--selfcheck`` (the TUI mounted headless, echo engine) and ``--selfcheck --model``;
+   ``serve`` on a free localhost port (outside ``unshare -n``: its loopback is down):
+   ``/health`` until 200, one chat completion over urllib with the Python runtime's
+   greedy text, a 401 without the api key, then SIGTERM and a clean exit;
 4. the archive holds no torch, transformers, onnx, tkinter or export code;
 5. size (budget ``$MOECHAT_SIZE_BUDGET_MB``, default 80) and start time to ``--version``
    (median of ``$MOECHAT_START_RUNS`` runs, default 7; budget ``$MOECHAT_START_BUDGET_S``,
@@ -26,11 +29,15 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +78,11 @@ def expected_output(package: Path) -> dict:
     params = model.defaults.replace(temperature=0.0, max_new_tokens=NEW_TOKENS)
     ids = model.template.render_ids([{"role": "user", "content": PROMPT}])
     done = [e for e in generate(model, ids, params) if hasattr(e, "finish_reason")][-1]
-    return {"text": done.text, "token_ids": list(done.token_ids)}
+    # `serve` feeds all but the last prompt token first, then generates from that one
+    model.decoder.truncate(0)
+    model.decoder.forward(ids[:-1])
+    served = [e for e in generate(model, ids[-1:], params) if hasattr(e, "finish_reason")][-1]
+    return {"text": done.text, "token_ids": list(done.token_ids), "served_text": served.text}
 
 
 class Binary:
@@ -163,6 +174,63 @@ def glibc_floor(binary: Path, work: Path) -> str:
             if key > worst[0]:
                 worst = (key, f"{v} ({f.relative_to(libs) if f != binary else 'bootloader'})")
     return worst[1] or "none"
+
+
+def http_json(url: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def check_serve(b: Binary, package: Path, expected: dict) -> None:
+    """`moechat serve`: health, one chat completion, the api key, SIGTERM."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url, key = f"http://127.0.0.1:{port}", "smoke-key"
+    cmd = [str(b.path), "serve", str(package), "--port", str(port), "--device", "cpu",
+           "--api-key", key]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=b.env(), cwd=b.path.parent)  # fmt: skip
+    try:
+        deadline, status = time.monotonic() + 120, 0
+        while status != 200 and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                status = http_json(url + "/health")[0]
+            except OSError:  # not listening yet
+                time.sleep(0.2)
+        if status != 200:
+            proc.kill()
+            out, err = proc.communicate()
+            check(False, "serve: /health answers 200 once the model is loaded", err[-2000:])
+            return
+        check(True, "serve: /health answers 200 once the model is loaded")
+        body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
+                "max_tokens": NEW_TOKENS}  # fmt: skip
+        status, reply = http_json(url + "/v1/chat/completions", body, key)
+        text = reply.get("choices", [{}])[0].get("message", {}).get("content")
+        check(
+            status == 200 and text == expected["served_text"],
+            "serve: a chat completion gives the Python runtime's greedy text",
+            f"status={status} reply={reply}",
+        )
+        status, reply = http_json(url + "/v1/chat/completions", body)
+        check(status == 401, "serve: 401 without the api key", f"status={status} reply={reply}")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        check(
+            proc.returncode in (0, -signal.SIGTERM) and "stopped" in err and "Traceback" not in err,
+            "serve: SIGTERM stops it cleanly",
+            f"rc={proc.returncode} stderr={err[-2000:]}",
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def main() -> int:
@@ -260,6 +328,8 @@ def main() -> int:
         check(r.returncode == 0, "--selfcheck (headless TUI, echo engine)", r.stdout + r.stderr)
         r = b.run("--selfcheck", "--model", str(package))
         check(r.returncode == 0, "--selfcheck --model PKG (a real turn)", r.stdout + r.stderr)
+
+        check_serve(b, package, expected)
 
         # 4. no torch inside
         names = archive_names(src)

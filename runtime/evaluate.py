@@ -11,6 +11,7 @@ Torch-free: used by ``moechat eval`` and by the exporter's fidelity report.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +39,8 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {
-            "perplexity": round(self.perplexity, 4),
+            # JSON has no NaN or Infinity: a perplexity too large for a float is null
+            "perplexity": round(self.perplexity, 4) if math.isfinite(self.perplexity) else None,
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens_per_s, 1),
         }
@@ -164,6 +166,11 @@ def evaluate_perplexity(
         logits = decoder.forward(ids[a:b], logits_for="all")
         fed += b - a
         if n:
+            if not np.isfinite(logits[:n]).all():
+                raise MoechatError(
+                    f"the model computed non-finite logits (NaN or infinity) around token {a}: "
+                    "its graph or weights are broken, there is no perplexity to report"
+                )
             lp = log_softmax(logits[:n])
             nll -= float(lp[np.arange(n), ids[a + 1 : a + 1 + n]].sum())
             scored += n
@@ -172,7 +179,7 @@ def evaluate_perplexity(
     seconds = time.perf_counter() - start
     decoder.reset()
     return EvalResult(
-        perplexity=float(np.exp(nll / scored)),
+        perplexity=math.exp(nll / scored) if nll / scored < 700 else math.inf,
         tokens=scored,
         tokens_per_s=fed / seconds if seconds > 0 else 0.0,
         seconds=seconds,

@@ -18,6 +18,10 @@ from typing import Any, Literal, TypeVar, cast
 from moechat.runtime.errors import MoechatError
 
 FORMAT_VERSION = 1
+# A package's context: the runtime refuses a cap below MIN_CONTEXT; above MAX_CONTEXT
+# the RoPE tables and KV buffers would not fit any machine moechat runs on.
+MIN_CONTEXT = 16
+MAX_CONTEXT = 1 << 20
 # Every family's graph has the same interface (docs/architecture.md); models/config.py's
 # Family type lists the same names.
 SUPPORTED_ARCHITECTURES = (
@@ -75,6 +79,19 @@ class _Section:
             self.fail(f"no {where!r}")
         return _Section(self.data[key], where, self.file)
 
+    def count(self, key: str, lo: int = 1, hi: int | None = None) -> int:
+        """An integer in [lo, hi] (a size, a count)."""
+        value = self.get(key, int)
+        if value < lo or (hi is not None and value > hi):
+            name = f"{self.where}.{key}" if self.where else key
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            self.fail(f"{name!r} must be {bound} (got {value})")
+        return value
+
+    def file_name(self, key: str) -> str:
+        """A file of the package: a plain name inside its folder (no path, no ``..``)."""
+        return plain_name(self.get(key, str), f"{self.where}.{key}" if self.where else key, self)
+
     def int_list(self, key: str) -> list[int]:
         values = self.get(key, list, [])
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -86,6 +103,12 @@ class _Section:
         if not all(isinstance(v, str) for v in values.values()):
             self.fail(f"{self.where + '.' if self.where else ''}{key!r} must map names to strings")
         return values
+
+
+def plain_name(name: str, where: str, section: _Section) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or ":" in name:
+        section.fail(f"{where!r} must be a file name inside the package, not {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -172,10 +195,48 @@ def _chat_template(chat: _Section) -> ChatTemplateSpec:
     )
 
 
+def _file_map(section: _Section, key: str) -> dict[str, str]:
+    names = section.str_map(key)
+    for name in names.values():
+        plain_name(name, f"{section.where}.{key}", section)
+    return names
+
+
+def _files(top: _Section) -> dict[str, str]:
+    """``files``: package file name -> sha256 (64 hex digits)."""
+    files = top.str_map("files")
+    for name, digest in files.items():
+        plain_name(name, "files", top)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            top.fail(f"'files.{name}' must be a sha256 (64 hex digits)")
+    return files
+
+
+def _tokenizer(tok: _Section, vocab_size: int) -> TokenizerSpec:
+    """Token ids must exist in the model's vocabulary (a string or an id out of range
+    would never match, and the reply would run to max_new_tokens)."""
+    spec = TokenizerSpec(
+        file=tok.file_name("file"),
+        bos_token_id=tok.get("bos_token_id", int, None),
+        eos_token_ids=tok.int_list("eos_token_ids"),
+        pad_token_id=tok.get("pad_token_id", int, None),
+    )
+    for name, ids in (
+        ("bos_token_id", [spec.bos_token_id]),
+        ("eos_token_ids", spec.eos_token_ids),
+        ("pad_token_id", [spec.pad_token_id]),
+    ):
+        if any(i is not None and not 0 <= i < vocab_size for i in ids):
+            tok.fail(f"'tokenizer.{name}' must be token ids below the vocabulary size {vocab_size}")
+    return spec
+
+
 def parse_manifest(data: Any, file: Path) -> Manifest:
     """Validate a decoded moechat.json (``file`` names it in errors)."""
     top = _Section(data, "", file)
     version = top.get("format_version", int)
+    if version < 1:
+        top.fail(f"'format_version' must be at least 1 (got {version})")
     if version > FORMAT_VERSION:
         raise MoechatError(
             f"{file.parent} was written by a newer moechat (package format {version})"
@@ -189,6 +250,7 @@ def parse_manifest(data: Any, file: Path) -> Manifest:
         top.section("tokenizer"),
         top.section("chat_template", required=False),
     )
+    vocab_size = arch.count("vocab_size")
     kv_dtype = graph.get("kv_dtype", str, "float32")
     if kv_dtype not in ("float32", "float16"):
         graph.fail(f"'graph.kv_dtype' must be float32 or float16, not {kv_dtype!r}")
@@ -197,33 +259,28 @@ def parse_manifest(data: Any, file: Path) -> Manifest:
         name=top.get("name", str, None),
         architecture=Architecture(
             model_type=model_type,
-            vocab_size=arch.get("vocab_size", int),
-            num_hidden_layers=arch.get("num_hidden_layers", int),
-            num_key_value_heads=arch.get("num_key_value_heads", int),
-            head_dim=arch.get("head_dim", int),
+            vocab_size=vocab_size,
+            num_hidden_layers=arch.count("num_hidden_layers"),
+            num_key_value_heads=arch.count("num_key_value_heads"),
+            head_dim=arch.count("head_dim"),
             use_moe=arch.get("use_moe", bool, False),
             fields=arch.data,
         ),
         graph=GraphSpec(
-            file=graph.get("file", str),
+            file=graph.file_name("file"),
             attention=graph.get("attention", str),
             dtype=graph.get("dtype", str, "float32"),
             moe_impl=graph.get("moe_impl", str, None),
             kv_dtype=cast(Literal["float32", "float16"], kv_dtype),
-            variants=graph.str_map("variants"),
+            variants=_file_map(graph, "variants"),
             variant_attention=graph.str_map("variant_attention"),
             quantization=graph.get("quantization", dict, None),
         ),
-        tokenizer=TokenizerSpec(
-            file=tok.get("file", str),
-            bos_token_id=tok.get("bos_token_id", int, None),
-            eos_token_ids=tok.int_list("eos_token_ids"),
-            pad_token_id=tok.get("pad_token_id", int, None),
-        ),
+        tokenizer=_tokenizer(tok, vocab_size),
         chat_template=_chat_template(chat),
         defaults=top.get("defaults", dict, {}),
-        max_context=top.get("max_context", int),
-        files=top.str_map("files"),
+        max_context=top.count("max_context", MIN_CONTEXT, MAX_CONTEXT),
+        files=_files(top),
         raw=top.data,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,53 @@ def _graph_variant(package: ModelPackage, provider: str) -> str | None:
     return key if key in variants else None
 
 
+def check_graph_interface(session: Any, package: ModelPackage, graph_file: str) -> None:
+    """The graph's inputs and outputs must be the ones moechat.json describes (layers,
+    KV heads, head size, vocabulary, cache dtype): a mismatch is a damaged package, and
+    onnxruntime would fail mid-generation with an error about binding names or shapes."""
+    arch, graph = package.spec.architecture, package.spec.graph
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    problem = None
+    kv = sorted(n for n in inputs if n.startswith("past_key_values."))
+    expected = sorted(
+        f"past_key_values.{i}.{n}" for i in range(arch.num_hidden_layers) for n in ("key", "value")
+    )
+    kv_type = "tensor(float16)" if graph.kv_dtype == "float16" else "tensor(float)"
+    if missing := {"input_ids", "attention_mask", "logits_positions"} - set(inputs):
+        problem = f"it has no input {sorted(missing)[0]!r}"
+    elif "logits" not in outputs:
+        problem = "it has no output 'logits'"
+    elif kv != expected:
+        problem = (
+            f"it has a KV cache for {len(kv) // 2} layers, moechat.json says "
+            f"{arch.num_hidden_layers}"
+        )
+    else:
+        for name in kv:
+            shape, kind = inputs[name].shape, inputs[name].type
+            want = {1: arch.num_key_value_heads, 3: arch.head_dim}
+            for axis, size in want.items():
+                if len(shape) != 4 or (isinstance(shape[axis], int) and shape[axis] != size):
+                    what = "KV heads" if axis == 1 else "head size"
+                    problem = f"{name} has shape {shape}, moechat.json says {what} {size}"
+                    break
+            if problem is None and kind != kv_type:
+                problem = f"{name} is {kind}, moechat.json says a {graph.kv_dtype} KV cache"
+            if problem:
+                break
+        vocab = outputs["logits"].shape[-1] if outputs["logits"].shape else None
+        if problem is None and isinstance(vocab, int) and vocab != arch.vocab_size:
+            problem = (
+                f"its logits have {vocab} entries, moechat.json says vocabulary {arch.vocab_size}"
+            )
+    if problem:
+        raise MoechatError(
+            f"package {package.path} is damaged: the graph {graph_file} does not match "
+            f"moechat.json: {problem}"
+        )
+
+
 def load_model(
     path: str | Path,
     device: str = "auto",
@@ -70,6 +118,7 @@ def load_model(
         )
     else:
         session, huge_page_bytes = create_session(graph_path, provider, threads), 0
+    check_graph_interface(session, package, graph_path.name)
     attention = (
         graph.variant_attention.get(variant, graph.attention) if variant else graph.attention
     )

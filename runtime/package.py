@@ -65,7 +65,24 @@ class ModelPackage:
         return self.path / self.spec.tokenizer.file
 
     def verify_checksums(self) -> None:
-        """Compare every file against the sha256 recorded at export (slow for big files)."""
+        """Compare every file against the sha256 recorded at export (slow for big files).
+
+        Every file in the folder but moechat.json must have a checksum: a package without
+        the ``files`` section, or with a file it does not cover, does not verify."""
+        if not self.spec.files:
+            raise MoechatError(
+                f"package {self.path} cannot be verified: {MANIFEST} records no checksums "
+                "(its 'files' section is missing or empty)"
+            )
+        uncovered = sorted(
+            f.name
+            for f in self.path.iterdir()
+            if f.name != MANIFEST and f.name not in self.spec.files and not f.is_dir()
+        )
+        if uncovered:
+            raise MoechatError(
+                f"package {self.path}: {uncovered[0]} is not covered by a checksum in {MANIFEST}"
+            )
         for name, expected in self.spec.files.items():
             f = self.path / name
             if not f.is_file():

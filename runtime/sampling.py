@@ -13,6 +13,12 @@ import numpy as np
 
 from .errors import MoechatError
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+class NonFiniteLogitsError(MoechatError, ValueError):
+    """No logit to sample from: the model's output is NaN or -infinity everywhere."""
+
 
 class Range(NamedTuple):
     """An allowed numeric range; ``lo_open``/``hi_open`` exclude the bound."""
@@ -184,7 +190,10 @@ class Sampler:
             ids = ids[(ids >= 0) & (ids < vocab)]
             logits = logits.copy()  # the caller's logits stay as they were
             sel = logits[ids]
-            logits[ids] = np.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
+            with np.errstate(over="ignore"):  # a penalty below 1 on a huge logit
+                new = np.where(sel > 0, sel / p.repetition_penalty, sel * p.repetition_penalty)
+            # saturate instead of overflowing: a finite logit stays finite
+            logits[ids] = np.where(np.isfinite(sel), np.clip(new, -_F32_MAX, _F32_MAX), sel)
         if p.greedy:  # one pass over the vocabulary in the common case (argmax sees NaN as max)
             best = int(np.argmax(logits))
             if np.isfinite(logits[best]):
@@ -192,9 +201,16 @@ class Sampler:
         top = logits.max()
         has_nan = bool(np.isnan(top))
         if has_nan:
-            top = np.nanmax(logits)
+            top = np.nanmax(logits) if not np.isnan(logits).all() else top
+        if top == np.inf:  # an fp16 overflow: the +inf tokens are the most likely ones
+            winners = np.flatnonzero(np.isposinf(logits))
+            pick = 0 if p.greedy else int(self.rng.integers(winners.size))
+            return int(winners[pick])
         if not np.isfinite(top):
-            raise ValueError("cannot sample: no finite logits")
+            raise NonFiniteLogitsError(
+                "the model computed no usable logits (all NaN or -infinity): its graph or "
+                "weights are broken (moechat info --verify PACKAGE checks the files)"
+            )
         if p.greedy:
             return int(np.nanargmax(logits) if has_nan else np.argmax(logits))
 

@@ -111,7 +111,8 @@ def test_directml_fallback_is_an_error(fake_session, tmp_path):
         create_session(tmp_path / "model.onnx", DML)
 
 
-def test_session_on_the_requested_provider_is_returned(fake_session, tmp_path):
+def test_session_on_the_requested_provider_is_returned(fake_session, tmp_path, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)  # threads are bounded by the cores
     fake_session.started = [CUDA, CPU]
     session = create_session(tmp_path / "model.onnx", CUDA, threads=3)
     assert session.get_providers()[0] == CUDA
@@ -143,6 +144,7 @@ def test_directml_session_options():
 
 
 def test_threads_from_environment(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 8)  # threads are bounded by the cores
     monkeypatch.setenv("MOECHAT_THREADS", "5")
     assert session_options(CPU).intra_op_num_threads == 5
 

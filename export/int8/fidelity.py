@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 
 from moechat.export.int8.quantize import find_routers
+from moechat.runtime.errors import MoechatError
 from moechat.runtime.evaluate import log_softmax, teacher_forced_chunks, windows
 from moechat.runtime.providers import create_session
 
@@ -177,6 +178,9 @@ def measure_fidelity(
             q.reset()
         lr, rr = ref.forward(ids[a:b])
         lq, rq = q.forward(ids[a:b])
+        for name, logits in (("fp32", lr), ("int8", lq)):
+            if not np.isfinite(logits).all():  # max(nan, 0.0) would hide it in the report
+                raise MoechatError(f"the {name} graph computed non-finite logits (NaN or infinity)")
         for i, (x, y) in enumerate(zip(rr, rq, strict=True)):
             route_same[i] += _same_topk(x, y, top_k).sum()
         route_tokens += b - a
