@@ -166,7 +166,7 @@ def _sampling(body: dict[str, Any]) -> Sampling:
         ("min_p", "min_p"),
         ("repetition_penalty", "repetition_penalty"),
     ):
-        if api == "top_p" and body.get(api) == 0:
+        if api == "top_p" and type(body.get(api)) in (int, float) and body[api] == 0:
             changes["temperature"] = 0.0  # top_p 0 keeps only the most likely token: greedy
             continue
         value = _number(body, api, ours)
