@@ -16,6 +16,7 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
+from moechat.models import mla as _mla  # noqa: F401  (registers moechat::moe_grouped)
 from moechat.models import ops as _ops  # noqa: F401  (registers torch.ops.moechat)
 
 MSFT = Opset("com.microsoft", 1)
@@ -76,7 +77,6 @@ def moe_contrib(x, router_logits, fc1, fc2, top_k: int, normalize: bool):
 
 
 def moe_standard_ops(x, router_logits, fc1, fc2, top_k: int, normalize: bool):
-    num_experts = fc1.shape[0]
     probs = op.Softmax(router_logits, axis=-1)
     weights, experts = op.TopK(probs, op.Constant(value_ints=[top_k]), axis=-1)
     if normalize:
@@ -85,6 +85,12 @@ def moe_standard_ops(x, router_logits, fc1, fc2, top_k: int, normalize: bool):
     dense = op.ScatterElements(
         op.Mul(probs, op.Constant(value_float=0.0)), experts, weights, axis=1
     )
+    return _experts_standard_ops(x, dense, fc1, fc2)
+
+
+def _experts_standard_ops(x, dense, fc1, fc2):
+    """Routed SwiGLU experts from ``dense`` [T, E] (each token's weight per expert)."""
+    num_experts = fc1.shape[0]
     out = op.Mul(x, op.Constant(value_float=0.0))
     for e in range(num_experts):
         w_e = op.Gather(dense, op.Constant(value_int=e), axis=1)  # [T]
@@ -131,6 +137,95 @@ def moe_standard_ops(x, router_logits, fc1, fc2, top_k: int, normalize: bool):
     return out  # fmt: skip
 
 
+def _route_grouped(
+    router_logits,
+    bias,
+    top_k: int,
+    scoring: str,
+    topk_method: str,
+    n_group: int,
+    topk_group: int,
+    normalize: bool,
+    scale: float,
+):
+    """DeepSeek-V2/V3 routing in standard ops (models/mla.py route_grouped): the [T, E]
+    matrix of each token's weight per expert (0 where not routed)."""
+    num_experts = router_logits.shape[-1]
+    if scoring == "softmax":
+        scores = op.Softmax(router_logits, axis=-1)
+    else:
+        scores = op.Sigmoid(router_logits)
+    choice = op.Add(scores, bias) if topk_method == "noaux_tc" else scores
+    zeros = op.Mul(scores, op.Constant(value_float=0.0))
+    if topk_method != "greedy":
+        per_group = num_experts // n_group
+        grouped = op.Reshape(choice, op.Constant(value_ints=[-1, n_group, per_group]))
+        if topk_method == "noaux_tc":
+            best2, _ = op.TopK(grouped, op.Constant(value_ints=[2]), axis=-1)
+            group_scores = op.ReduceSum(best2, op.Constant(value_ints=[-1]), keepdims=0)
+        else:
+            group_scores = op.ReduceMax(grouped, op.Constant(value_ints=[-1]), keepdims=0)
+        _, keep = op.TopK(group_scores, op.Constant(value_ints=[topk_group]), axis=-1)
+        group_zeros = op.Mul(group_scores, op.Constant(value_float=0.0))
+        group_mask = op.ScatterElements(
+            group_zeros, keep, op.Add(op.GatherElements(group_zeros, keep, axis=1),
+                                      op.Constant(value_float=1.0)), axis=1,
+        )  # fmt: skip
+        expert_mask = op.Reshape(
+            op.Expand(op.Unsqueeze(group_mask, op.Constant(value_ints=[-1])),
+                      op.Constant(value_ints=[1, 1, per_group])),
+            op.Constant(value_ints=[-1, num_experts]),
+        )  # fmt: skip
+        fill = float("-inf") if topk_method == "noaux_tc" else 0.0
+        choice = op.Where(
+            op.Greater(expert_mask, op.Constant(value_float=0.5)),
+            choice,
+            op.Add(zeros, op.Constant(value_float=fill)),
+        )
+    _, experts = op.TopK(choice, op.Constant(value_ints=[top_k]), axis=-1)
+    weights = op.GatherElements(scores, experts, axis=1)
+    if normalize:
+        total = op.ReduceSum(weights, op.Constant(value_ints=[-1]), keepdims=1)
+        weights = op.Div(weights, op.Add(total, op.Constant(value_float=1e-20)))
+    if scale != 1.0:
+        weights = op.Mul(weights, op.Constant(value_float=scale))
+    return op.ScatterElements(zeros, experts, weights, axis=1)
+
+
+def moe_grouped_standard_ops(
+    x, router_logits, bias, fc1, fc2, top_k: int, scoring: str, topk_method: str,
+    n_group: int, topk_group: int, normalize: bool, scale: float,
+):  # fmt: skip
+    dense = _route_grouped(
+        router_logits, bias, top_k, scoring, topk_method, n_group, topk_group, normalize, scale
+    )
+    return _experts_standard_ops(x, dense, fc1, fc2)
+
+
+def moe_grouped_contrib(
+    x, router_logits, bias, fc1, fc2, top_k: int, scoring: str, topk_method: str,
+    n_group: int, topk_group: int, normalize: bool, scale: float,
+):  # fmt: skip
+    """com.microsoft.MoE behind a router it cannot express: the experts and weights are
+    chosen with standard ops, the op gets log(weight) for the chosen experts and -1e30
+    elsewhere (its softmax then gives weight / sum over the chosen), and its output,
+    linear in the weights, is multiplied back by the sum per token."""
+    dense = _route_grouped(
+        router_logits, bias, top_k, scoring, topk_method, n_group, topk_group, normalize, scale
+    )
+    chosen = op.Greater(dense, op.Constant(value_float=0.0))
+    tiny = op.Constant(value_float=1e-38)
+    logits = op.Where(
+        chosen, op.Log(op.Max(dense, tiny)), op.Add(op.Mul(dense, op.Constant(value_float=0.0)),
+                                                    op.Constant(value_float=-1e30))
+    )  # fmt: skip
+    out = MSFT.MoE(
+        x, logits, fc1, None, fc2, None,
+        activation_type="swiglu", k=top_k, normalize_routing_weights=0, swiglu_fusion=1,
+    )  # fmt: skip
+    return op.Mul(out, op.ReduceSum(dense, op.Constant(value_ints=[-1]), keepdims=1))
+
+
 def gqa_contrib(
     q, k, v, past_k, past_v, attention_mask, cos_cache, sin_cache,
     num_heads: int, kv_heads: int, scale: float,
@@ -155,7 +250,9 @@ def translation_table(moe_impl: str) -> dict:
     """The ``custom_translation_table`` for ``torch.onnx.export``."""
     _register_contrib_schemas()
     moe = {"contrib": moe_contrib, "ops": moe_standard_ops}[moe_impl]
+    grouped = {"contrib": moe_grouped_contrib, "ops": moe_grouped_standard_ops}[moe_impl]
     return {
         torch.ops.moechat.moe_routed.default: moe,
+        torch.ops.moechat.moe_grouped.default: grouped,
         torch.ops.moechat.gqa_attention.default: gqa_contrib,
     }

@@ -50,10 +50,8 @@ def _example_inputs(model: CausalLM) -> tuple[torch.Tensor, ...]:
     seq, past = 3, 5  # distinct sizes > 1 so torch.export keeps them symbolic
     ids = torch.randint(0, cfg.vocab_size, (1, seq))
     mask = torch.ones(1, past + seq, dtype=torch.long)
-    kv = [
-        torch.zeros(1, cfg.num_key_value_heads, past, cfg.head_dim)
-        for _ in range(2 * cfg.num_hidden_layers)
-    ]
+    widths = (cfg.head_dim, cfg.value_head_dim) * cfg.num_hidden_layers  # MLA: they differ
+    kv = [torch.zeros(1, cfg.num_key_value_heads, past, d) for d in widths]
     return (ids, mask, torch.arange(seq), *kv)
 
 

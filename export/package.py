@@ -6,6 +6,7 @@ only after parity passed, so a failed export never leaves a half-written package
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import os
@@ -213,6 +214,10 @@ def export_package(
             "no tokenizer.json found: pass --tokenizer DIR (MiniMind ships one in model/)"
         )
     cfg = ckpt.config
+    if cfg.is_mla and options.attention == "gqa":
+        # no contrib kernel runs latent attention: standard ops (models/mla.py)
+        options = copy.copy(options)
+        options.attention = "ops"
     tokenizer = TextTokenizer.from_file(tokenizer_dir / "tokenizer.json")
     chat = chat_template_meta(tokenizer_dir)
     source = Path(ckpt.source)

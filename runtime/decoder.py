@@ -13,6 +13,10 @@ Two cache strategies behind one interface:
   elsewhere (docs/architecture.md).
 - growing: numpy arrays fed as inputs and replaced by the outputs (graphs with
   standard-op attention, which concatenates).
+
+Keys and values may differ in width (``value_head_dim``): a multi-head latent attention
+graph (DeepSeek-V2/V3, models/mla.py) caches the latent as its "key" and the shared
+rotary key as its "value", one KV head each.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Decoder:
         static_cache: bool,
         kv_dtype: type = np.float32,
         initial_capacity: int = INITIAL_CAPACITY,
+        value_head_dim: int | None = None,
     ) -> None:
         self.session = session
         self.num_layers = num_layers
@@ -53,6 +58,9 @@ class Decoder:
             for n in ("key", "value")
         ]
         self._kv_heads, self._head_dim = kv_heads, head_dim
+        value_dim = value_head_dim or head_dim
+        # the width of each cache tensor, in the order of _kv_names (key, value per layer)
+        self._widths = [head_dim, value_dim] * num_layers
         self._last_logits: tuple[np.ndarray, ort.OrtValue] | None = None
         if static_cache:
             self._binding = session.io_binding()
@@ -60,25 +68,25 @@ class Decoder:
             if self._device == "cpu":
                 # numpy owns the memory (pages are committed as they are first written);
                 # onnxruntime gets [1, H, capacity, D] views of its first elements.
-                size = kv_heads * max_context * head_dim
                 self._storage: list[np.ndarray] = [
-                    np.empty(size, dtype=kv_dtype) for _ in self._kv_names
+                    np.empty(kv_heads * max_context * d, dtype=kv_dtype) for d in self._widths
                 ]
                 self.capacity = min(max_context, max(1, initial_capacity))
                 self._bind_views()
                 self._last_logits = self._logits_buffer(session)
             else:
-                shape = (1, kv_heads, max_context, head_dim)
                 self.capacity = max_context
                 buffers = [
-                    ort.OrtValue.ortvalue_from_shape_and_type(shape, kv_dtype, self._device, 0)
-                    for _ in self._kv_names
+                    ort.OrtValue.ortvalue_from_shape_and_type(
+                        (1, kv_heads, max_context, d), kv_dtype, self._device, 0
+                    )
+                    for d in self._widths
                 ]
                 self._bind(buffers)
         else:
             self.capacity = max_context
-            self._empty: np.ndarray = np.zeros((1, kv_heads, 0, head_dim), dtype=kv_dtype)
-            self._arrays = [self._empty] * len(self._kv_names)
+            self._empty = [np.zeros((1, kv_heads, 0, d), dtype=kv_dtype) for d in self._widths]
+            self._arrays = list(self._empty)
 
     @staticmethod
     def _logits_buffer(session: ort.InferenceSession) -> tuple[np.ndarray, ort.OrtValue] | None:
@@ -97,14 +105,17 @@ class Decoder:
             self._binding.bind_ortvalue_input(past, buf)
             self._binding.bind_ortvalue_output(present, buf)
 
-    def _view(self, storage: np.ndarray, capacity: int) -> np.ndarray:
-        return storage[: self._kv_heads * capacity * self._head_dim].reshape(
-            1, self._kv_heads, capacity, self._head_dim
+    def _view(self, storage: np.ndarray, capacity: int, width: int) -> np.ndarray:
+        return storage[: self._kv_heads * capacity * width].reshape(
+            1, self._kv_heads, capacity, width
         )
 
     def _bind_views(self) -> None:
         self._bind(
-            [ort.OrtValue.ortvalue_from_numpy(self._view(s, self.capacity)) for s in self._storage]
+            [
+                ort.OrtValue.ortvalue_from_numpy(self._view(s, self.capacity, d))
+                for s, d in zip(self._storage, self._widths, strict=True)
+            ]
         )
 
     def _grow(self, needed: int) -> None:
@@ -113,8 +124,7 @@ class Decoder:
         while capacity < needed:
             capacity *= 2
         capacity = min(capacity, self.max_context)
-        step = self._head_dim
-        for storage in self._storage:
+        for storage, step in zip(self._storage, self._widths, strict=True):
             # Head h moves from h*old to h*new positions; the last head first, so no
             # head overwrites one that has not moved yet.
             for h in range(self._kv_heads - 1, 0, -1):
@@ -132,11 +142,7 @@ class Decoder:
             raise ValueError(f"cannot rewind a cache of {self.length} tokens to {length}")
         self.length = length
         if not self.static_cache:
-            self._arrays = (
-                [a[:, :, :length] for a in self._arrays]
-                if length
-                else [self._empty] * len(self._arrays)
-            )
+            self._arrays = [a[:, :, :length] for a in self._arrays] if length else list(self._empty)
 
     def forward(
         self, token_ids: Sequence[int] | np.ndarray, logits_for: str = "last"

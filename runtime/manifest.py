@@ -122,6 +122,11 @@ class Architecture:
     head_dim: int
     use_moe: bool
     fields: dict[str, Any] = field(repr=False)
+    value_head_dim: int = 0  # width of the cached values (MLA: the rope key); 0: head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.value_head_dim or self.head_dim
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,7 @@ def parse_manifest(data: Any, file: Path) -> Manifest:
             head_dim=arch.count("head_dim"),
             use_moe=arch.get("use_moe", bool, False),
             fields=arch.data,
+            value_head_dim=arch.get("value_head_dim", int, 0),
         ),
         graph=GraphSpec(
             file=graph.file_name("file"),

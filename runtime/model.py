@@ -69,7 +69,8 @@ def check_graph_interface(session: Any, package: ModelPackage, graph_file: str) 
     else:
         for name in kv:
             shape, kind = inputs[name].shape, inputs[name].type
-            want = {1: arch.num_key_value_heads, 3: arch.head_dim}
+            width = arch.value_dim if name.endswith(".value") else arch.head_dim
+            want = {1: arch.num_key_value_heads, 3: width}
             for axis, size in want.items():
                 if len(shape) != 4 or (isinstance(shape[axis], int) and shape[axis] != size):
                     what = "KV heads" if axis == 1 else "head size"
@@ -135,6 +136,7 @@ def load_model(
         max_context=context,
         static_cache=static_cache,
         kv_dtype=kv_dtype,
+        value_head_dim=arch.value_dim,
     )
     tokenizer, template = load_template(package.spec.chat_template, package.tokenizer_path)
     if tokenizer.vocab_size > arch.vocab_size:

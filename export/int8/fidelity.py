@@ -122,12 +122,14 @@ class _Runner:
             copy.unlink(missing_ok=True)
         layers = arch["num_hidden_layers"]
         self.kv = [(f"past_key_values.{i}.{n}", f"present.{i}.{n}") for i in range(layers) for n in ("key", "value")]  # fmt: skip
-        self.empty = np.zeros((1, arch["num_key_value_heads"], 0, arch["head_dim"]), np.float32)
+        heads, key_dim = arch["num_key_value_heads"], arch["head_dim"]
+        value_dim = arch.get("value_head_dim") or key_dim  # MLA: the rope key's width
+        self.empty = [np.zeros((1, heads, 0, d), np.float32) for d in (key_dim, value_dim) * layers]
         self.outputs = ["logits"] + [p for _, p in self.kv] + self.routers
         self.reset()
 
     def reset(self) -> None:
-        self.past = [self.empty] * len(self.kv)
+        self.past = list(self.empty)
         self.length = 0
 
     def forward(self, ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
