@@ -23,6 +23,7 @@ pytest.importorskip("uvicorn")
 
 from moechat.app.serve.server import Server, bind, make_server  # noqa: E402
 from moechat.app.serve.worker import ModelWorker  # noqa: E402
+from moechat.runtime.errors import MoechatError  # noqa: E402
 from moechat.runtime.model import LoadedModel, load_model  # noqa: E402
 
 KEY = "test-key"
@@ -164,6 +165,25 @@ def test_health_is_503_while_loading_then_200(package):
         assert chat(running.client(), model="tiny-gated").choices[0].message.content
     finally:
         gate.set()
+        running.stop()
+
+
+def test_a_model_that_fails_to_load_is_reported(package):
+    def load() -> LoadedModel:
+        raise MoechatError("the graph is damaged")
+
+    running = Running(ModelWorker(load, "tiny-broken"), api_key=None)
+    try:
+        running.worker.start_loading()
+        wait_until(lambda: running.worker.state == "failed")
+        assert http(running.url + "/health") == (
+            503,
+            {"status": "failed", "error": "the graph is damaged"},
+        )
+        with pytest.raises(openai.APIStatusError) as err:
+            chat(running.client(), model="tiny-broken")
+        assert err.value.status_code == 503 and "damaged" in err.value.body["message"]
+    finally:
         running.stop()
 
 

@@ -21,6 +21,7 @@ from moechat.app.serve.worker import ModelWorker
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.model import LoadedModel, load_model
 from moechat.runtime.package import load_package
+from moechat.runtime.providers import resolve_device
 
 log = logging.getLogger("moechat.serve")
 
@@ -111,7 +112,8 @@ def serve(path: Path, options: ServeOptions) -> int:
     """``moechat serve``: blocks until Ctrl-C or SIGTERM."""
     if options.max_queue < 0:
         raise MoechatError(f"--max-queue must be at least 0, got {options.max_queue}")
-    name = load_package(path).name  # a bad package fails here, before the port is taken
+    name = load_package(path).name  # a bad package or device fails here, before binding
+    resolve_device(options.device)
 
     def load() -> LoadedModel:
         return load_model(path, options.device, options.max_context, options.threads)
@@ -129,6 +131,10 @@ def serve(path: Path, options: ServeOptions) -> int:
             options.host,
             "" if options.api_key else " by anyone (no --api-key)",
         )
+    server = make_server(worker, options.api_key, options.log_level)
+    worker.on_load_error = lambda _: setattr(server, "should_exit", True)  # nothing to serve
     worker.start_loading()
-    make_server(worker, options.api_key, options.log_level).run(sockets=[sock])
+    server.run(sockets=[sock])
+    if worker.state == "failed":
+        raise MoechatError(f"could not load {path}: {worker.error}")
     return 0

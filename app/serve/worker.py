@@ -110,8 +110,15 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class ModelWorker:
     """The model behind the server (see the module docstring)."""
 
-    def __init__(self, load: Callable[[], LoadedModel], model_id: str, max_queue: int = 8) -> None:
+    def __init__(
+        self,
+        load: Callable[[], LoadedModel],
+        model_id: str,
+        max_queue: int = 8,
+        on_load_error: Callable[[str], None] | None = None,
+    ) -> None:
         self.model_id = model_id
+        self.on_load_error = on_load_error
         self.max_queue = max_queue
         self.state: State = "loading"
         self.error: str | None = None
@@ -145,6 +152,8 @@ class ModelWorker:
             )
             self.state = "failed"
             log.error("could not load the model: %s", self.error)
+            if self.on_load_error is not None:
+                self.on_load_error(self.error)
 
     @property
     def model(self) -> LoadedModel:
