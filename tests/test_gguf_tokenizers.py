@@ -18,16 +18,21 @@ tokenizer must give SentencePiece's own ids, its decoded text, and transformers'
 
 The same originals are also written to GGUF by llama.cpp's converter's own vocabulary
 code (tests/llamacpp_vocab.py; the converter comes from the llama-cpp-python sdist,
-as in test_gguf_families.py) and must read back the same.
+as in test_gguf_families.py) and must read back the same. Real vocabularies (Qwen,
+DeepSeek LLM, Refact/StarCoder, GPT-NeoX, Llama 2 SentencePiece) come from llama.cpp's
+tokenizer test files, whose expected ids Hugging Face's tokenizers wrote.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,7 +41,7 @@ pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 import gguf  # noqa: E402
-from test_gguf_families import llama_cpp  # noqa: E402, F401 (llama.cpp's converter)
+from test_gguf_families import CACHE, LLAMA_CPP_PYTHON, llama_cpp  # noqa: E402, F401
 from tokenizers import (  # noqa: E402
     AddedToken,
     Regex,
@@ -50,6 +55,7 @@ from tokenizers import pre_tokenizers as pre  # noqa: E402
 
 from moechat.models.gguf import open_gguf, write_tokenizer_files  # noqa: E402
 from moechat.runtime.errors import MoechatError  # noqa: E402
+from moechat.runtime.streaming import StreamDecoder  # noqa: E402
 from moechat.runtime.tokenizer import TextTokenizer  # noqa: E402
 
 CONTROL, USER_DEFINED, NORMAL = 3, 4, 1
@@ -356,6 +362,8 @@ def test_sentencepiece_matches_sentencepiece(sentencepiece_model, tmp_path) -> N
         if "<s>" not in text:
             assert built.encode(text, add_special_tokens=False).ids == ids, text
         assert built.decode(ids) == sp.decode(ids) == text
+        stream = StreamDecoder(runtime)  # the chat's incremental detokenisation
+        assert "".join(stream.push(i) for i in ids) + stream.flush() == text
     # byte fallback was needed (✨ and 👍🏽 are not in the training text)
     assert any(sp.is_byte(i) for i in sp.encode("✨"))
     assert built.encode("hi").ids == [sp.bos_id(), *sp.encode("hi")]
@@ -470,6 +478,7 @@ def llamacpp_converted(llama_cpp, sentencepiece_model, converted, tmp_path_facto
     }
 
 
+@pytest.mark.network
 def test_llamacpp_sentencepiece_vocab(llamacpp_converted, sentencepiece_model) -> None:
     sp, _ = sentencepiece_model
     built = Tokenizer.from_file(str(llamacpp_converted["sentencepiece"] / "tokenizer.json"))
@@ -480,6 +489,7 @@ def test_llamacpp_sentencepiece_vocab(llamacpp_converted, sentencepiece_model) -
     assert built.encode("hi").ids == [sp.bos_id(), *sp.encode("hi")]
 
 
+@pytest.mark.network
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_llamacpp_byte_level_vocab(llamacpp_converted, converted, name) -> None:
     original, _ = converted[name]
@@ -490,3 +500,80 @@ def test_llamacpp_byte_level_vocab(llamacpp_converted, converted, name) -> None:
         assert built.decode(ids) == original.decode(ids)
     bos = original.token_to_id("<|endoftext|>")
     assert (built.encode("x").ids[0] == bos) is FAMILIES[name][2]
+
+
+# -- real vocabularies: llama.cpp's tokenizer test files ----------------------------------
+
+# models/ggml-vocab-NAME.gguf in llama.cpp: real tokenizers' vocabularies, with test texts
+# (.inp) and the ids each Hugging Face tokenizer gave for them (.out, written by
+# convert_hf_to_gguf_update.py with AutoTokenizer). NAME -> the pre-tokenizer to read it
+# with: MPT's file holds GPT-NeoX-20B's tokenizer, which llama.cpp's converter also finds
+# in OLMo / OLMoE checkpoints (same hash) and names "olmo" there.
+REAL_VOCABS = {
+    "qwen2": None,  # Qwen1.5-7B
+    "deepseek-llm": None,  # deepseek-llm-7b-base (DeepSeek-MoE 16B's tokenizer)
+    "refact": None,  # Refact-1.6B (StarCoder's; Granite 3.x's pre-tokenizer)
+    "mpt": "olmo",
+    "llama-spm": None,  # Llama 2 (SentencePiece, as Mistral / Mixtral)
+}
+VOCAB_DIR = CACHE / f"{LLAMA_CPP_PYTHON.replace('==', '-')}-vocabs"
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_vocabs() -> Path:
+    """The files of :data:`REAL_VOCABS` from the llama-cpp-python sdist on PyPI
+    (downloaded once into ~/.cache/moechat-tests), or MOECHAT_LLAMA_CPP's models/."""
+    if os.environ.get("MOECHAT_LLAMA_CPP"):
+        return Path(os.environ["MOECHAT_LLAMA_CPP"]) / "models"
+    names = [f"ggml-vocab-{name}.gguf{ext}" for name in REAL_VOCABS for ext in ("", ".inp", ".out")]
+    if all((VOCAB_DIR / n).is_file() for n in names):
+        return VOCAB_DIR
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", LLAMA_CPP_PYTHON, "-d", tmp]  # fmt: skip
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"llama.cpp's vocabularies: pip download {LLAMA_CPP_PYTHON} timed out")
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if result.returncode != 0 or not sdists:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"llama.cpp's vocabularies: PyPI unreachable? pip download failed: {last}")
+        unpacked = Path(tmp) / "vocabs"
+        unpacked.mkdir()
+        with tarfile.open(sdists[0]) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and member.name.endswith(tuple(f"/models/{n}" for n in names)):
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    (unpacked / Path(member.name).name).write_bytes(source.read())
+        shutil.rmtree(VOCAB_DIR, ignore_errors=True)
+        unpacked.rename(VOCAB_DIR)
+    return VOCAB_DIR
+
+
+class _Renamed:
+    """A GGUF reader whose tokenizer.ggml.pre reads ``pre``."""
+
+    def __init__(self, reader, pre: str) -> None:
+        value = type("Value", (), {"contents": lambda self: pre})()
+        self.fields = {**reader.fields, "tokenizer.ggml.pre": value}
+
+
+@pytest.mark.slow  # ~40 s on a busy machine: gguf's reader takes its time over 150k tokens
+@pytest.mark.network
+@pytest.mark.parametrize("name", list(REAL_VOCABS))
+def test_real_vocabulary_gives_hugging_face_ids(llama_cpp_vocabs, name, tmp_path) -> None:
+    base = llama_cpp_vocabs / f"ggml-vocab-{name}.gguf"
+    reader = open_gguf(base)
+    pre_name = REAL_VOCABS[name]
+    folder = write_tokenizer_files(_Renamed(reader, pre_name) if pre_name else reader, tmp_path)
+    runtime = TextTokenizer.from_file(folder)
+    texts = Path(f"{base}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    expected = Path(f"{base}.out").read_text(encoding="utf-8").split("\n")
+    assert len(texts) == len(expected) > 40
+    for text, ids in zip(texts, expected, strict=True):
+        want = [int(i) for i in ids.split()]
+        assert runtime.encode_text(text) == want, text
+        assert runtime.decode(want) == text
