@@ -415,6 +415,31 @@ def test_queue_full_is_429(slow_served):
     assert [r.usage.completion_tokens for r in results] == [2, 2]
 
 
+def test_shutdown_mid_generation_answers_503_and_stops_promptly(package):
+    slow = Slow()
+    slow.delay = 0.05  # ~20 s for the whole reply
+    worker = ModelWorker(lambda: slow.wrap(load_model(package, "cpu")), "tiny-stop")
+    running = Running(worker, api_key=None)
+    worker.start_loading()
+    running.wait_ready()
+    results: list[Any] = []
+
+    def ask() -> None:
+        try:
+            results.append(chat(running.client(), model="tiny-stop", max_tokens=400))
+        except Exception as err:  # noqa: BLE001 (checked below)
+            results.append(err)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    wait_until(lambda: worker.cached_tokens > 0)  # generating
+    started = time.monotonic()
+    running.stop()
+    asker.join(10)
+    assert time.monotonic() - started < 8
+    assert isinstance(results[0], openai.APIStatusError) and results[0].status_code == 503
+
+
 def test_cli_serve_answers_and_stops_on_sigterm(package):
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]

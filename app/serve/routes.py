@@ -268,10 +268,16 @@ class Api:
         yield _sse("[DONE]")
 
 
+STOPPED = "the generation was stopped: the server is shutting down"
+
+
 async def _stream_items(handle: JobHandle) -> AsyncIterator[str | Outcome | ApiError]:
-    """The job's events, with an error as a last item instead of an exception."""
+    """The job's events, with an error as a last item instead of an exception (a job
+    cancelled while its client is still there: the server is stopping)."""
     try:
         async for item in handle.events():
+            if isinstance(item, Outcome) and item.cancelled:
+                item = ApiError(503, STOPPED, "service_unavailable")
             yield item
     except ApiError as err:
         yield err
@@ -292,6 +298,8 @@ async def _collect(handle: JobHandle, request: Request) -> Outcome:
     try:
         async for item in handle.events():
             if isinstance(item, Outcome):
+                if item.cancelled:  # the client is gone (nobody reads this) or we stop
+                    raise ApiError(503, STOPPED, "service_unavailable")
                 return item
         raise ApiError(500, "the generation ended without a result", "server_error")
     finally:
