@@ -5,11 +5,12 @@
 
 Starts ``moechat serve PACKAGE`` on a free localhost port in a subprocess, then:
 
-1. load: ``--clients`` threads each send ``--requests`` chat completions one after the
-   other (different prompts, so the shared KV cache is of little help); every request
-   must end in 200 or 429 within ``--timeout`` seconds (a timeout is a hang);
+1. load, ``--rounds`` times: ``--clients`` threads each send ``--requests`` chat
+   completions one after the other (different prompts, so the shared KV cache is of
+   little help); every request must end in 200 or 429 within ``--timeout`` seconds (a
+   timeout is a hang);
 2. the server's resident memory (Linux ``/proc/PID/status``: VmRSS, and VmHWM, the peak)
-   after the model loaded, after a warm-up request and after the load;
+   after the model loaded, after a warm-up request and after each load round;
 3. prefix reuse: ``--conversations`` two-turn chats, streamed: the time to the first
    content chunk of the first turn (a ~300-token prompt) and of the second (the first
    exchange sent back plus a short question), with ``cached_tokens`` of each;
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=5, help="per client")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-queue", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="load rounds; RSS after each (flat after the first: no leak)")  # fmt: skip
     parser.add_argument("--conversations", type=int, default=3)
     parser.add_argument("--paragraphs", type=int, default=3,
                         help="a first turn's prompt: this many copies of a ~90-token paragraph")  # fmt: skip
@@ -163,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                 with lock:
                     results.append((status, time.perf_counter() - t0))
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        walls, rss_rounds = [], []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            walls.append(round(time.perf_counter() - t0, 1))
+            rss_rounds.append(memory_mb(server.pid).get("VmRSS"))
         statuses = [s for s, _ in results]
         done = [d for s, d in results if s == 200]
         report["load"] = {
@@ -177,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             "ok": statuses.count(200),
             "rate_limited_429": statuses.count(429),
             "hung_or_failed": len(results) - statuses.count(200) - statuses.count(429),
-            "wall_s": round(wall, 1),
+            "rounds": args.rounds,
+            "wall_s_per_round": walls,
+            "rss_mb_after_each_round": rss_rounds,
             "latency_s_median": round(statistics.median(done), 2) if done else None,
             "latency_s_max": round(max(done), 2) if done else None,
         }
