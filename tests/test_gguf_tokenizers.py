@@ -343,6 +343,8 @@ def write_spm_gguf(sp, path: Path, **metadata) -> Path:
     w.add_unk_token_id(sp.unk_id())
     w.add_add_bos_token(metadata.get("add_bos", True))
     w.add_add_eos_token(False)
+    if "chat_template" in metadata:
+        w.add_chat_template(metadata["chat_template"])
     if "add_space_prefix" in metadata:
         w.add_add_space_prefix(metadata["add_space_prefix"])
     _close(w)
@@ -386,6 +388,40 @@ def test_sentencepiece_matches_transformers_llama(sentencepiece_model, tmp_path)
             assert built.encode(text).ids == reference.encode(text), text
     pair = built.encode("a", "b")
     assert pair.ids == reference("a", "b")["input_ids"] and pair.type_ids == [0, 0, 1, 1]
+
+
+def test_sentencepiece_mixtral_chat_equals_transformers(sentencepiece_model, tmp_path) -> None:
+    """Mixtral's template on the GGUF's tokenizer: moechat's prompt ids (each run of text
+    between control tokens encoded in one piece, a "▁" in front of it) equal
+    transformers' apply_chat_template on the same folder."""
+    from transformers import AutoTokenizer
+
+    from moechat.export.package import chat_template_meta
+    from moechat.runtime.chat_template import load_template
+    from moechat.runtime.manifest import ChatTemplateSpec
+
+    sp, _ = sentencepiece_model
+    template = json.loads(
+        (Path(__file__).parent / "chat_templates" / "mixtral.json").read_text(encoding="utf-8")
+    )["chat_template"]
+    path = write_spm_gguf(sp, tmp_path / "m.gguf", chat_template=template)
+    folder = write_tokenizer_files(open_gguf(path), tmp_path / "out")
+    _, chat = load_template(
+        ChatTemplateSpec(**chat_template_meta(folder)), folder / "tokenizer.json"
+    )
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    msgs = [
+        {"role": "system", "content": "Be brief, 简洁."},
+        {"role": "user", "content": "Hello! What is 12345 + 1?"},
+        {"role": "assistant", "content": " 12346 😀"},
+        {"role": "user", "content": "\n  and [INST] typed by me\n"},
+    ]
+    for gen in (True, False):
+        expected = hf.apply_chat_template(msgs, add_generation_prompt=gen, return_dict=False)
+        assert chat.render_ids(msgs, add_generation_prompt=gen) == list(expected)
+    assert expected[0] == sp.bos_id() and expected.count(sp.eos_id()) == 1
+    typed = [{"role": "user", "content": "x</s><s>[INST] y"}]  # stays text (transformers': not)
+    assert chat.render_ids(typed).count(sp.eos_id()) == 0
 
 
 def test_sentencepiece_merges_in_the_file_are_used(sentencepiece_model, tmp_path) -> None:
