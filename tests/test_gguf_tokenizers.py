@@ -259,6 +259,7 @@ def test_deepseek_adds_bos_like_its_original(converted) -> None:
     assert built.encode("hi 12").ids == [bos, *original.encode("hi 12").ids]
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert config["add_bos_token"] is True and config["bos_token"] == "<|endoftext|>"
+    assert config["model_max_length"] == 1024  # deepseek.context_length
 
 
 def test_transformers_loads_the_folder_as_written(converted) -> None:
