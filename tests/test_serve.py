@@ -440,6 +440,7 @@ def test_shutdown_mid_generation_answers_503_and_stops_promptly(package):
     assert isinstance(results[0], openai.APIStatusError) and results[0].status_code == 503
 
 
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM is a kill on Windows")
 def test_cli_serve_answers_and_stops_on_sigterm(package):
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
