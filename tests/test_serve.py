@@ -342,6 +342,22 @@ def test_too_long_prompt_is_400_with_the_limit(served, model):
     assert f"context holds {model.max_context} tokens" in body["message"]
 
 
+def test_max_tokens_beyond_the_context_stops_at_its_end(served, model):
+    client = served.client()
+    prompt = "experts " * 600
+    ids = model.tokenizer.encode_raw(prompt)
+    cut = model.tokenizer.decode(ids[: model.max_context - 6])
+    n = len(model.tokenizer.encode_raw(cut))
+    r = client.completions.create(model="tiny-serve", prompt=cut, max_tokens=500, temperature=0)
+    assert r.usage.prompt_tokens == n
+    assert r.usage.completion_tokens <= model.max_context - n
+    if r.usage.completion_tokens == model.max_context - n:
+        assert r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny-serve", prompt="", max_tokens=2)
+    assert "empty" in err.value.body["message"]
+
+
 def test_api_key_unknown_model_and_route(served):
     with pytest.raises(openai.AuthenticationError):
         chat(served.client(api_key="wrong"))
