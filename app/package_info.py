@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moechat.runtime.manifest import decompressed_kv_bytes_per_token, kv_bytes_per_token
+
 
 def _num(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "?"
@@ -100,9 +102,30 @@ def source_text(provenance: dict[str, Any], demo: dict[str, Any] | None) -> str:
     return f"{source}: no longer on this machine (its sha256 is in moechat.json; moechat {version})"
 
 
+def kv_text(arch: dict[str, Any], graph: dict[str, Any]) -> str:
+    """'62,208 bytes per token (fp32; per layer the latent 512 + rope key 64; ...)'."""
+    float16 = graph.get("kv_dtype") == "float16"
+    itemsize = 2 if float16 else 4
+    text = (
+        f"{kv_bytes_per_token(arch, itemsize):,} bytes per token ({'fp16' if float16 else 'fp32'}"
+    )
+    decompressed = decompressed_kv_bytes_per_token(arch, itemsize)
+    if decompressed is None:
+        return text + f"; {arch['num_key_value_heads']} KV heads of {arch['head_dim']})"
+    ratio = decompressed / kv_bytes_per_token(arch, itemsize)
+    return text + (
+        f"; per layer the latent {arch['head_dim']} + rope key {arch.get('value_head_dim')}; "
+        f"per-head keys and values would take {decompressed:,}, {ratio:.1f}x)"
+    )
+
+
 def package_facts(manifest: dict[str, Any]) -> list[str]:
-    """The ``parity``, ``fidelity``, ``perplexity`` (demo) and ``source`` lines."""
-    lines = [f"parity        {parity_text(manifest.get('parity') or {})}"]
+    """The ``kv cache``, ``parity``, ``fidelity``, ``perplexity`` (demo) and ``source`` lines."""
+    lines = []
+    if isinstance(manifest.get("architecture"), dict) and "head_dim" in manifest["architecture"]:
+        kv = kv_text(manifest["architecture"], manifest.get("graph") or {})
+        lines.append(f"kv cache      {kv}")
+    lines.append(f"parity        {parity_text(manifest.get('parity') or {})}")
     if manifest.get("parity_fp32"):
         lines.append(f"parity fp32   {parity_text(manifest['parity_fp32'])}")
     if manifest.get("fidelity"):

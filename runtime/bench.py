@@ -41,6 +41,7 @@ from moechat.runtime.bench_result import (
     Run,
 )
 from moechat.runtime.errors import MoechatError
+from moechat.runtime.manifest import kv_bytes_per_token
 from moechat.runtime.package import package_bytes
 
 if TYPE_CHECKING:
@@ -184,16 +185,13 @@ def machine_info() -> MachineInfo:
 
 def kv_cache_bytes(model: LoadedModel) -> int:
     """Bytes of the KV buffers at the loaded context (static: allocated up front)."""
-    arch = model.package.architecture
+    return kv_token_bytes(model) * model.max_context
+
+
+def kv_token_bytes(model: LoadedModel) -> int:
+    """KV cache bytes per token (MLA: the latent and the rope key, runtime/manifest.py)."""
     itemsize = 2 if model.package.graph.get("kv_dtype", "float32") == "float16" else 4
-    return (
-        2
-        * arch["num_hidden_layers"]
-        * arch["num_key_value_heads"]
-        * arch["head_dim"]
-        * model.max_context
-        * itemsize
-    )
+    return kv_bytes_per_token(model.package.architecture, itemsize)
 
 
 def prompt_ids(tokenizer: TextTokenizer, n: int, offset: int = 0) -> list[int]:
@@ -432,6 +430,7 @@ def run_bench(
             **mem,
             package_bytes=pkg,
             kv_cache_bytes=kv,
+            kv_bytes_per_token=kv_token_bytes(model),
             huge_page_bytes=model.huge_page_bytes,
             allowance_bytes=MEMORY_ALLOWANCE_BYTES,
             budget_bytes=budget,

@@ -50,6 +50,7 @@ class MemoryReport:
     source: str
     package_bytes: int
     kv_cache_bytes: int
+    kv_bytes_per_token: int
     huge_page_bytes: int
     allowance_bytes: int
     budget_bytes: int  # package + KV buffers + allowance
@@ -151,6 +152,7 @@ def format_report(result: BenchResult) -> str:
         f"| peak RSS | {format_mb(mem.peak_rss_bytes)} (target <= {format_mb(mem.budget_bytes)} = "
         f"package {format_mb(mem.package_bytes)} + KV {format_mb(mem.kv_cache_bytes)} + "
         f"{mem.allowance_bytes // 2**20} MiB): {'ok' if mem.ok else 'OVER'} |",
+        f"| KV cache per token | {mem.kv_bytes_per_token:,} bytes |",
         f"| weights on huge pages | {format_mb(mem.huge_page_bytes)} |",
     ]
     if isinstance(chat, ChatSkipped):

@@ -85,7 +85,9 @@ class Decoder:
                 self._bind(buffers)
         else:
             self.capacity = max_context
-            self._empty = [np.zeros((1, kv_heads, 0, d), dtype=kv_dtype) for d in self._widths]
+            self._empty: list[np.ndarray] = [
+                np.zeros((1, kv_heads, 0, d), dtype=kv_dtype) for d in self._widths
+            ]
             self._arrays = list(self._empty)
 
     @staticmethod

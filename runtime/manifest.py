@@ -291,6 +291,23 @@ def parse_manifest(data: Any, file: Path) -> Manifest:
     )
 
 
+def kv_bytes_per_token(arch: dict[str, Any], itemsize: int = 4) -> int:
+    """KV cache bytes per token, all layers: KV heads x (key + value width) per layer.
+    MLA (DeepSeek-V2/V3) caches one latent and one rope key: kv_lora_rank + rope."""
+    key = arch["head_dim"]
+    value = arch.get("value_head_dim") or key
+    return arch["num_hidden_layers"] * arch["num_key_value_heads"] * (key + value) * itemsize
+
+
+def decompressed_kv_bytes_per_token(arch: dict[str, Any], itemsize: int = 4) -> int | None:
+    """MLA only: what per-head keys and values would take per token (None otherwise)."""
+    if not arch.get("kv_lora_rank"):
+        return None
+    key = arch["qk_nope_head_dim"] + arch["qk_rope_head_dim"]
+    width = arch["num_attention_heads"] * (key + arch["v_head_dim"])
+    return arch["num_hidden_layers"] * width * itemsize
+
+
 def load_manifest(path: str | Path) -> Manifest:
     """Read and validate ``path`` (a moechat.json); one-line MoechatError on anything wrong."""
     path = Path(path)

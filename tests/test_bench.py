@@ -217,7 +217,7 @@ def test_json_keeps_its_field_order(tiny_package):
     assert out["chat"] == {"skipped": "--turns 0"}
     assert list(out["memory"]) == [
         "peak_rss_bytes", "rss_bytes", "source", "package_bytes", "kv_cache_bytes",
-        "huge_page_bytes", "allowance_bytes", "budget_bytes", "ok",
+        "kv_bytes_per_token", "huge_page_bytes", "allowance_bytes", "budget_bytes", "ok",
     ]  # fmt: skip
     assert json.loads(json.dumps(out)) == out
 
