@@ -89,6 +89,15 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False  # rotary pairs (x0, x1), (x2, x3)... in the checkpoint
+    # YaRN RoPE scaling (DeepSeek-V2/V3 configs); yarn_factor 0: none
+    yarn_factor: float = 0.0
+    yarn_original_max_position: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 0.0
+    yarn_mscale_all_dim: float = 0.0
+    yarn_attention_factor: float = 0.0  # 0: derived from factor and the mscales
+    yarn_truncate: bool = True
     bos_token_id: int = 1
     eos_token_id: int = 2
 

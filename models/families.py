@@ -41,7 +41,11 @@ class ConfigFields:
         value = self._get(key, default)
         if value is None:
             raise MoechatError(f"config.json has no {key!r}")
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (isinstance(value, float) and not value.is_integer())  # also NaN, infinity
+        ):
             raise MoechatError(f"config.json: {key!r} must be an integer, got {value!r}")
         if int(value) < minimum:
             raise MoechatError(f"config.json: {key!r} must be at least {minimum}, got {value}")
@@ -264,9 +268,41 @@ def _deepseek(f: ConfigFields) -> dict[str, Any]:
     }
 
 
+def _mla_rope(f: ConfigFields) -> dict[str, Any]:
+    """rope_theta and YaRN's parameters (``rope_parameters`` or deepseek-ai's ``rope_scaling``);
+    other scaled RoPE types are refused."""
+    params = f.raw.get("rope_parameters") or f.raw.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise MoechatError("config.json: 'rope_parameters' must be an object")
+    kind = params.get("rope_type", params.get("type", "default"))
+    theta = ConfigFields({"rope_theta": params.get("rope_theta", f.raw.get("rope_theta"))})
+    values: dict[str, Any] = {"rope_theta": theta.number("rope_theta", 10000.0)}
+    if kind in ("default", None):
+        return values
+    if kind != "yarn":
+        raise MoechatError(f"RoPE scaling {kind!r} is not supported yet (config.json)")
+    p = ConfigFields(params)
+    original = p.integer("original_max_position_embeddings", minimum=1)
+    factor = p.number("factor", f.integer("max_position_embeddings", 4096) / original)
+    if factor <= 0:
+        raise MoechatError("config.json: YaRN 'factor' must be positive")
+    return values | {
+        "yarn_factor": factor,
+        "yarn_original_max_position": original,
+        "yarn_beta_fast": p.number("beta_fast", 32.0) or 32.0,
+        "yarn_beta_slow": p.number("beta_slow", 1.0) or 1.0,
+        "yarn_mscale": p.number("mscale", 0.0),
+        "yarn_mscale_all_dim": p.number("mscale_all_dim", 0.0),
+        "yarn_attention_factor": p.number("attention_factor", 0.0),
+        "yarn_truncate": p.flag("truncate", True),
+    }
+
+
 def _deepseek_mla(f: ConfigFields, family: Family) -> dict[str, Any]:
     """DeepSeek-V2/V3 as transformers' classes read them (models/mla.py)."""
-    common = _common(f, family)
+    rope = _mla_rope(f)
+    plain = {k: v for k, v in f.raw.items() if k not in ("rope_parameters", "rope_scaling")}
+    common = _common(ConfigFields({**plain, "rope_theta": rope["rope_theta"]}), family)
     if f.flag("mlp_bias", False):
         raise MoechatError("DeepSeek with mlp_bias is not supported")
     expert = f.integer("moe_intermediate_size", minimum=1)
@@ -289,6 +325,7 @@ def _deepseek_mla(f: ConfigFields, family: Family) -> dict[str, Any]:
         "qk_nope_head_dim": f.integer("qk_nope_head_dim", 128, minimum=1),
         "qk_rope_head_dim": f.integer("qk_rope_head_dim", 64, minimum=2),
         "v_head_dim": f.integer("v_head_dim", 128, minimum=1),
+        **rope,
     }  # fmt: skip
 
 

@@ -30,6 +30,7 @@ asked, times ``routed_scaling_factor``.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -160,6 +161,52 @@ def prepare_mla_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_rope_caches(cfg: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_positions, rope/2] of YaRN as transformers computes them (its
+    _compute_yarn_parameters): inverse frequencies ramped between interpolation and
+    extrapolation, both tables times the attention factor."""
+    dim, base, factor = cfg.rope_dim, cfg.rope_theta, cfg.yarn_factor
+    attention_factor = cfg.yarn_attention_factor
+    if not attention_factor:
+        if cfg.yarn_mscale and cfg.yarn_mscale_all_dim:
+            attention_factor = yarn_mscale(factor, cfg.yarn_mscale) / yarn_mscale(
+                factor, cfg.yarn_mscale_all_dim
+            )
+        else:
+            attention_factor = yarn_mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        original = cfg.yarn_original_max_position
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.yarn_beta_fast), correction_dim(cfg.yarn_beta_slow)
+    if cfg.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (
+        1.0 / pos_freqs
+    ) * extrapolation
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+    return torch.cos(angles) * attention_factor, torch.sin(angles) * attention_factor
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """qk_head_dim ** -0.5, times YaRN's mscale(factor, mscale_all_dim) squared."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    if cfg.yarn_factor and cfg.yarn_mscale_all_dim:
+        scale *= yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
+    return scale
+
+
 class MLAttention(nn.Module):
     """Multi-head latent attention with the latent KV cache (see the module docstring)."""
 
@@ -187,7 +234,7 @@ class MLAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.lora, 1e-6)  # transformers' default eps for both
         self.kv_b_proj = nn.Linear(self.lora, self.num_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
-        self.scale = cfg.attention_scale or (self.nope + self.rope) ** -0.5
+        self.scale = cfg.attention_scale or softmax_scale(cfg)
         self.form: MLAForm = DEFAULT_FORM
         self.use_contrib_op = False  # no contrib kernel for MLA: always standard ops
 

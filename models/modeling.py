@@ -226,7 +226,10 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_caches(cfg.rope_dim, max_positions, cfg.rope_theta)
+        if cfg.yarn_factor:
+            cos, sin = mla.yarn_rope_caches(cfg, max_positions)
+        else:
+            cos, sin = rope_caches(cfg.rope_dim, max_positions, cfg.rope_theta)
         self.register_buffer("cos_cache", cos, persistent=False)
         self.register_buffer("sin_cache", sin, persistent=False)
 

@@ -55,6 +55,14 @@ KINDS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }  # fmt: skip
 
 
+# max_position_embeddings 512 = factor x original; mscale as in DeepSeek-V2-Lite's config
+YARN = {
+    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
+    "mscale_all_dim": 0.707, "original_max_position_embeddings": 128, "beta_fast": 32,
+    "beta_slow": 1,
+}  # fmt: skip
+
+
 def make_mla_folder(kind: str, folder: Path, seed: int = 0, **overrides: Any):
     """A tiny ``kind`` checkpoint written by transformers; returns the transformers model."""
     import transformers
@@ -119,8 +127,11 @@ def test_mla_package_matches_transformers(tmp_path, capsys, kind):
     [("deepseek_v2", "decompress", "ops"), ("deepseek_v3", "decompress", "ops")],
 )  # fmt: skip
 def test_attention_forms_and_standard_op_routing(tmp_path, kind, form, moe_impl):
-    hf_model = make_mla_folder(kind, tmp_path / "ckpt", seed=2)
+    """Also YaRN (the configs of DeepSeek-V2-Lite, V3 and Moonlight use it): frequencies,
+    attention factor and the softmax's mscale**2 as transformers applies them."""
+    hf_model = make_mla_folder(kind, tmp_path / "ckpt", seed=2, rope_parameters=YARN)
     ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.config.yarn_factor == 4.0
     for layer in ckpt.model.model.layers:
         layer.self_attn.form = form
     export_decoder(ckpt.model, tmp_path / "model.onnx", moe_impl, "ops")
@@ -137,12 +148,14 @@ def router_cases(kind: str, seed: int = 4):
     hf_model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**values))
     randomize(hf_model, seed)
     cases = []
+    gen = torch.Generator().manual_seed(seed)
     gates = [layer.mlp.gate for layer in hf_model.model.layers[MLA["first_k_dense_replace"] :]]
     with torch.no_grad():
         for gate in gates:
+            gate.weight.mul_(4.0)  # logits of a trained router's spread (std ~2)
             if kind == "deepseek_v3":
-                gate.e_score_correction_bias.copy_(0.3 * torch.randn(EXPERTS))
-            hidden = torch.randn(64, BASE["hidden_size"])
+                gate.e_score_correction_bias.copy_(0.3 * torch.randn(EXPERTS, generator=gen))
+            hidden = torch.randn(256, BASE["hidden_size"], generator=gen)
             logits, weights, experts = gate(hidden)
             bias = getattr(gate, "e_score_correction_bias", torch.zeros(EXPERTS))
             cases.append((logits, bias, weights, experts))
@@ -186,8 +199,8 @@ def test_routers_match_transformers_and_groups_and_bias_matter():
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
-                              "original_max_position_embeddings": 128}}, "RoPE scaling 'yarn'"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}},
+         "RoPE scaling 'linear'"),
         ({"topk_method": "random"}, "topk_method 'random'"),
         ({"qk_rope_head_dim": 7}, "even qk_rope_head_dim"),
     ],
