@@ -51,8 +51,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         # torch's own message advises weights_only=False, i.e. running the file's code:
         # never pass that on.
         raise MoechatError(
-            f"{path} holds Python objects besides tensors, which moechat never loads (they "
-            "could run code): save the weights alone (model.state_dict()) or as safetensors"
+            f"{path} holds Python objects besides tensors: moechat reads weights-only "
+            "checkpoints (objects could run code); save the weights alone "
+            "(model.state_dict()) or as safetensors"
         ) from None
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -85,6 +86,17 @@ def _check_sizes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
             f"checkpoint does not match the config: config.json says {cfg.num_hidden_layers} "
             f"layers, the weights hold {len(layers)}"
         )
+    if cfg.use_moe:  # a config claiming 2**31 experts must not build them on the meta device
+        for what, pattern, count in (
+            ("routed experts", r"\.mlp\.experts\.(\d+)\.", cfg.n_routed_experts),
+            ("shared experts", r"\.mlp\.shared_experts\.(\d+)\.", cfg.n_shared_experts),
+        ):
+            found = {int(m[1]) for k in state if (m := re.search(pattern, k))}
+            if len(found) != count and (found or count > len(state)):
+                raise MoechatError(
+                    f"checkpoint does not match the config: config.json says {count} {what} "
+                    f"per layer, the weights hold {len(found)}"
+                )
     embed = state.get("model.embed_tokens.weight", state.get("lm_head.weight"))
     expected = (cfg.vocab_size, cfg.hidden_size)
     if embed is not None and tuple(embed.shape) != expected:
