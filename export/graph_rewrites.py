@@ -53,7 +53,9 @@ def find_routers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The MatMul/Gemm nodes that compute router logits, in graph order.
 
     A router feeds input 1 (``router_probs``) of a ``MoE``/``QMoE`` node, or a Softmax
-    whose output goes into a TopK (the standard-op lowering). Only a MatMul/Gemm with a
+    whose output goes into a TopK (the standard-op lowering), or a Softmax / Sigmoid that
+    reaches a TopK through at most two Add / Reshape / Reduce / Where (the DeepSeek-V2/V3
+    routers, models/mla.py). Only a MatMul/Gemm with a
     constant weight counts (a Reshape/Cast in between is looked through).
     """
     graph = model.graph
@@ -61,12 +63,26 @@ def find_routers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     users = consumers(graph)
     inits = initializers(graph)
     logits: list[str] = []
+
+    def feeds_topk(name: str, hops: int) -> bool:
+        """DeepSeek-V2/V3 routers (models/mla.py) reach their TopK through a few ops."""
+        nodes = users.get(name, [])
+        if any(u.op_type == "TopK" for u in nodes):
+            return True
+        return hops > 1 and any(
+            u.op_type in ("Add", "Reshape", "ReduceMax", "ReduceSum", "Where")
+            and feeds_topk(u.output[0], hops - 1)
+            for u in nodes
+        )
+
     for node in graph.node:
         if node.op_type in ("MoE", "QMoE") and node.domain == MSFT_DOMAIN and len(node.input) > 1:
             logits.append(node.input[1])
         elif node.op_type == "Softmax" and any(
             u.op_type == "TopK" for u in users.get(node.output[0], [])
         ):
+            logits.append(node.input[0])
+        elif node.op_type in ("Softmax", "Sigmoid") and feeds_topk(node.output[0], 3):
             logits.append(node.input[0])
     found: dict[str, onnx.NodeProto] = {}
     for name in logits:
