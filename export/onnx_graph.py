@@ -8,7 +8,9 @@ Graph interface (documented in docs/architecture.md):
   outputs  logits float [batch, num_logits, vocab]
            present.{i}.key / .value  float [batch, kv_heads, total_sequence, head_dim]
 With GroupQueryAttention the runtime may bind one max-length buffer as both past and
-present (onnxruntime then updates it in place).
+present (onnxruntime then updates it in place). Multi-head latent attention graphs
+(DeepSeek-V2/V3) output only the new positions as present (moechat.json: graph
+``kv_present`` "new"); the runtime appends them to its own buffers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from moechat.export.graph_rewrites import (
     pack_attention_inputs,
 )
 from moechat.export.lowering import translation_table
+from moechat.models.mla import MLAttention
 from moechat.models.modeling import CausalLM, MoEFeedForward
 
 MOE_IMPLS = ("contrib", "ops")
@@ -99,6 +102,8 @@ def export_decoder(
     for module in model.modules():
         if isinstance(module, MoEFeedForward):
             module.freeze_packed()
+        if isinstance(module, MLAttention):  # present = the new positions (models/mla.py)
+            module.new_only = True
     inputs, outputs = io_names(model.config.num_hidden_layers)
     try:
         with _quiet(), torch.no_grad():
@@ -116,6 +121,8 @@ def export_decoder(
         for module in model.modules():
             if isinstance(module, MoEFeedForward):
                 module.packed = None
+            if isinstance(module, MLAttention):
+                module.new_only = False
     proto = program.model_proto
     # Fold per-expert weight slices/transposes of the standard-op lowering into plain
     # initializers, so MatMuls read constant weights (and the int8 quantizer finds them).

@@ -383,6 +383,8 @@ def build_manifest(
             "attention": options.attention,
             "kv_layout": "BNSH",
             "kv_dtype": "float32",
+            # MLA graphs output only the new positions as present (models/mla.py)
+            "kv_present": "new" if cfg.is_mla else "total",
             "inputs": "input_ids, attention_mask, logits_positions, past_key_values.{i}.{key,value}",
             "outputs": "logits, present.{i}.{key,value}",
         },

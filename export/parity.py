@@ -29,7 +29,7 @@ def cpu_decoder(
     return Decoder(
         session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
         max_context=max_context, static_cache=False, kv_dtype=kv_dtype,
-        value_head_dim=cfg.value_head_dim,
+        value_head_dim=cfg.value_head_dim, present_new_only=cfg.is_mla,
     )  # fmt: skip
 
 

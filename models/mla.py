@@ -237,6 +237,8 @@ class MLAttention(nn.Module):
         self.scale = cfg.attention_scale or softmax_scale(cfg)
         self.form: MLAForm = DEFAULT_FORM
         self.use_contrib_op = False  # no contrib kernel for MLA: always standard ops
+        # exported graphs: present = the new positions only, the cache never concatenated
+        self.new_only = False
 
     def forward(self, x, attention_mask, past_latent, past_rope, cos_cache, sin_cache):
         b, s, _ = x.shape
@@ -253,11 +255,15 @@ class MLAttention(nn.Module):
         positions = torch.arange(s, device=x.device) + past_latent.shape[2]
         cos, sin = cos_cache[positions], sin_cache[positions]
         q_pe, k_pe = ops.apply_rope(q_pe, cos, sin), ops.apply_rope(k_pe, cos, sin)
+        w = self.kv_b_proj.weight.view(n, self.nope + self.v_dim, self.lora)
+        w_k, w_v = w[:, : self.nope], w[:, self.nope :]  # [N, nope, R], [N, v, R]
+        if self.new_only:
+            out = self._attend_split(q_nope, q_pe, past_latent, past_rope, latent, k_pe, positions)
+            out = out.transpose(1, 2).reshape(b, s, n * self.v_dim)
+            return self.o_proj(out), latent, k_pe
         present_latent = torch.cat((past_latent, latent), dim=2)
         present_rope = torch.cat((past_rope, k_pe), dim=2)
         total = present_latent.shape[2]
-        w = self.kv_b_proj.weight.view(n, self.nope + self.v_dim, self.lora)
-        w_k, w_v = w[:, : self.nope], w[:, self.nope :]  # [N, nope, R], [N, v, R]
         rope_scores = q_pe @ present_rope.transpose(-1, -2)  # [B, N, S, T]
         if self.form == "absorb":
             q_latent = q_nope @ w_k  # [B, N, S, R]
@@ -273,3 +279,30 @@ class MLAttention(nn.Module):
             out = probs @ (present_latent @ w_v.transpose(-1, -2))
         out = out.transpose(1, 2).reshape(b, s, n * self.v_dim)
         return self.o_proj(out), present_latent, present_rope
+
+    def _attend_split(self, q_nope, q_pe, past_latent, past_rope, latent, k_pe, positions):
+        """The same attention with the cached and the new positions kept apart: scores
+        and weighted sums per part, so the graph never copies the cache (its present
+        outputs are the new positions; the runtime appends them to its buffers)."""
+        n = self.num_heads
+        w = self.kv_b_proj.weight.view(n, self.nope + self.v_dim, self.lora)
+        w_k, w_v = w[:, : self.nope], w[:, self.nope :]
+        parts = ((past_latent, past_rope), (latent, k_pe))
+        if self.form == "absorb":
+            q_latent = q_nope @ w_k
+            scores = [q_latent @ lat.transpose(-1, -2) + q_pe @ r.transpose(-1, -2)
+                      for lat, r in parts]  # fmt: skip
+        else:
+            scores = [q_nope @ (lat @ w_k.transpose(-1, -2)).transpose(-1, -2)
+                      + q_pe @ r.transpose(-1, -2) for lat, r in parts]  # fmt: skip
+        past = past_latent.shape[2]
+        total = past + latent.shape[2]
+        future = torch.arange(total, device=q_nope.device)[None, :] > positions[:, None]
+        joined = torch.cat(scores, dim=-1) * self.scale
+        probs = torch.softmax(joined.masked_fill(future, float("-inf")), dim=-1)
+        p_past, p_new = probs[..., :past], probs[..., past:]
+        if self.form == "absorb":
+            return (p_past @ past_latent + p_new @ latent) @ w_v.transpose(-1, -2)
+        return p_past @ (past_latent @ w_v.transpose(-1, -2)) + p_new @ (
+            latent @ w_v.transpose(-1, -2)
+        )

@@ -16,7 +16,12 @@ Two cache strategies behind one interface:
 
 Keys and values may differ in width (``value_head_dim``): a multi-head latent attention
 graph (DeepSeek-V2/V3, models/mla.py) caches the latent as its "key" and the shared
-rotary key as its "value", one KV head each.
+rotary key as its "value", one KV head each. Its graphs output only the new positions
+as present (``present_new_only``, moechat.json ``kv_present: new``): the static cache
+then binds, per step, the cached positions of each buffer as the past input and the
+next free positions of the same buffer as the present output, so onnxruntime writes the
+new entries in place and nothing cached is copied (CPU, one KV head); the growing cache
+appends them to its arrays.
 """
 
 from __future__ import annotations
@@ -44,13 +49,17 @@ class Decoder:
         kv_dtype: type = np.float32,
         initial_capacity: int = INITIAL_CAPACITY,
         value_head_dim: int | None = None,
+        present_new_only: bool = False,
     ) -> None:
         self.session = session
+        self._new_only = present_new_only
+        provider = session.get_providers()[0]
+        if present_new_only and (_ORT_DEVICE.get(provider, "cpu") != "cpu" or kv_heads != 1):
+            static_cache = False  # in-place appends: CPU buffers of one KV head only
         self.num_layers = num_layers
         self.max_context = max_context
         self.static_cache = static_cache
         self.length = 0
-        provider = session.get_providers()[0]
         self._device = _ORT_DEVICE.get(provider, "cpu")
         self._kv_names = [
             (f"past_key_values.{i}.{n}", f"present.{i}.{n}")
@@ -71,8 +80,11 @@ class Decoder:
                 self._storage: list[np.ndarray] = [
                     np.empty(kv_heads * max_context * d, dtype=kv_dtype) for d in self._widths
                 ]
-                self.capacity = min(max_context, max(1, initial_capacity))
-                self._bind_views()
+                if present_new_only:  # bound per step (_bind_appends)
+                    self.capacity = max_context
+                else:
+                    self.capacity = min(max_context, max(1, initial_capacity))
+                    self._bind_views()
                 self._last_logits = self._logits_buffer(session)
             else:
                 self.capacity = max_context
@@ -120,6 +132,23 @@ class Decoder:
             ]
         )
 
+    def _bind_appends(self, n: int) -> None:
+        """Past = the cached positions of each buffer, present = its next ``n`` positions."""
+        values = []
+        for (past, present), storage, d in zip(
+            self._kv_names, self._storage, self._widths, strict=True
+        ):
+            start = self.length * d
+            cached = storage[:start].reshape(1, 1, self.length, d)
+            fresh = storage[start : start + n * d].reshape(1, 1, n, d)
+            values += [
+                ort.OrtValue.ortvalue_from_numpy(cached),
+                ort.OrtValue.ortvalue_from_numpy(fresh),
+            ]
+            self._binding.bind_ortvalue_input(past, values[-2])
+            self._binding.bind_ortvalue_output(present, values[-1])
+        self._buffers = values  # keeps the OrtValues alive while bound
+
     def _grow(self, needed: int) -> None:
         """Widen the CPU buffers' capacity to hold ``needed`` positions (doubling)."""
         capacity = self.capacity
@@ -165,7 +194,9 @@ class Decoder:
             else np.array([n - 1], dtype=np.int64)
         )
         if self.static_cache:
-            if self.length + n > self.capacity:
+            if self._new_only:
+                self._bind_appends(n)
+            elif self.length + n > self.capacity:
                 self._grow(self.length + n)
             b = self._binding
             b.bind_cpu_input("input_ids", ids)
@@ -187,6 +218,12 @@ class Decoder:
             )
             outputs = self.session.run(None, feeds)
             logits = outputs[0]
-            self._arrays = outputs[1:]
+            if self._new_only:
+                self._arrays = [
+                    np.concatenate((a, o), axis=2)
+                    for a, o in zip(self._arrays, outputs[1:], strict=True)
+                ]
+            else:
+                self._arrays = outputs[1:]
         self.length += n
         return logits[0].astype(np.float32, copy=False)

@@ -139,6 +139,7 @@ class GraphSpec:
     variants: dict[str, str] = field(default_factory=dict)  # provider key -> graph file
     variant_attention: dict[str, str] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
+    kv_present: Literal["total", "new"] = "total"  # "new": present holds the new positions
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,13 @@ def _tokenizer(tok: _Section, vocab_size: int) -> TokenizerSpec:
     return spec
 
 
+def _kv_present(graph: _Section) -> Literal["total", "new"]:
+    value = graph.get("kv_present", str, "total")
+    if value not in ("total", "new"):
+        graph.fail(f"'graph.kv_present' must be total or new, not {value!r}")
+    return cast(Literal["total", "new"], value)
+
+
 def parse_manifest(data: Any, file: Path) -> Manifest:
     """Validate a decoded moechat.json (``file`` names it in errors)."""
     top = _Section(data, "", file)
@@ -281,6 +289,7 @@ def parse_manifest(data: Any, file: Path) -> Manifest:
             variants=_file_map(graph, "variants"),
             variant_attention=graph.str_map("variant_attention"),
             quantization=graph.get("quantization", dict, None),
+            kv_present=_kv_present(graph),
         ),
         tokenizer=_tokenizer(tok, vocab_size),
         chat_template=_chat_template(chat),

@@ -123,9 +123,10 @@ def load_model(
     attention = (
         graph.variant_attention.get(variant, graph.attention) if variant else graph.attention
     )
+    new_only = graph.kv_present == "new"  # MLA: the runtime appends to its buffers
     if static_cache is None:
-        static_cache = attention == "gqa"
-    if static_cache and attention != "gqa":
+        static_cache = attention == "gqa" or new_only
+    if static_cache and attention != "gqa" and not new_only:
         raise MoechatError("a static KV cache needs a GroupQueryAttention graph")
     kv_dtype = np.float16 if graph.kv_dtype == "float16" else np.float32
     decoder = Decoder(
@@ -137,6 +138,7 @@ def load_model(
         static_cache=static_cache,
         kv_dtype=kv_dtype,
         value_head_dim=arch.value_dim,
+        present_new_only=new_only,
     )
     tokenizer, template = load_template(package.spec.chat_template, package.tokenizer_path)
     if tokenizer.vocab_size > arch.vocab_size:

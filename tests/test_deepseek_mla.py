@@ -98,8 +98,11 @@ def test_mla_package_matches_transformers(tmp_path, capsys, kind):
     assert arch["model_type"] == kind and manifest["graph"]["attention"] == "ops"
     # the cache per layer: the latent as the "key", the shared rope key as the "value"
     assert (arch["num_key_value_heads"], arch["head_dim"], arch["value_head_dim"]) == (1, 32, 8)
+    # present = the new positions; the runtime writes them in place into static buffers
+    assert manifest["graph"]["kv_present"] == "new"
     model = load_model(pkg, max_context=128)
     decoder = model.decoder
+    assert decoder.static_cache
     ids, got, prompt = run_package(decoder)
     assert decoder.length == PROMPT + DECODE + APPEND
     ref = reference_logits(hf_model, ids)

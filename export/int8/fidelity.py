@@ -126,6 +126,7 @@ class _Runner:
         value_dim = arch.get("value_head_dim") or key_dim  # MLA: the rope key's width
         self.empty = [np.zeros((1, heads, 0, d), np.float32) for d in (key_dim, value_dim) * layers]
         self.outputs = ["logits"] + [p for _, p in self.kv] + self.routers
+        self.new_only = bool(arch.get("kv_lora_rank"))
         self.reset()
 
     def reset(self) -> None:
@@ -141,7 +142,12 @@ class _Runner:
         }
         feeds.update({name: arr for (name, _), arr in zip(self.kv, self.past, strict=True)})
         out = self.session.run(self.outputs, feeds)
-        self.past = out[1 : 1 + len(self.kv)]
+        present = out[1 : 1 + len(self.kv)]
+        if self.new_only:  # MLA graphs: present holds the new positions
+            present = [
+                np.concatenate((p, n), axis=2) for p, n in zip(self.past, present, strict=True)
+            ]
+        self.past = present
         self.length += n
         return out[0][0], [r.reshape(n, -1) for r in out[1 + len(self.kv) :]]
 
