@@ -208,6 +208,12 @@ def gguf_config(reader, max_positions: int | None = None) -> ModelConfig:
     if meta.integer("attention.value_length", head_dim) != head_dim or head_dim % 2:
         raise MoechatError(f"GGUF head size {head_dim} (keys/values) is not supported")
     shapes = tensor_shapes(reader)
+    blocks = {name.split(".")[1] for name in shapes if name.startswith("blk.")}
+    if layers > len(blocks):  # before anything loops over (or builds) block_count layers
+        raise MoechatError(
+            f"GGUF metadata says {layers} layers (block_count), the file holds tensors for "
+            f"{len(blocks)}"
+        )
     moe_layers = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
     experts = meta.integer("expert_count", 0)
     _check_routing(meta, experts, moe_layers)
