@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,34 +347,15 @@ def lm_head_node(model: onnx.ModelProto) -> str | None:
 def _nbits(
     model: onnx.ModelProto, options: QuantizeOptions, bits: int, exclude: list[str]
 ) -> onnx.ModelProto:
-    """MatMulNBits at ``bits``: round-to-nearest at 8 bits; HQQ (half-quadratic
-    optimisation of scales and zero points, no calibration data) at 4 bits, where it
-    measured 38% less KL to fp32 than round-to-nearest on SmolLM2 (docs/decisions/0014)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    with _quiet_quantizer(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        if bits == 4:
-            hqq = HQQWeightOnlyQuantConfig(
-                block_size=options.block, bits=4, op_types_to_quantize=("MatMul",)
-            )
-            quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=list(exclude), algo_config=hqq)
-        else:
-            quantizer = MatMulNBitsQuantizer(
-                model, bits=bits, block_size=options.block, is_symmetric=options.symmetric,
-                accuracy_level=4, nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
-            )  # fmt: skip
+    with _quiet_quantizer():
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=bits, block_size=options.block, is_symmetric=options.symmetric,
+            accuracy_level=4, nodes_to_exclude=list(exclude), op_types_to_quantize=("MatMul",),
+        )  # fmt: skip
         quantizer.process()
-    model = quantizer.model.model
-    for node in model.graph.node:  # int8 compute of the activations: the fast CPU path
-        if node.op_type == "MatMulNBits" and attribute(node, "accuracy_level") != 4:
-            kept = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", 4)])
-    return model
+    return quantizer.model.model
 
 
 def _quantize_matmuls(
@@ -485,11 +465,7 @@ def _vocab(model: onnx.ModelProto, table: QuantizedTable) -> int:
 
 def _dense_description(options: QuantizeOptions) -> str:
     if options.dense == "nbits":
-        method = "HQQ" if options.dense_bits == 4 else "round to nearest"
-        text = (
-            f"MatMulNBits {options.dense_bits}-bit ({method}), accuracy_level 4, "
-            f"block {options.block}"
-        )
+        text = f"MatMulNBits {options.dense_bits}-bit, accuracy_level 4, block {options.block}"
         return text + ("; lm_head 8-bit" if options.dense_bits == 4 else "")
     return "MatMulInteger (quantize_dynamic), per-channel int8 weights"
 
