@@ -18,6 +18,7 @@ Tables:
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import time
@@ -30,6 +31,58 @@ from typing import Any
 from moechat.runtime.errors import MoechatError
 
 ROLES = ("system", "user", "assistant")
+
+
+class MessageConflict(MoechatError):
+    """Another writer holds the position a message was to be saved at (nothing changed)."""
+
+
+class DatabaseDamaged(MoechatError):
+    """The conversations database cannot be read: tables missing, pages corrupt, not a
+    database. :func:`move_aside` keeps the file and makes room for a new one."""
+
+    def __init__(self, path: str, detail: str, opening: bool = False) -> None:
+        self.path = path
+        super().__init__(
+            f"cannot {'open' if opening else 'use'} the conversations database {path}: it is "
+            f"damaged ({detail}); moechat chat offers to move it aside and start a new one"
+        )
+
+
+def move_aside(path: Path | str) -> Path:
+    """Rename a damaged database (and its -wal/-shm files) to ``NAME.damaged-TIME``; the
+    returned path is the kept copy. Nothing is deleted."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    for suffix in ("-wal", "-shm", ""):
+        part = path.with_name(path.name + suffix)
+        if part.exists():
+            part.rename(aside.with_name(aside.name + suffix))
+    return aside
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """SQLite errors of a store call as one-line MoechatErrors naming the file."""
+
+    @functools.wraps(method)
+    def call(self: ConversationStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as err:
+            if "locked" in str(err) or "busy" in str(err):
+                raise MoechatError(
+                    f"the conversations database {self.path} is busy (another moechat is "
+                    "writing to it); try again"
+                ) from None
+            if "readonly" in str(err) or "read-only" in str(err) or "disk" in str(err):
+                raise MoechatError(
+                    f"cannot write the conversations database {self.path}: {err}"
+                ) from None
+            raise DatabaseDamaged(self.path, str(err)) from None
+        except sqlite3.DatabaseError as err:  # malformed pages, not a database, ...
+            raise DatabaseDamaged(self.path, str(err)) from None
+
+    return call
 
 
 def _migrate_1(conn: sqlite3.Connection) -> None:
@@ -113,8 +166,17 @@ class ConversationStore:
 
     def __init__(self, path: Path | str, *, target_version: int = SCHEMA_VERSION) -> None:
         self.path = str(path)
+        # (conversation, seq) -> id of each message row this store wrote: only those
+        # are overwritten by upsert_message (another writer's message never is)
+        self._written: dict[tuple[int, int], int] = {}
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # a read-only file system, a file in the way
+                raise MoechatError(
+                    f"cannot create the data dir {Path(self.path).parent}: "
+                    f"{err.strerror or err} (set MOECHAT_DATA_DIR to a writable folder)"
+                ) from None
         self._conn = None  # type: ignore[assignment]
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
@@ -124,14 +186,29 @@ class ConversationStore:
                 self._conn.execute("PRAGMA journal_mode = WAL")
                 self._conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate(target_version)
+            self._check_intact()
         except (sqlite3.DatabaseError, MoechatError) as err:
             if self._conn is not None:
                 self._conn.close()
             if isinstance(err, MoechatError):
                 raise
-            raise MoechatError(
-                f"cannot open the conversations database {self.path}: {err}"
-            ) from err
+            if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
+                raise MoechatError(
+                    f"cannot open the conversations database {self.path}: {err} "
+                    "(set MOECHAT_DATA_DIR to a writable folder)"
+                ) from None
+            raise DatabaseDamaged(self.path, str(err), opening=True) from None
+
+    def _check_intact(self) -> None:
+        """The tables are there and SQLite's quick check passes (milliseconds for a
+        chat history), so damage is found at start, not halfway through a session."""
+        tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master")}
+        missing = {"conversations", "messages"} - tables
+        if missing and self.schema_version:
+            raise DatabaseDamaged(self.path, f"no table {sorted(missing)[0]!r}", opening=True)
+        result = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+        if result != "ok":
+            raise DatabaseDamaged(self.path, str(result).splitlines()[0], opening=True)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -289,19 +366,11 @@ class ConversationStore:
         stats: dict[str, Any] | None = None,
         settings: dict[str, Any] | None = None,
     ) -> int:
-        """Append a message at the end of the conversation; returns its seq."""
-        seq = self.next_seq(conversation_id)
-        self.upsert_message(
-            conversation_id,
-            seq,
-            role,
-            content,
-            partial=partial,
-            finish_reason=finish_reason,
-            stats=stats,
-            settings=settings,
+        """Append a message at the end of the conversation; returns its seq. The position
+        is chosen inside the write transaction: two writers never get the same one."""
+        return self._write_message(
+            conversation_id, None, role, content, partial, finish_reason, stats, settings
         )
-        return seq
 
     def upsert_message(
         self,
@@ -317,11 +386,46 @@ class ConversationStore:
     ) -> None:
         """Insert the message at ``seq`` or overwrite it (used for the streaming reply).
 
+        Only a message this store wrote itself is overwritten: when another writer (a
+        second app on the same database) took ``seq`` in the meantime, this raises a
+        :class:`MessageConflict` and its message stays as it was.
         ``settings`` None keeps what the row has (a failed regenerate restores a reply)."""
+        self._write_message(
+            conversation_id, seq, role, content, partial, finish_reason, stats, settings
+        )
+
+    def _write_message(
+        self,
+        conversation_id: int,
+        seq: int | None,
+        role: str,
+        content: str,
+        partial: bool,
+        finish_reason: str | None,
+        stats: dict[str, Any] | None,
+        settings: dict[str, Any] | None,
+    ) -> int:
         if role not in ROLES:
             raise MoechatError(f"unknown message role {role!r}")
         now = time.time()
         with self._transaction() as conn:
+            if seq is None:
+                seq = int(
+                    conn.execute(
+                        "SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE conversation_id = ?",
+                        (conversation_id,),
+                    ).fetchone()[0]
+                )
+            row = conn.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? AND seq = ?",
+                (conversation_id, seq),
+            ).fetchone()
+            if row is not None and self._written.get((conversation_id, seq)) != row[0]:
+                raise MessageConflict(
+                    f"message {seq} of this conversation was written by another moechat "
+                    "(a second window on the same conversations?); it was kept and this "
+                    "one was not saved over it: reopen the conversation to see it"
+                )
             conn.execute(
                 "INSERT INTO messages (conversation_id, seq, role, content, partial,"
                 " finish_reason, stats, settings, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -344,6 +448,12 @@ class ConversationStore:
             conn.execute(
                 "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
             )
+            written = conn.execute(
+                "SELECT id FROM messages WHERE conversation_id = ? AND seq = ?",
+                (conversation_id, seq),
+            ).fetchone()[0]
+        self._written[(conversation_id, seq)] = int(written)
+        return seq
 
     def delete_messages_from(self, conversation_id: int, seq: int) -> None:
         """Delete the messages at ``seq`` and after (regenerate, edit, failed replies)."""
@@ -355,3 +465,11 @@ class ConversationStore:
 
     def clear_messages(self, conversation_id: int) -> None:
         self.delete_messages_from(conversation_id, 0)
+
+
+for _name in (
+    "create_conversation", "list_conversations", "get_conversation", "rename_conversation",
+    "update_settings", "delete_conversation", "messages", "next_seq", "add_message",
+    "upsert_message", "delete_messages_from", "clear_messages",
+):  # fmt: skip
+    setattr(ConversationStore, _name, _guarded(getattr(ConversationStore, _name)))
