@@ -181,7 +181,7 @@ class ConversationActions:
         if conv_id is None:
             self.notify("This chat is not saved yet; nothing to delete.")
             return
-        conv = self.store.get_conversation(conv_id)
+        conv = self._db(self.store.get_conversation, conv_id)
         title = conv.title if conv else "this conversation"
 
         async def done(yes: bool | None) -> None:
@@ -206,7 +206,7 @@ class ConversationActions:
         if title.strip():
             done(title)
         else:
-            conv = self.store.get_conversation(conv_id)
+            conv = self._db(self.store.get_conversation, conv_id)
             self.push_screen(TextPromptScreen("New title:", conv.title if conv else ""), done)
 
     async def action_export(

@@ -69,7 +69,11 @@ class ConversationListScreen(ModalScreen[Choice | None]):
         keep = highlight_id
         if keep is None and options.highlighted is not None and self.conversations:
             keep = self.conversations[min(options.highlighted, len(self.conversations) - 1)].id
-        self.conversations = self.store.list_conversations()
+        try:
+            self.conversations = self.store.list_conversations()
+        except MoechatError as err:  # a damaged or busy database: say so, keep running
+            self.notify(str(err), title="Database error", severity="error", timeout=15)
+            self.conversations = []
         options.clear_options()
         for conv in self.conversations:
             label = Text()
@@ -131,7 +135,11 @@ class ConversationListScreen(ModalScreen[Choice | None]):
         def done(yes: bool | None) -> None:
             if not yes:
                 return
-            self.store.delete_conversation(conv.id)
+            try:
+                self.store.delete_conversation(conv.id)
+            except MoechatError as err:
+                self.notify(str(err), title="Database error", severity="error", timeout=15)
+                return
             if self.on_deleted:
                 self.on_deleted(conv.id)
             self.notify(f"Deleted “{conv.title}”")

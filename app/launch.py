@@ -19,12 +19,33 @@ from moechat.runtime.events import DoneEvent, GenerationStats, TokenEvent
 from moechat.runtime.sampling import SamplingParams
 
 
-def open_store(data_dir: Path | None = None):
-    """The conversations database in ``data_dir`` (default: the user data dir)."""
+def open_store(data_dir: Path | None = None, ask: Callable[[str], bool] | None = None):
+    """The conversations database in ``data_dir`` (default: the user data dir). When it
+    is damaged, ``ask`` (a yes/no question to the user) may have it moved aside: renamed,
+    never deleted, and a new one started; otherwise the one-line error stands."""
     from moechat.app.paths import database_path
-    from moechat.app.store import ConversationStore
+    from moechat.app.store import ConversationStore, DatabaseDamaged, move_aside
 
-    return ConversationStore(database_path(data_dir))
+    path = database_path(data_dir)
+    try:
+        return ConversationStore(path)
+    except DatabaseDamaged as err:
+        if ask is None or not ask(f"moechat: {err}.\nMove it aside and start a new one? [y/N] "):
+            raise
+        aside = move_aside(path)
+        print(f"moechat: the damaged database is kept as {aside}", file=sys.stderr)
+        return ConversationStore(path)
+
+
+def ask_on_terminal(question: str) -> bool:
+    """A yes/no question on the terminal; no terminal (a pipe, a service) means no."""
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        return False
+    print(question, end="", file=sys.stderr, flush=True)
+    try:
+        return input().strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
 
 
 def run_chat_app(
@@ -57,7 +78,7 @@ def run_chat_app(
     def load() -> ChatEngine:
         return load_package(model_dir)
 
-    store = open_store(data_dir)
+    store = open_store(data_dir, ask=ask_on_terminal)
     try:
         if resume and conversation_id is None:
             recent = store.list_conversations()

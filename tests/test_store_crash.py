@@ -233,3 +233,39 @@ def _thread_writer(path: Path, conversation: int, name: str, ack: Path) -> None:
                 continue
             log.write(f"user {seq} {name}:{i}\n")
     store.close()
+
+
+# -- item 5 in the app: told at start, offered to move it aside ----------------------------------
+
+
+def test_chat_offers_to_move_a_damaged_database_aside(tmp_path: Path, capsys) -> None:
+    from moechat.app.launch import open_store
+
+    path = tmp_path / "conversations.sqlite3"
+    _damage(path, "corrupt pages")
+    damaged = path.read_bytes()
+    questions: list[str] = []
+    with pytest.raises(DatabaseDamaged):
+        open_store(tmp_path, ask=lambda q: questions.append(q) or False)
+    assert str(path) in questions[0] and "Move it aside" in questions[0]
+    assert path.read_bytes() == damaged  # declined: untouched
+    store = open_store(tmp_path, ask=lambda q: True)
+    assert store.list_conversations() == []
+    store.close()
+    kept = [p for p in tmp_path.iterdir() if ".damaged-" in p.name and p.suffix != ".sqlite3-wal"]
+    assert any(p.read_bytes() == damaged for p in kept)
+    assert "kept as" in capsys.readouterr().err
+
+
+def test_chat_cli_with_a_damaged_or_unwritable_data_dir(tiny_package, tmp_path, capsys) -> None:
+    from moechat.app.cli import main
+
+    _damage(tmp_path / "conversations.sqlite3", "dropped table")
+    assert main(["chat", str(tiny_package), "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moechat: error: cannot open the conversations database")
+    assert "damaged" in err and len(err.splitlines()) == 1
+    (tmp_path / "file").write_text("x")
+    assert main(["chat", str(tiny_package), "--data-dir", str(tmp_path / "file" / "d")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moechat: error: cannot create the data dir") and "Traceback" not in err
