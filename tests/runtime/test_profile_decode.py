@@ -6,7 +6,7 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "profile_decode.py"
 
 
 def test_profile_decode_prints_the_op_table(tiny_package, capsys):

@@ -12,7 +12,7 @@ from moechat.runtime.tokenizer import TextTokenizer
 from tokenizer_factory import train_tiny_tokenizer
 
 MINIMIND_DIR = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "minimind-tokenizer"
+    Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "minimind-tokenizer"
 )
 
 CONVERSATIONS = [

@@ -186,7 +186,7 @@ def test_stored_template_equals_transformers(family) -> None:
 def test_minimind_template_equals_transformers() -> None:
     """MiniMind's real tokenizer and template (ChatML fast path, its default system)."""
     transformers = pytest.importorskip("transformers")
-    folder = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    folder = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
     folder = folder / "minimind-tokenizer"
     if not (folder / "tokenizer_config.json").is_file():
         pytest.skip("MiniMind tokenizer fixture not available")

@@ -403,7 +403,7 @@ def test_sentencepiece_mixtral_chat_equals_transformers(sentencepiece_model, tmp
 
     sp, _ = sentencepiece_model
     template = json.loads(
-        (Path(__file__).parent / "chat_templates" / "mixtral.json").read_text(encoding="utf-8")
+        (Path(__file__).parents[1] / "chat_templates" / "mixtral.json").read_text(encoding="utf-8")
     )["chat_template"]
     path = write_spm_gguf(sp, tmp_path / "m.gguf", chat_template=template)
     folder = write_tokenizer_files(open_gguf(path), tmp_path / "out")
@@ -498,7 +498,7 @@ def llamacpp_converted(llama_cpp, sentencepiece_model, converted, tmp_path_facto
         }
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
         jobs.append((folder, root / f"{name}.gguf", arch, "gpt2", name))
-    driver = Path(__file__).with_name("llamacpp_vocab.py")
+    driver = Path(__file__).parents[1].joinpath("llamacpp_vocab.py")
     args = json.dumps([[str(a) for a in job] for job in jobs])
     result = subprocess.run(
         [sys.executable, str(driver), str(llama_cpp), args],
