@@ -9,6 +9,7 @@ step of 16 single-token steps after filling the cache to 512 and to 4096 tokens 
 (fp32): the latent + rope key against per-head keys and values.
 
     python benchmarks/mla_forms.py [--threads 2] [--layers 2]
+    python benchmarks/mla_forms.py --compare-cache 3   # concatenating vs in-place cache
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 
 from moechat.export.onnx_graph import export_decoder
 from moechat.models.config import ModelConfig
+from moechat.models.mla import MLAttention
 from moechat.models.modeling import random_model
 from moechat.runtime.decoder import Decoder
 from moechat.runtime.providers import create_session
@@ -40,12 +42,14 @@ def config(layers: int) -> ModelConfig:
     )  # fmt: skip
 
 
-def measure(path: Path, cfg: ModelConfig, threads: int) -> dict[int, tuple[float, float]]:
+def measure(
+    path: Path, cfg: ModelConfig, threads: int, static: bool = True, new_only: bool = True
+) -> dict[int, tuple[float, float]]:
     session = create_session(path, "CPUExecutionProvider", threads)
     decoder = Decoder(
         session, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-        max_context=max(CONTEXTS) + STEPS, static_cache=True,
-        value_head_dim=cfg.value_head_dim, present_new_only=True,
+        max_context=max(CONTEXTS) + STEPS, static_cache=static,
+        value_head_dim=cfg.value_head_dim, present_new_only=new_only,
     )  # fmt: skip
     rng = np.random.default_rng(0)
     out = {}
@@ -66,10 +70,39 @@ def measure(path: Path, cfg: ModelConfig, threads: int) -> dict[int, tuple[float
     return out
 
 
+def compare_cache(model, cfg: ModelConfig, threads: int, rounds: int, tmp: str) -> None:
+    """Absorbed attention, graph concatenating the cache (present = all positions, growing
+    arrays) against the shipped graph (present = new positions, static buffers written in
+    place); rounds interleaved, medians."""
+    paths = {}
+    for variant in ("concat", "in-place"):
+        if variant == "concat":  # the graph before kv_present "new": present = past + new
+            MLAttention.new_only = property(lambda self: False, lambda self, value: None)
+        try:
+            paths[variant] = Path(tmp) / f"{variant}.onnx"
+            export_decoder(model, paths[variant], "contrib", "ops")
+        finally:
+            if variant == "concat":
+                del MLAttention.new_only
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(rounds):
+        for variant, path in paths.items():
+            results = measure(path, cfg, threads, static=variant == "in-place",
+                              new_only=variant == "in-place")  # fmt: skip
+            for context, (ms, _) in results.items():
+                times.setdefault((variant, context), []).append(ms)
+    for (variant, context), ms in times.items():
+        median = statistics.median(ms)
+        print(f"| {variant} | {context} | {median:.2f} ms ({1e3 / median:.1f} tok/s) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--forms", default="absorb,decompress")
+    parser.add_argument("--growing", action="store_true", help="numpy arrays, not static buffers")
+    parser.add_argument("--compare-cache", type=int, metavar="ROUNDS", default=0)
     args = parser.parse_args()
     cfg = config(args.layers)
     model = random_model(cfg, max_positions=8192)
@@ -79,12 +112,18 @@ def main() -> None:
     print(f"KV bytes per token and layer (fp32): latent {latent * 4}, per-head K/V {per_head * 4}"
           f" ({per_head / latent:.1f}x)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        for form in ("absorb", "decompress"):
+        if args.compare_cache:
+            for layer in model.model.layers:
+                layer.self_attn.form = "absorb"
+            compare_cache(model, cfg, args.threads, args.compare_cache, tmp)
+            return
+        for form in args.forms.split(","):
             for layer in model.model.layers:
                 layer.self_attn.form = form
             path = Path(tmp) / f"{form}.onnx"
             export_decoder(model, path, "contrib", "ops")
-            for context, (ms, prefill) in measure(path, cfg, args.threads).items():
+            results = measure(path, cfg, args.threads, static=not args.growing)
+            for context, (ms, prefill) in results.items():
                 print(
                     f"| {form} | {context} | {ms:.2f} ms ({1e3 / ms:.1f} tok/s) | "
                     f"{prefill:.0f} tok/s (chunk of {CHUNK} ending at {context}) |",
