@@ -226,7 +226,8 @@ def test_verify_fails_without_checksums_or_with_an_uncovered_file(
 @pytest.mark.parametrize("threads", ["100000", "-1", "0"])
 def test_threads_bounded_by_the_cores(tiny_package, capsys, threads: str) -> None:
     for command in (["run", str(tiny_package), "hi"], ["eval", str(tiny_package), "x.txt"],
-                    ["bench", str(tiny_package)], ["chat", str(tiny_package)]):  # fmt: skip
+                    ["bench", str(tiny_package)], ["chat", str(tiny_package)],
+                    ["serve", str(tiny_package)]):  # fmt: skip
         assert main([*command, "--threads", threads]) == 1
         assert "(this machine's CPU cores)" in _err(capsys)
 
