@@ -192,7 +192,9 @@ class ConversationStore:
                 self._conn.close()
             if isinstance(err, MoechatError):
                 raise
-            if isinstance(err, sqlite3.OperationalError) and "unable to open" in str(err):
+            if isinstance(err, sqlite3.OperationalError) and any(
+                word in str(err) for word in ("unable to open", "readonly", "read-only", "locked")
+            ):  # a read-only file system or folder, or a database held by another program
                 raise MoechatError(
                     f"cannot open the conversations database {self.path}: {err} "
                     "(set MOECHAT_DATA_DIR to a writable folder)"
