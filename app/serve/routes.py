@@ -277,8 +277,9 @@ async def _stream_items(handle: JobHandle) -> AsyncIterator[str | Outcome | ApiE
     try:
         async for item in handle.events():
             if isinstance(item, Outcome) and item.cancelled:
-                item = ApiError(503, STOPPED, "service_unavailable")
-            yield item
+                yield ApiError(503, STOPPED, "service_unavailable")
+            else:
+                yield item
     except ApiError as err:
         yield err
 
