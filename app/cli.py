@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from moechat.app.package_info import package_facts
+    from moechat.app.package_info import ffn_text, package_facts
     from moechat.runtime.chat_template import template_summary
     from moechat.runtime.package import load_package
 
@@ -158,12 +158,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(m, indent=2, ensure_ascii=False))
         return 0
     a, g = m["architecture"], m["graph"]
-    moe = (
-        f"MoE: {a['n_routed_experts']} routed experts, top-{a['num_experts_per_tok']}, "
-        f"{a['n_shared_experts']} shared"
-        if a.get("use_moe")
-        else "dense"
-    )
+    moe = ffn_text(a, m.get("parameters"))
     lines = [
         f"name          {package.name}",
         f"path          {package.path}",
