@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from moechat.models.config import Family, ModelConfig, QKNorm
+from moechat.models.gguf_tokenizer import field as field  # re-exported
 from moechat.models.gguf_tokenizer import tokenizer_json as tokenizer_json  # re-exported
 from moechat.models.gguf_tokenizer import write_tokenizer_files
 from moechat.models.loading import LoadedCheckpoint, build_model
@@ -126,17 +127,6 @@ def open_gguf(path: Path):
             f"{path.name} is not a readable GGUF file (truncated or corrupt?): {first}"
         ) from None
     return reader
-
-
-def field(reader, key: str, default: Any = None) -> Any:
-    """A metadata value (str, int, float, list) or ``default`` when absent."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    try:
-        return f.contents()
-    except Exception as err:
-        raise MoechatError(f"GGUF metadata {key} is corrupt: {err}") from None
 
 
 def architecture(reader) -> tuple[str, Architecture]:

@@ -100,7 +100,9 @@ PRE_TOKENIZERS: dict[str, tuple[dict | None, list[dict]]] = {
 _VOCAB_TYPES = "gpt2 (byte-level BPE), llama (SentencePiece BPE)"
 
 
-def _field(reader, key: str, default: Any = None) -> Any:
+def field(reader, key: str, default: Any = None) -> Any:
+    """A GGUF metadata value (str, int, float, list) or ``default`` when absent (the one
+    metadata reader: models/gguf.py uses it too)."""
     f = reader.fields.get(key)
     if f is None:
         return default
@@ -111,10 +113,10 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def _vocabulary(reader) -> tuple[list[str], list[int]]:
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = field(reader, "tokenizer.ggml.tokens")
     if not tokens:
         raise MoechatError("the GGUF has no tokenizer (tokenizer.ggml.tokens)")
-    types = _field(reader, "tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    types = field(reader, "tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
     if len(types) != len(tokens) or len(set(tokens)) != len(tokens):
         raise MoechatError("the GGUF tokenizer is corrupt (token list and types disagree)")
     return tokens, [int(t) for t in types]
@@ -140,10 +142,10 @@ def _added_tokens(tokens: list[str], types: list[int]) -> list[dict]:
 def _bos_template(reader, tokens: list[str], default: bool) -> dict | None:
     """A post-processor adding BOS (and EOS) where the file asks for them."""
     bos, eos = "bos_token_id", "eos_token_id"
-    ids = {k: _field(reader, f"tokenizer.ggml.{k}") for k in (bos, eos)}
+    ids = {k: field(reader, f"tokenizer.ggml.{k}") for k in (bos, eos)}
     add = {
-        bos: bool(_field(reader, "tokenizer.ggml.add_bos_token", default)),
-        eos: bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        bos: bool(field(reader, "tokenizer.ggml.add_bos_token", default)),
+        eos: bool(field(reader, "tokenizer.ggml.add_eos_token", False)),
     }
     used = {k: int(v) for k, v in ids.items() if add[k] and v is not None and 0 <= v < len(tokens)}
     if not used:
@@ -199,12 +201,12 @@ def _document(added: list[dict], model: dict, **parts: Any) -> dict:
 
 def byte_level_json(reader, tokens: list[str], types: list[int]) -> dict:
     """``tokenizer.ggml.model == "gpt2"``: byte-level BPE after the named pre-tokenizer."""
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    pre = field(reader, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise MoechatError(
             f"unsupported GGUF pre-tokenizer {pre!r} (supported: {', '.join(PRE_TOKENIZERS)})"
         )
-    merges = _field(reader, "tokenizer.ggml.merges")
+    merges = field(reader, "tokenizer.ggml.merges")
     if merges is None:
         raise MoechatError("the GGUF byte-level tokenizer has no tokenizer.ggml.merges")
     normalizer, steps = PRE_TOKENIZERS[pre]
@@ -251,15 +253,15 @@ def sentencepiece_merges(
 
 def sentencepiece_json(reader, tokens: list[str], types: list[int]) -> dict:
     """``tokenizer.ggml.model == "llama"``: SentencePiece BPE with byte fallback."""
-    scores = _field(reader, "tokenizer.ggml.scores")
+    scores = field(reader, "tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
         raise MoechatError("the GGUF SentencePiece tokenizer has no scores for its tokens")
-    merges = _field(reader, "tokenizer.ggml.merges")  # rarely there; used as given if so
-    unknown = _field(reader, "tokenizer.ggml.unknown_token_id")
+    merges = field(reader, "tokenizer.ggml.merges")  # rarely there; used as given if so
+    unknown = field(reader, "tokenizer.ggml.unknown_token_id")
     if unknown is None:
         unknown = next((i for i, kind in enumerate(types) if kind == TOKEN_UNKNOWN), None)
     unk = tokens[int(unknown)] if unknown is not None and 0 <= int(unknown) < len(tokens) else None
-    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    prefix = bool(field(reader, "tokenizer.ggml.add_space_prefix", True))
     spaces = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
     normalizer = (
         {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}, spaces]}
@@ -293,7 +295,7 @@ def sentencepiece_json(reader, tokens: list[str], types: list[int]) -> dict:
 
 def tokenizer_json(reader) -> dict:
     """The ``tokenizer.json`` document (as a dict) of the GGUF's vocabulary."""
-    model = _field(reader, "tokenizer.ggml.model")
+    model = field(reader, "tokenizer.ggml.model")
     if model not in ("gpt2", "llama"):
         raise MoechatError(
             f"unsupported GGUF tokenizer model {model!r} (supported: {_VOCAB_TYPES})"
@@ -310,24 +312,24 @@ def write_tokenizer_files(reader, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     doc = tokenizer_json(reader)
     (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokens = field(reader, "tokenizer.ggml.tokens")
 
     def token(key: str) -> str | None:
-        idx = _field(reader, f"tokenizer.ggml.{key}")
+        idx = field(reader, f"tokenizer.ggml.{key}")
         return tokens[int(idx)] if idx is not None and 0 <= int(idx) < len(tokens) else None
 
-    arch = _field(reader, "general.architecture", "llama")
-    sentencepiece = _field(reader, "tokenizer.ggml.model") == "llama"
+    arch = field(reader, "general.architecture", "llama")
+    sentencepiece = field(reader, "tokenizer.ggml.model") == "llama"
     config = {
         # the tokenizer.json as written: a model-specific class could rebuild its own
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", sentencepiece)),
+        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", sentencepiece)),
         "bos_token": token("bos_token_id"),
         "eos_token": token("eos_token_id"),
         "pad_token": token("padding_token_id"),
         "unk_token": token("unknown_token_id"),
-        "model_max_length": int(_field(reader, f"{arch}.context_length", 2048)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "model_max_length": int(field(reader, f"{arch}.context_length", 2048)),
+        "chat_template": field(reader, "tokenizer.chat_template"),
     }
     (folder / "tokenizer_config.json").write_text(
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"

@@ -35,7 +35,6 @@ import re
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moechat.models import ops
@@ -101,15 +100,7 @@ def moe_grouped(
     weights, experts = route_grouped(
         router_logits, bias, top_k, scoring, topk_method, n_group, topk_group, normalize, scale
     )
-    out = torch.zeros_like(x)
-    for e in range(fc1.shape[0]):
-        token, slot = torch.where(experts == e)
-        if token.numel() == 0:
-            continue
-        h = x[token] @ fc1[e].t()
-        h = F.silu(h[:, 0::2]) * h[:, 1::2]
-        out[token] += (h @ fc2[e].t()) * weights[token, slot, None].to(x.dtype)
-    return out
+    return ops.run_experts(x, weights, experts, fc1, fc2)
 
 
 @moe_grouped.register_fake

@@ -42,6 +42,17 @@ def moe_routed(
     fc2 [E, H, I]. Returns [T, H].
     """
     weights, experts = route(router_logits, top_k, normalize)
+    return run_experts(x, weights, experts, fc1, fc2)
+
+
+def run_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    fc1: torch.Tensor,
+    fc2: torch.Tensor,
+) -> torch.Tensor:
+    """Each expert over the tokens routed to it, weighted: only chosen experts run."""
     out = torch.zeros_like(x)
     for e in range(fc1.shape[0]):
         token, slot = torch.where(experts == e)
