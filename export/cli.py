@@ -64,9 +64,10 @@ def run_export(args: argparse.Namespace) -> int:
 def print_int8_summary(manifest: dict[str, Any]) -> None:
     """Sizes and fidelity on stdout; a loud warning on stderr when a threshold is missed."""
     q, f = manifest["graph"]["quantization"], manifest["fidelity"]
+    level = q.get("weights", "int8")  # "int8", "int4" or "int4 experts, int8"
     print(
         f"size: fp32 package {q['fp32_package_bytes'] / 1e6:.1f} MB, "
-        f"{q['weights']} package {q['int8_package_bytes'] / 1e6:.1f} MB "
+        f"{level} package {q['int8_package_bytes'] / 1e6:.1f} MB "
         f"({q['size_ratio']:.1%} of fp32)"
     )
     routing = f["routing_agreement"]
@@ -82,7 +83,7 @@ def print_int8_summary(manifest: dict[str, Any]) -> None:
     problems += threshold_misses(f)
     if problems:
         bar = "!" * 72
-        lines = [bar, f"WARNING: this {q['weights']} package misses its fidelity/size targets:"]
+        lines = [bar, f"WARNING: this {level} package misses its fidelity/size targets:"]
         lines += [f"  - {p}" for p in problems]
         lines += [
             "  (thresholds are for trained models; random weights miss them). Compare with",
