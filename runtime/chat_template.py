@@ -65,11 +65,13 @@ class ChatMLTemplate:
         return msgs
 
     @staticmethod
-    def _check(role: str, content: str) -> None:
-        if role not in ROLES:
+    def _check(role: object, content: object) -> tuple[str, str]:
+        """``role`` and ``content`` as given, once checked: a known role, string content."""
+        if not isinstance(role, str) or role not in ROLES:
             raise MoechatError(f"unknown chat role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise MoechatError(f"message content for role {role!r} must be a string")
+        return role, content
 
     def turn_ids(self, role: str, content: str) -> list[int]:
         """Ids of one complete turn: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``."""
@@ -101,7 +103,8 @@ class ChatMLTemplate:
                 ids += self.generation_prompt_ids() + [int(t) for t in replies[i]]
                 ids += self.turn_end_ids()
                 continue
-            ids += self.turn_ids(msg.get("role"), msg.get("content"))
+            role, content = self._check(msg.get("role"), msg.get("content"))
+            ids += self.turn_ids(role, content)
         if add_generation_prompt:
             ids += self.generation_prompt_ids()
         return ids
@@ -110,8 +113,7 @@ class ChatMLTemplate:
         """The same prompt as a string (for display and debugging)."""
         parts = []
         for msg in self.with_system(messages):
-            role, content = msg.get("role"), msg.get("content")
-            self._check(role, content)
+            role, content = self._check(msg.get("role"), msg.get("content"))
             parts.append(f"{self.im_start}{role}\n{content}{self.im_end}\n")
         if add_generation_prompt:
             parts.append(f"{self.im_start}assistant\n")
@@ -180,7 +182,7 @@ _PROBES = (
 )
 
 
-def _as_chatml(template: JinjaTemplate) -> ChatMLTemplate | None:
+def _as_chatml(template: ChatTemplate) -> ChatMLTemplate | None:
     """The built-in ChatML renderer when it renders exactly what ``template`` does."""
     tok = template.tokenizer
     try:
@@ -217,7 +219,11 @@ def describe_template(
     """
     specials = {k: v for k, v in special_tokens.items() if k in SPECIAL_KEYS and v}
     if not source:
-        meta = {"format": "chatml", "source": "built-in", "default_system": DEFAULT_SYSTEM}
+        meta: dict[str, object] = {
+            "format": "chatml",
+            "source": "built-in",
+            "default_system": DEFAULT_SYSTEM,
+        }
         try:
             load_template(ChatTemplateSpec(default_system=DEFAULT_SYSTEM), tokenizer_path)
         except MoechatError as err:
