@@ -105,6 +105,7 @@ def _check_text_args(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from moechat.runtime.events import DoneEvent
     from moechat.runtime.generator import generate
     from moechat.runtime.model import load_model
 
@@ -128,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"the prompt is {len(ids)} tokens; the context holds {model.max_context}"
         )
     for event in generate(model, ids, params):
-        if hasattr(event, "finish_reason"):
+        if isinstance(event, DoneEvent):
             done = event
         elif not args.json:
             sys.stdout.write(event.text)
@@ -506,7 +507,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
             None,
         )
         choices = _subcommands(current)
-        if not choices:
+        if dest is None or not choices:  # (no sub-commands: dest is None, choices empty)
             break
         index = next((i for i, a in enumerate(rest) if not a.startswith("-")), None)
         if index is None or rest[index] not in choices:

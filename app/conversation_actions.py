@@ -72,7 +72,7 @@ class ConversationHost(Protocol):
     def _save_reply(
         self, gen: Generation, text: str, *, partial: bool, reason: str | None
     ) -> object: ...
-    def _log(self, text: str, kind: str = "info") -> Awaitable[object]: ...
+    def _log_info(self, text: str, kind: str = "info") -> Awaitable[object]: ...
     async def show_welcome(self) -> None: ...
     # this mixin's own methods, called through ``self``
     async def action_new_chat(self, keep_settings: bool = False) -> None: ...
@@ -82,6 +82,8 @@ class ConversationHost(Protocol):
 
 class ConversationActions:
     """Conversation bookkeeping; its methods need a :class:`ConversationHost` as ``self``."""
+
+    conversation_id: int | None  # (ChatApp's; declared so the mixin's own writes type-check)
 
     async def action_new_chat(self: ConversationHost, keep_settings: bool = False) -> None:
         if self._refuse_while_generating():
@@ -228,6 +230,6 @@ class ConversationActions:
         except (MoechatError, OSError) as err:
             self.notify(f"Export failed: {err}", severity="error")
             return written
-        await self._log("Exported to " + ", ".join(str(p) for p in written))
+        await self._log_info("Exported to " + ", ".join(str(p) for p in written))
         self.notify("Exported " + ", ".join(p.name for p in written), timeout=4)
         return written

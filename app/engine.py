@@ -15,12 +15,19 @@ from moechat.runtime.sampling import SamplingParams
 
 @runtime_checkable
 class ChatEngine(Protocol):
-    model_name: str
-    provider: str
-    max_context: int
-    context_used: int
-    defaults: SamplingParams
-    system_prompt: str | None
+    # read-only for the app (an engine may make them plain attributes or properties)
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def max_context(self) -> int: ...
+    @property
+    def context_used(self) -> int: ...
+    @property
+    def defaults(self) -> SamplingParams: ...
+
+    system_prompt: str | None  # the app sets it
     messages: list[dict]
 
     def send(

@@ -48,12 +48,15 @@ class GenFailed(Message):
         self.error = error
 
 
+GenerationKind = Literal["send", "regen"]
+
+
 @dataclass
 class Generation:
     """UI-side state of the reply being generated."""
 
     id: int
-    kind: Literal["send", "regen"]
+    kind: GenerationKind
     conversation_id: int
     seq: int  # the assistant message's seq in the store
     block: Any = None  # the AssistantMessage widget it streams into

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moechat.app.engine import ChatEngine, EngineSource
 from moechat.runtime.errors import MoechatError
-from moechat.runtime.events import DoneEvent, GenerationStats, TokenEvent
+from moechat.runtime.events import DoneEvent, FinishReason, GenerationStats, TokenEvent
 from moechat.runtime.sampling import SamplingParams
 
 
@@ -124,7 +124,7 @@ class EchoEngine:
         reply = f"echo: {text}"
         out = []
         start = time.perf_counter()
-        reason = "eos"
+        reason: FinishReason = "eos"
         for i, piece in enumerate(re.findall(r"\S+\s*|\s+", reply)):
             if should_stop():
                 reason = "cancelled"

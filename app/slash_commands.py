@@ -34,7 +34,7 @@ class CommandHost(Protocol):
         self, message: str, *, title: str = "", severity: Severity = "information",
         timeout: float | None = None, markup: bool = True,
     ) -> None: ...  # fmt: skip
-    def _log(self, text: str, kind: str = "info") -> Awaitable[object]: ...
+    def _log_info(self, text: str, kind: str = "info") -> Awaitable[object]: ...
     def _set_settings(
         self, params: SamplingParams, system_prompt: str | None, *, save: bool = True
     ) -> None: ...
@@ -111,7 +111,7 @@ class CommandActions:
         if not arg:
             settings = {**self.params.to_dict(), "system": self.system_prompt}
             lines = [f"{k} = {commands.human_value(k, v)}" for k, v in settings.items()]
-            await self._log("Sampling settings:\n" + "\n".join(lines))
+            await self._log_info("Sampling settings:\n" + "\n".join(lines))
             return
         key, value = commands.split_set(arg)
         if key in ("defaults", "default", "reset"):
@@ -142,7 +142,9 @@ class CommandActions:
     async def _command_system(self: CommandHost, arg: str) -> None:
         if not arg:
             current = self.system_prompt or "(none: the model's default)"
-            await self._log(f"System prompt: {current}\nSet it with /system TEXT; /system clear.")
+            await self._log_info(
+                f"System prompt: {current}\nSet it with /system TEXT; /system clear."
+            )
             return
         new = None if arg.strip().lower() in ("clear", "none", "off", "default") else arg
         self._set_settings(self.params, new)

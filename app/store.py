@@ -177,19 +177,20 @@ class ConversationStore:
                     f"cannot create the data dir {Path(self.path).parent}: "
                     f"{err.strerror or err} (set MOECHAT_DATA_DIR to a writable folder)"
                 ) from None
-        self._conn = None  # type: ignore[assignment]
+        conn: sqlite3.Connection | None = None
         try:
-            self._conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA foreign_keys = ON")
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+            self._conn: sqlite3.Connection = conn
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys = ON")
             if self.path != ":memory:":
-                self._conn.execute("PRAGMA journal_mode = WAL")
-                self._conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate(target_version)
             self._check_intact()
         except (sqlite3.DatabaseError, MoechatError) as err:
-            if self._conn is not None:
-                self._conn.close()
+            if conn is not None:
+                conn.close()
             if isinstance(err, MoechatError):
                 raise
             if isinstance(err, sqlite3.OperationalError) and any(
@@ -262,7 +263,9 @@ class ConversationStore:
                 " VALUES (?, ?, ?, ?, ?)",
                 (title, model, now, now, json.dumps(settings or {})),
             )
-            return int(cur.lastrowid)
+            row_id = cur.lastrowid
+            assert row_id is not None  # set by every INSERT that added a row
+            return row_id
 
     def _conversation(self, row: sqlite3.Row) -> Conversation:
         try:

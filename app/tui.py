@@ -12,7 +12,7 @@ import dataclasses
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Footer, Header
 
 from moechat.app import commands, paths
-from moechat.app.conversation_actions import ConversationActions
+from moechat.app.conversation_actions import ConversationActions, Severity
 from moechat.app.engine import ChatEngine, EngineSource, short_provider
 from moechat.app.generation import (
     FLUSH_INTERVAL_S,
@@ -33,6 +33,7 @@ from moechat.app.generation import (
     GenChunk,
     GenDone,
     Generation,
+    GenerationKind,
     GenFailed,
     pump_events,
 )
@@ -186,7 +187,10 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         except Exception as err:  # noqa: BLE001 - shown to the user; the app keeps running
             self.call_from_thread(self._engine_failed, f"{type(err).__name__}: {err}")
         else:
-            self.call_from_thread(self._engine_ready, engine)
+            # in the form call_from_thread takes (T | Awaitable[T]): mypy cannot solve T
+            # from a coroutine function's type alone
+            ready: Callable[[ChatEngine], Awaitable[None] | None] = self._engine_ready
+            self.call_from_thread(ready, engine)
 
     def _engine_failed(self, error: str) -> None:
         self._busy = False
@@ -255,7 +259,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         message: str,
         *,
         title: str = "",
-        severity: str = "information",
+        severity: Severity = "information",
         timeout: float | None = None,
         markup: bool = False,
     ) -> None:
@@ -421,7 +425,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
     async def _hide_welcome(self) -> None:
         await self.chat_log.query(Welcome).remove()
 
-    async def _log(self, text: str, kind: str = "info") -> InfoMessage:
+    async def _log_info(self, text: str, kind: str = "info") -> InfoMessage:
         widget = InfoMessage(text, kind=kind)
         await self.chat_log.mount(widget)
         self.chat_log.anchor()
@@ -501,7 +505,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
 
     def _start(
         self,
-        kind: str,
+        kind: GenerationKind,
         block: AssistantMessage,
         seq: int,
         run: Callable[[Callable[[], bool]], Iterable[TokenEvent | DoneEvent]],
@@ -676,7 +680,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
             )
             hint = "The previous reply was kept."
         self._sync_engine()
-        await self._log(f"Model error: {message.error}", kind="error")
+        await self._log_info(f"Model error: {message.error}", kind="error")
         self.notify(f"{message.error}\n{hint}", title="Model error", severity="error", timeout=10)
         self.status.show(state="error")
         self.refresh_bindings()
@@ -816,15 +820,18 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         self.push_screen(HelpScreen(self._help_keys(), commands.help_lines()))
 
     async def action_quit(self) -> None:
+        self._quit()
+
+    def _quit(self) -> None:
         self.persist_in_progress()
         self.exit(0)
 
-    async def action_help_quit(self) -> None:
+    def action_help_quit(self) -> None:
         """Ctrl+C outside the prompt (Textual only hints at Ctrl+Q): stop a reply, else quit."""
         if self._gen is not None:
             self.action_stop()
         else:
-            await self.action_quit()
+            self._quit()
 
     def action_model_info(self) -> None:
         engine = self.engine
@@ -833,7 +840,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
             return
         switch = "/model PATH loads another package" if self.model_loader else ""
         self.call_later(
-            self._log,
+            self._log_info,
             f"Model {engine.model_name} on {short_provider(engine.provider)}; context "
             f"{engine.context_used}/{engine.max_context} tokens. {switch}".rstrip(),
         )
