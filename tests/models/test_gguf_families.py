@@ -283,8 +283,11 @@ def _metadata_only_gguf(path: Path, arch: str, router: bool = True, **values) ->
                 "head_count_kv": 4, "feed_forward_length": 96, **values}  # fmt: skip
     for key, value in settings.items():
         getattr(w, f"add_{key}")(value)
-    if router and values.get("expert_count"):  # so that the routing is what gets refused
-        w.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((values["expert_count"], 64), "f4"))
+    if values.get("expert_count"):  # block 0 exists, so that the routing is what gets refused
+        if router:
+            w.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((values["expert_count"], 64), "f4"))
+        else:
+            w.add_tensor("blk.0.attn_norm.weight", np.zeros(64, "f4"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -126,6 +126,6 @@ def test_config_roundtrip_and_errors():
     cfg = ModelConfig.from_hf_config(hf_config(TINY_MOE))
     assert cfg == TINY_MOE.with_changes(shared_intermediate_size=TINY_MOE.intermediate_size)
     with pytest.raises(MoechatError, match="unsupported architecture"):
-        ModelConfig(model_type="mixtral")
+        ModelConfig(model_type="phimoe")
     with pytest.raises(MoechatError, match="preset"):
         preset("nope")
