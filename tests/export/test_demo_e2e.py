@@ -55,13 +55,14 @@ def demo_wheel(tmp_path_factory) -> Path:
 def demo_build(tmp_path_factory, demo_wheel):
     """(package dir, build seconds), built through the `moechat demo build` code path."""
     from moechat.app import model_discovery
+    from moechat.app.cli import build_demo_package
 
     data = tmp_path_factory.mktemp("data")
     old = os.environ.get("MOECHAT_DATA_DIR")
     os.environ["MOECHAT_DATA_DIR"] = str(data)
     try:
         start = time.perf_counter()
-        path = model_discovery.build_demo_package(wheel=demo_wheel)
+        path = build_demo_package(wheel=demo_wheel)
         seconds = time.perf_counter() - start
         assert path == model_discovery.demo_package_dir()
         yield path, seconds
