@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import replace
@@ -35,6 +33,7 @@ from gguf_factory import (  # noqa: E402
     make_gguf_family_folder,
     write_k_quant_moe_gguf,
 )
+from llamacpp_sdist import CACHE, LLAMA_CPP_PYTHON, download_sdist  # noqa: E402
 from test_families import assert_matches, distinct_routings, run_package  # noqa: E402
 
 from moechat.export.parity import cpu_decoder  # noqa: E402
@@ -45,8 +44,6 @@ from moechat.runtime.errors import MoechatError  # noqa: E402
 
 from model_factory import export_tiny_package  # noqa: E402
 
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moechat-tests"
 FAMILIES = [*GGUF_OVERRIDES, "deepseek"]
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
         "granitemoe": "granitemoe", "deepseek": "deepseek"}  # fmt: skip
@@ -77,18 +74,9 @@ def llama_cpp() -> Path:
         return target
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", LLAMA_CPP_PYTHON, "-d", tmp]  # fmt: skip
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"llama.cpp's converter: pip download {LLAMA_CPP_PYTHON} timed out")
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if result.returncode != 0 or not sdists:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"llama.cpp's converter: PyPI unreachable? pip download failed: {last}")
+        sdist = download_sdist(Path(tmp), "llama.cpp's converter")
         unpacked = Path(tmp) / "llama.cpp"
-        _unpack_converter(sdists[0], unpacked)
+        _unpack_converter(sdist, unpacked)
         shutil.rmtree(target, ignore_errors=True)
         unpacked.rename(target)
     return target

@@ -41,7 +41,8 @@ pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
 import gguf  # noqa: E402
-from test_gguf_families import CACHE, LLAMA_CPP_PYTHON, llama_cpp  # noqa: E402, F401
+from llamacpp_sdist import CACHE, LLAMA_CPP_PYTHON, download_sdist  # noqa: E402
+from test_gguf_families import llama_cpp  # noqa: E402, F401
 from tokenizers import (  # noqa: E402
     AddedToken,
     Regex,
@@ -567,19 +568,10 @@ def llama_cpp_vocabs() -> Path:
         return VOCAB_DIR
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", LLAMA_CPP_PYTHON, "-d", tmp]  # fmt: skip
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"llama.cpp's vocabularies: pip download {LLAMA_CPP_PYTHON} timed out")
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if result.returncode != 0 or not sdists:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            pytest.skip(f"llama.cpp's vocabularies: PyPI unreachable? pip download failed: {last}")
+        sdist = download_sdist(Path(tmp), "llama.cpp's vocabularies")
         unpacked = Path(tmp) / "vocabs"
         unpacked.mkdir()
-        with tarfile.open(sdists[0]) as tar:
+        with tarfile.open(sdist) as tar:
             for member in tar.getmembers():
                 if member.isfile() and member.name.endswith(tuple(f"/models/{n}" for n in names)):
                     source = tar.extractfile(member)
