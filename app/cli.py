@@ -307,7 +307,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from moechat.app.tui import run_chat_app
 
     data_dir = Path(args.data_dir) if args.data_dir else None
-    return run_chat_app(_resolve_model(args.model, args.yes), device=args.device, data_dir=data_dir)
+    return run_chat_app(
+        _resolve_model(args.model, args.yes), device=args.device, data_dir=data_dir,
+        threads=args.threads, max_context=args.max_context,
+    )  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -56,6 +56,8 @@ def run_chat_app(
     conversation_id: int | None = None,
     resume: bool = False,
     export_dir: Path | None = None,
+    threads: int | None = None,
+    max_context: int | None = None,
 ) -> int:
     """Open the chat app on the model package in ``model_dir``; returns the exit code.
 
@@ -73,7 +75,8 @@ def run_chat_app(
         from moechat.runtime.chat import ChatSession
         from moechat.runtime.model import load_model
 
-        return ChatSession(load_model(path, device=device), system_prompt=None)
+        model = load_model(path, device=device, max_context=max_context, threads=threads)
+        return ChatSession(model, system_prompt=None)
 
     def load() -> ChatEngine:
         return load_package(model_dir)

@@ -239,3 +239,33 @@ def test_info_is_readable_and_a_removed_source_is_not_shown_as_real(tiny_package
     (pkg / "moechat.json").write_text(json.dumps(manifest))
     assert main(["info", str(pkg)]) == 0
     assert "tmpbuild-gone: no longer on this machine" in capsys.readouterr().out
+
+
+def test_chat_passes_threads_and_context_cap_to_the_model(tiny_package, tmp_path, monkeypatch):
+    """`moechat chat --threads 1 --max-context 32` loads the model with both (the app's
+    loader runs in the app; here its load function is called directly)."""
+    import moechat.app.tui as tui
+    from moechat.app import launch
+
+    seen = {}
+
+    class FakeApp:
+        return_code = 0
+
+        def __init__(self, load, store, **kwargs):
+            seen["engine"] = load()
+
+        def run(self):
+            return None
+
+        def persist_in_progress(self):
+            return None
+
+    monkeypatch.setattr(tui, "ChatApp", FakeApp)
+    monkeypatch.setattr(launch, "ChatApp", FakeApp, raising=False)
+    code = main(["chat", str(tiny_package), "--threads", "1", "--max-context", "32",
+                 "--data-dir", str(tmp_path / "data")])  # fmt: skip
+    assert code == 0
+    model = seen["engine"].model
+    assert model.max_context == 32
+    assert model.decoder.session.get_session_options().intra_op_num_threads == 1
