@@ -140,5 +140,30 @@ def package_facts(manifest: dict[str, Any]) -> list[str]:
             + (f", limit {limit}" if limit else "")
             + ") on held-out English text"
         )
+    if isinstance(manifest.get("experts"), dict):
+        lines.append(f"experts       {experts_text(manifest['experts'])}")
     lines.append(f"source        {source_text(manifest.get('provenance') or {}, demo)}")
     return lines
+
+
+def experts_text(experts: dict[str, Any]) -> str:
+    """What `moechat experts extract / prune` made of the source, and the perplexities."""
+    if isinstance(extract := experts.get("extract"), dict):
+        which = extract.get("expert")
+        what = "the mean of all routed experts" if which == "merge" else f"routed expert {which}"
+        text = (
+            f"{what} of {extract.get('of', '?')} extracted from {extract.get('source', '?')} "
+            "(dense: 1 expert, weight 1)"
+        )
+    elif isinstance(prune := experts.get("prune"), dict):
+        text = (
+            f"pruned from {prune.get('of', '?')} to {prune.get('keep', '?')} routed experts "
+            f"per layer ({prune.get('source', '?')})"
+        )
+    else:
+        text = "rewritten"
+    ppl = experts.get("perplexity") or {}
+    before, after = (ppl.get(k, {}).get("perplexity") for k in ("source", "new"))
+    if isinstance(before, float) and isinstance(after, float):
+        text += f"; perplexity {before:.2f} -> {after:.2f} on {experts.get('text', '?')}"
+    return text

@@ -1,0 +1,1 @@
+"""Expert tools on exported packages: extract, prune (``moechat experts``)."""
