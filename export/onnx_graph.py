@@ -33,8 +33,10 @@ from moechat.export.graph_rewrites import (
     pack_attention_inputs,
 )
 from moechat.export.lowering import translation_table
+from moechat.export.routing_outputs import expose_router_logits
 from moechat.models.mla import MLAttention
 from moechat.models.modeling import CausalLM, MoEFeedForward
+from moechat.runtime.routing import moe_layers
 
 MOE_IMPLS = ("contrib", "ops")
 ATTENTION_IMPLS = ("gqa", "ops")
@@ -133,6 +135,8 @@ def export_decoder(
     pack_attention_inputs(proto)
     if residual_norms and attention == "gqa":  # not in standard-op graphs (DirectML)
         fuse_residual_norms(proto)
+    # last: the rewrites above find routers by structure, not by name
+    expose_router_logits(proto, moe_layers(model.config.to_dict()))
     save_model(proto, path)
 
 

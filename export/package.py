@@ -23,6 +23,7 @@ import moechat
 from moechat.export.onnx_graph import export_decoder
 from moechat.export.options import ExportOptions
 from moechat.export.parity import DECODE_STEPS, cpu_decoder, measure_parity, parity_prompts
+from moechat.export.routing_outputs import routing_section
 from moechat.models.loading import LoadedCheckpoint
 from moechat.models.modeling import parameter_counts
 from moechat.runtime.chat_template import describe_template
@@ -386,8 +387,9 @@ def build_manifest(
             # MLA graphs output only the new positions as present (models/mla.py)
             "kv_present": "new" if cfg.is_mla else "total",
             "inputs": "input_ids, attention_mask, logits_positions, past_key_values.{i}.{key,value}",
-            "outputs": "logits, present.{i}.{key,value}",
+            "outputs": "logits, present.{i}.{key,value}, router_logits.{moe layer}",
         },
+        "routing": routing_section(ckpt.model),
         "tokenizer": tokenizer_meta,
         "chat_template": chat,
         "defaults": {

@@ -50,8 +50,11 @@ class Decoder:
         initial_capacity: int = INITIAL_CAPACITY,
         value_head_dim: int | None = None,
         present_new_only: bool = False,
+        routing_outputs: Sequence[str] = (),
     ) -> None:
         self.session = session
+        # router logits outputs (runtime/routing.py): fetched only by forward_routed
+        self.routing_outputs = list(routing_outputs)
         self._new_only = present_new_only
         provider = session.get_providers()[0]
         if present_new_only and (_ORT_DEVICE.get(provider, "cpu") != "cpu" or kv_heads != 1):
@@ -179,6 +182,30 @@ class Decoder:
         self, token_ids: Sequence[int] | np.ndarray, logits_for: str = "last"
     ) -> np.ndarray:
         """Append ``token_ids`` to the cache; return logits [n, vocab] for the last or all positions."""
+        return self._run(token_ids, logits_for, routing=False)[0]
+
+    def forward_routed(
+        self, token_ids: Sequence[int] | np.ndarray, logits_for: str = "last"
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """:meth:`forward`, also fetching each MoE layer's router logits [n, experts] (in
+        the order of ``routing_outputs``)."""
+        if not self.routing_outputs:
+            raise MoechatError("this graph has no routing outputs")
+        return self._run(token_ids, logits_for, routing=True)
+
+    def _restore_outputs(self) -> None:
+        """Unbind the routing outputs after a routed step: logits first, then the cache."""
+        b = self._binding
+        b.clear_binding_outputs()
+        b.bind_output("logits", "cpu")
+        if self._device != "cpu":
+            self._bind(self._buffers)
+        elif not self._new_only:  # new-only graphs bind the cache per step
+            self._bind_views()
+
+    def _run(
+        self, token_ids: Sequence[int] | np.ndarray, logits_for: str, routing: bool
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
         if n == 0:
@@ -202,6 +229,8 @@ class Decoder:
             b.bind_cpu_input("input_ids", ids)
             b.bind_cpu_input("attention_mask", mask)
             b.bind_cpu_input("logits_positions", positions)
+            for name in self.routing_outputs if routing else ():
+                b.bind_output(name, "cpu")  # after logits and the cache: the last outputs
             if len(positions) == 1 and self._last_logits is not None:
                 array, value = self._last_logits
                 b.bind_ortvalue_output("logits", value)
@@ -211,19 +240,27 @@ class Decoder:
                 b.bind_output("logits", "cpu")  # rebinding keeps its slot: get_outputs()[0]
                 self.session.run_with_iobinding(b)
                 logits = b.get_outputs()[0].numpy()
+            routers: list[np.ndarray] = []
+            if routing:
+                fetched = b.get_outputs()[-len(self.routing_outputs) :]
+                routers = [v.numpy() for v in fetched]
+                self._restore_outputs()
         else:
             feeds = {"input_ids": ids, "attention_mask": mask, "logits_positions": positions}
             feeds.update(
                 {past: arr for (past, _), arr in zip(self._kv_names, self._arrays, strict=True)}
             )
-            outputs = self.session.run(None, feeds)
+            names = ["logits"] + [present for _, present in self._kv_names]
+            outputs = self.session.run(names + (self.routing_outputs if routing else []), feeds)
             logits = outputs[0]
+            presents, routers = outputs[1 : len(names)], outputs[len(names) :]
             if self._new_only:
                 self._arrays = [
                     np.concatenate((a, o), axis=2)
-                    for a, o in zip(self._arrays, outputs[1:], strict=True)
+                    for a, o in zip(self._arrays, presents, strict=True)
                 ]
             else:
-                self._arrays = outputs[1:]
+                self._arrays = presents
         self.length += n
-        return logits[0].astype(np.float32, copy=False)
+        routers = [r.reshape(n, -1).astype(np.float32, copy=False) for r in routers]
+        return logits[0].astype(np.float32, copy=False), routers

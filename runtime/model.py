@@ -14,6 +14,7 @@ from moechat.runtime.decoder import Decoder
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.package import ModelPackage, load_package
 from moechat.runtime.providers import create_session, resolve_device
+from moechat.runtime.routing import PackageRouting, package_routing
 from moechat.runtime.sampling import SamplingParams
 from moechat.runtime.tokenizer import TextTokenizer
 
@@ -28,6 +29,7 @@ class LoadedModel:
     defaults: SamplingParams
     eos_token_ids: frozenset[int]
     huge_page_bytes: int = 0  # weights moved onto transparent huge pages (runtime/hugepages.py)
+    routing: PackageRouting | None = None  # the graph's router outputs (runtime/routing.py)
 
     @property
     def name(self) -> str:
@@ -129,6 +131,14 @@ def load_model(
     if static_cache and attention != "gqa" and not new_only:
         raise MoechatError("a static KV cache needs a GroupQueryAttention graph")
     kv_dtype = np.float16 if graph.kv_dtype == "float16" else np.float32
+    routing = package_routing(arch.fields, package.spec.raw.get("routing"), str(package.path))
+    if routing is not None:
+        names = {o.name for o in session.get_outputs()}
+        if missing := [o for o in routing.outputs if o not in names]:
+            raise MoechatError(
+                f"package {package.path} is damaged: the graph {graph_path.name} has no "
+                f"routing output {missing[0]!r}, which moechat.json names"
+            )
     decoder = Decoder(
         session,
         num_layers=arch.num_hidden_layers,
@@ -139,6 +149,7 @@ def load_model(
         kv_dtype=kv_dtype,
         value_head_dim=arch.value_dim,
         present_new_only=new_only,
+        routing_outputs=routing.outputs if routing is not None else (),
     )
     tokenizer, template = load_template(package.spec.chat_template, package.tokenizer_path)
     if tokenizer.vocab_size > arch.vocab_size:
@@ -156,4 +167,5 @@ def load_model(
         defaults=defaults,
         eos_token_ids=frozenset(package.spec.tokenizer.eos_token_ids),
         huge_page_bytes=huge_page_bytes,
+        routing=routing,
     )
