@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from moechat import __version__
+from moechat.app.experts_cli import add_experts_parser
 from moechat.runtime.errors import MoechatError
 
 
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-y", "--yes", action="store_true", help="accepted for symmetry: "
                    "`demo build` never asks")  # fmt: skip
     p.set_defaults(func=cmd_demo)
+    add_experts_parser(sub)
     for name in MODEL_FLAG_COMMANDS:
         sub.choices[name].add_argument(
             "--model", dest="model_flag", metavar="PATH",
