@@ -1,4 +1,4 @@
-"""The anchors, by name: one adapter module per engine (see ``common.Anchor``)."""
+"""The anchors, by name: one adapter per engine (see ``common.Anchor``)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from moechat.export.bench_anchors import genai, llama_cpp, pytorch
 from moechat.export.bench_anchors.common import Anchor
 
 ENGINES: dict[str, Anchor] = {
-    module.NAME: cast(Anchor, module) for module in (pytorch, genai, llama_cpp)
+    anchor.NAME: cast(Anchor, anchor)
+    for anchor in (pytorch, genai, llama_cpp.LLAMA_CPP, llama_cpp.LLAMA_CPP_Q4_K_M)
 }
 ANCHORS = tuple(ENGINES)

@@ -150,9 +150,15 @@ def test_plan_reasons(tiny_package, monkeypatch, tmp_path):
     hf_llama = _manifest(
         tiny_package, architecture__model_type="llama", architecture__use_moe=False
     )
+    monkeypatch.delenv(llama_cpp.CONVERTER_ENV, raising=False)
     reasons = compare.plan(hf_llama)
     assert reasons["onnxruntime-genai"] is None
-    assert "not a GGUF" in reasons["llama.cpp"]
+    assert llama_cpp.CONVERTER_ENV in reasons["llama.cpp"]  # HF source: needs the converter
+    assert "4-bit packages" in reasons["llama.cpp-Q4_K_M"]  # an fp32 package
+    pth = _manifest(tiny_package, provenance__source=str(tmp_path / "model.pth"))
+    (tmp_path / "model.pth").write_bytes(b"")
+    pth["architecture"].update(model_type="llama", use_moe=False)
+    assert "not a GGUF" in compare.plan(pth)["llama.cpp"]
 
     monkeypatch.setattr(common, "installed", lambda module: False)
     none = compare.plan(hf_llama)
