@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from moechat import __version__
@@ -33,6 +35,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--max-context", type=int, help="cap the context (and KV memory) below the model's"
     )
     p.add_argument("--threads", type=int, help="CPU threads (default: onnxruntime's choice)")
+    p.add_argument(
+        "--experts-per-token", type=int, metavar="K",
+        help="MoE: run K routed experts per token, 1..trained (MOECHAT_EXPERTS_PER_TOKEN)",
+    )  # fmt: skip
 
 
 def _sampling_params(args: argparse.Namespace, defaults):
@@ -585,6 +591,26 @@ def print_version() -> None:
     print(f"providers {', '.join(onnxruntime.get_available_providers())}")
 
 
+@contextlib.contextmanager
+def _experts_per_token(k: int | None) -> Iterator[None]:
+    """--experts-per-token reaches every model this command loads (chat, serve, bench's
+    worker processes too) as MOECHAT_EXPERTS_PER_TOKEN (runtime/topk.py), for this call."""
+    from moechat.runtime.topk import ENV
+
+    if k is None:
+        yield
+        return
+    old = os.environ.get(ENV)
+    os.environ[ENV] = str(k)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -599,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
             from moechat.runtime.providers import resolve_threads
 
             resolve_threads(args.threads)
-        return cmd_selfcheck(args) if args.selfcheck else args.func(args)
+        with _experts_per_token(getattr(args, "experts_per_token", None)):
+            return cmd_selfcheck(args) if args.selfcheck else args.func(args)
     except MoechatError as err:
         print(f"moechat: error: {err}", file=sys.stderr)
         return 1

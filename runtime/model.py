@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from moechat.runtime import hugepages
+from moechat.runtime import hugepages, topk
 from moechat.runtime.chat_template import ChatTemplate, load_template
 from moechat.runtime.decoder import Decoder
 from moechat.runtime.errors import MoechatError
@@ -29,6 +29,7 @@ class LoadedModel:
     defaults: SamplingParams
     eos_token_ids: frozenset[int]
     huge_page_bytes: int = 0  # weights moved onto transparent huge pages (runtime/hugepages.py)
+    experts_per_token: int | None = None  # routed experts per token, when lowered (topk.py)
     routing: PackageRouting | None = None  # the graph's router outputs (runtime/routing.py)
 
     @property
@@ -100,9 +101,13 @@ def load_model(
     max_context: int | None = None,
     threads: int | None = None,
     static_cache: bool | None = None,
+    experts_per_token: int | None = None,
 ) -> LoadedModel:
-    """Open a package; ``max_context`` caps the KV buffers (memory) below the package's."""
+    """Open a package; ``max_context`` caps the KV buffers (memory) below the package's;
+    ``experts_per_token`` (default: ``MOECHAT_EXPERTS_PER_TOKEN``) lowers the routed experts
+    each token runs (runtime/topk.py)."""
     package = load_package(path)
+    top_k = topk.requested(experts_per_token)
     provider = resolve_device(device)
     if max_context is not None:
         if max_context < 16:
@@ -115,12 +120,15 @@ def load_model(
     graph, arch = package.spec.graph, package.spec.architecture
     variant = _graph_variant(package, provider)
     graph_path = package.graph_path(variant)
+    edited = (
+        None if top_k is None else topk.graph_bytes_for(graph_path, package.architecture, top_k)
+    )
     if provider == "CPUExecutionProvider":  # weights in host memory: see runtime/hugepages.py
         session, huge_page_bytes = hugepages.create_on_huge_pages(
-            lambda: create_session(graph_path, provider, threads)
+            lambda: create_session(graph_path, provider, threads, edited)
         )
     else:
-        session, huge_page_bytes = create_session(graph_path, provider, threads), 0
+        session, huge_page_bytes = create_session(graph_path, provider, threads, edited), 0
     check_graph_interface(session, package, graph_path.name)
     attention = (
         graph.variant_attention.get(variant, graph.attention) if variant else graph.attention

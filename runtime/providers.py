@@ -105,14 +105,22 @@ def session_config_entries(text: str) -> list[tuple[str, str]]:
 
 
 def create_session(
-    model_path: Path, provider: str, threads: int | None = None
+    model_path: Path, provider: str, threads: int | None = None, model_bytes: bytes | None = None
 ) -> ort.InferenceSession:
+    """``model_bytes``: an edited copy of the graph at ``model_path`` (runtime/topk.py); its
+    external weights are read from beside ``model_path``."""
     providers = (
         [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     )
     options = session_options(provider, threads)  # its own errors are not onnxruntime's
+    source: str | bytes = str(model_path)
+    if model_bytes is not None:
+        source = model_bytes
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(Path(model_path).parent)
+        )
     try:
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as err:  # onnxruntime raises several unrelated exception types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise MoechatError(f"cannot load {model_path.name} with {provider}: {first}") from None
