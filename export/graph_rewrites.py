@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from moechat.export.lazy_weights import concatenated, renamed, transposed
+
 MSFT_DOMAIN = "com.microsoft"
 
 
@@ -111,11 +113,11 @@ def gemm_to_matmul(model: onnx.ModelProto, keep: AbstractSet[str] = frozenset())
         ):
             new_nodes.append(node)
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        if attribute(node, "transB", 0):
-            w = w.T
         w_name = f"{node.input[1]}_matmul"
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        if attribute(node, "transB", 0):
+            graph.initializer.append(transposed(inits[node.input[1]], w_name))
+        else:
+            graph.initializer.append(renamed(inits[node.input[1]], w_name))
         has_bias = len(node.input) > 2 and node.input[2]
         out = node.output[0]
         mm_out = f"{out}_matmul" if has_bias else out
@@ -171,10 +173,10 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, skip: AbstractSet[str] = f
     groups = _fusable_groups(graph, inits, set(skip))
     for i, nodes in enumerate(groups):
         base = f"{nodes[0].name}_fused{i}"
-        arrays = [numpy_helper.to_array(inits[n.input[1]]) for n in nodes]
-        widths = np.array([a.shape[1] for a in arrays], dtype=np.int64)
+        weights = [inits[n.input[1]] for n in nodes]
+        widths = np.array([w.dims[1] for w in weights], dtype=np.int64)
         graph.initializer.extend([
-            numpy_helper.from_array(np.concatenate(arrays, axis=1), base + "_weight"),
+            concatenated(weights, base + "_weight"),
             numpy_helper.from_array(widths, base + "_widths"),
         ])  # fmt: skip
         matmul = helper.make_node(

@@ -19,7 +19,9 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxscript.optimizer
@@ -34,6 +36,7 @@ from moechat.export.graph_rewrites import (
 )
 from moechat.export.lowering import translation_table
 from moechat.export.routing_outputs import expose_router_logits
+from moechat.models.config import ModelConfig
 from moechat.models.mla import MLAttention
 from moechat.models.modeling import CausalLM, MoEFeedForward
 from moechat.runtime.routing import moe_layers
@@ -95,10 +98,37 @@ def export_decoder(
     that op measured 30x further from PyTorch than the unfused ops (1.4e-2 vs 4.3e-4
     of the logit scale on the tiny MoE, CPU provider).
     """
+    cfg = model.config
+    program = trace_program(model, moe_impl, attention)
+    proto = program.model_proto
+    # Fold per-expert weight slices/transposes of the standard-op lowering into plain
+    # initializers, so MatMuls read constant weights (and the int8 quantizer finds them).
+    onnxscript.optimizer.fold_constants(proto, input_size_limit=1 << 30, output_size_limit=1 << 30)
+    rewrite_graph(proto, cfg, attention, residual_norms)
+    save_model(proto, path)
+
+
+def trace_program(
+    model: CausalLM,
+    moe_impl: str,
+    attention: str,
+    before_optimize: Callable[[Any], None] | None = None,
+) -> torch.onnx.ONNXProgram:
+    """torch.onnx's program for ``model``; ``before_optimize`` gets its onnx_ir model
+    before torch.onnx's optimizer runs (the streamed export swaps in lazy weights)."""
     if moe_impl not in MOE_IMPLS:
         raise ValueError(f"moe_impl must be one of {MOE_IMPLS}")
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}")
+    from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+
+    optimize = ONNXProgram.optimize
+
+    def swap_then_optimize(program: ONNXProgram) -> None:
+        if before_optimize is not None:
+            before_optimize(program.model)
+        optimize(program)
+
     model.eval()
     model.set_attention_variant(attention == "gqa")
     for module in model.modules():
@@ -108,10 +138,12 @@ def export_decoder(
             module.new_only = True
     inputs, outputs = io_names(model.config.num_hidden_layers)
     try:
+        ONNXProgram.optimize = swap_then_optimize  # type: ignore[method-assign]
         with _quiet(), torch.no_grad():
-            program = torch.onnx.export(
+            return torch.onnx.export(
                 model,
-                _example_inputs(model),
+                # on the model's device: the meta device for the streamed export's tracing
+                tuple(t.to(model.cos_cache.device) for t in _example_inputs(model)),
                 dynamo=True,
                 input_names=inputs,
                 output_names=outputs,
@@ -120,15 +152,18 @@ def export_decoder(
                 optimize=True,
             )
     finally:
+        ONNXProgram.optimize = optimize  # type: ignore[method-assign]
         for module in model.modules():
             if isinstance(module, MoEFeedForward):
                 module.packed = None
             if isinstance(module, MLAttention):
                 module.new_only = False
-    proto = program.model_proto
-    # Fold per-expert weight slices/transposes of the standard-op lowering into plain
-    # initializers, so MatMuls read constant weights (and the int8 quantizer finds them).
-    onnxscript.optimizer.fold_constants(proto, input_size_limit=1 << 30, output_size_limit=1 << 30)
+
+
+def rewrite_graph(
+    proto: onnx.ModelProto, cfg: ModelConfig, attention: str, residual_norms: bool
+) -> None:
+    """The exact rewrites every traced graph gets (after constant folding)."""
     routers = {node.name for node in find_routers(proto)}
     gemm_to_matmul(proto, keep=routers)
     fuse_shared_input_matmuls(proto, skip=routers)
@@ -136,8 +171,7 @@ def export_decoder(
     if residual_norms and attention == "gqa":  # not in standard-op graphs (DirectML)
         fuse_residual_norms(proto)
     # last: the rewrites above find routers by structure, not by name
-    expose_router_logits(proto, moe_layers(model.config.to_dict()))
-    save_model(proto, path)
+    expose_router_logits(proto, moe_layers(cfg.to_dict()))
 
 
 def save_model(proto: onnx.ModelProto, path: Path) -> None:

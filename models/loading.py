@@ -65,19 +65,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def clean_key(key: str) -> str | None:
+    """A checkpoint key without wrapper prefixes; None for recomputed buffers."""
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    if "rotary_emb" in key or key.endswith(("freqs_cos", "freqs_sin")):
+        return None  # recomputed buffers
+    return key
+
+
 def normalise_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        if "rotary_emb" in key or key.endswith(("freqs_cos", "freqs_sin")):
-            continue  # recomputed buffers
-        out[key] = value.float()
-    return out
+    return {k: v.float() for key, v in state.items() if (k := clean_key(key)) is not None}
 
 
-def _check_sizes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+def check_sizes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
     """Cheap checks of config.json's sizes against the weights, before building anything
     (a config claiming a million layers must not build a million modules first)."""
     layers = {int(m[1]) for k in state if (m := re.match(r"model\.layers\.(\d+)\.", k))}
@@ -106,26 +108,11 @@ def _check_sizes(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> None:
         )
 
 
-def build_model(
+def check_names_and_shapes(
     cfg: ModelConfig, state: dict[str, torch.Tensor], max_positions: int = 4096
-) -> CausalLM:
-    """Instantiate ``cfg`` and load ``state`` strictly (names and shapes must match).
-
-    Names and shapes are checked against a model built on the meta device first, so a
-    config whose sizes disagree with the weights fails before anything is allocated.
-    """
-    state = to_internal_keys(normalise_keys(state), cfg)
-    _check_sizes(cfg, state)
-    if cfg.tie_word_embeddings or "lm_head.weight" not in state:
-        if "lm_head.weight" in state and "model.embed_tokens.weight" not in state:
-            state["model.embed_tokens.weight"] = state["lm_head.weight"]
-        if "lm_head.weight" in state and not torch.equal(
-            state["lm_head.weight"], state["model.embed_tokens.weight"]
-        ):
-            cfg = cfg.with_changes(tie_word_embeddings=False)
-        else:
-            cfg = cfg.with_changes(tie_word_embeddings=True)
-            state.pop("lm_head.weight", None)
+) -> None:
+    """``state`` (internal names; tensors may be on the meta device) against the
+    parameters of ``cfg``'s model built on the meta device: names and shapes must match."""
     with torch.device("meta"):
         expected = dict(CausalLM(cfg, max_positions=max_positions).state_dict())
     if cfg.tie_word_embeddings:
@@ -141,6 +128,29 @@ def build_model(
                 f"checkpoint does not match the config: {key} has shape {tuple(tensor.shape)}, "
                 f"config expects {tuple(expected[key].shape)} (wrong preset or flags?)"
             )
+
+
+def build_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], max_positions: int = 4096
+) -> CausalLM:
+    """Instantiate ``cfg`` and load ``state`` strictly (names and shapes must match).
+
+    Names and shapes are checked against a model built on the meta device first, so a
+    config whose sizes disagree with the weights fails before anything is allocated.
+    """
+    state = to_internal_keys(normalise_keys(state), cfg)
+    check_sizes(cfg, state)
+    if cfg.tie_word_embeddings or "lm_head.weight" not in state:
+        if "lm_head.weight" in state and "model.embed_tokens.weight" not in state:
+            state["model.embed_tokens.weight"] = state["lm_head.weight"]
+        if "lm_head.weight" in state and not torch.equal(
+            state["lm_head.weight"], state["model.embed_tokens.weight"]
+        ):
+            cfg = cfg.with_changes(tie_word_embeddings=False)
+        else:
+            cfg = cfg.with_changes(tie_word_embeddings=True)
+            state.pop("lm_head.weight", None)
+    check_names_and_shapes(cfg, state, max_positions)
     model = CausalLM(cfg, max_positions=max_positions)
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings)
     return model.eval()

@@ -1,0 +1,160 @@
+"""A checkpoint read tensor by tensor: safetensors shards memory-mapped, never loaded whole.
+
+``moechat export`` of a large model never builds the model in float32: the graph is
+traced from a model whose weights are fake (export/streamed.py) and each weight is read
+from its shard when it is written (bf16/fp16 -> float32, one tensor or row block at a
+time). Names are the checkpoint's keys mapped to :class:`CausalLM`'s exactly as
+:func:`moechat.models.loading.build_model` maps them, and checked the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moechat.models.config import ModelConfig
+from moechat.models.families import _STACKED, to_internal_keys
+from moechat.models.loading import check_names_and_shapes, check_sizes, clean_key, weight_files
+from moechat.models.modeling import CausalLM
+from moechat.runtime.errors import MoechatError
+
+# Rows read at once when comparing or converting a large tensor: ~64 MB of float32.
+_BLOCK_BYTES = 64 << 20
+
+
+def not_streamable(folder: Path) -> str | None:
+    """Why the checkpoint in ``folder`` cannot be exported streamed (None: it can)."""
+    files = weight_files(folder)
+    if any(f.suffix != ".safetensors" for f in files):
+        return "its weights are not safetensors"
+    cfg = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text("utf-8")))
+    if cfg.is_mla:
+        return "multi-head latent attention weights are rearranged at load"
+    return None
+
+
+@dataclass
+class StreamedCheckpoint:
+    """What :class:`moechat.models.loading.LoadedCheckpoint` holds, minus the model."""
+
+    config: ModelConfig
+    source: Path
+    weight_files: list[Path]
+    tokenizer_dir: Path | None
+    keys: dict[str, tuple[int, str]]  # internal name -> (index in weight_files, key)
+    shapes: dict[str, tuple[int, ...]]
+    model: CausalLM  # on the meta device: the structure to trace, no weights
+    _files: ExitStack = field(default_factory=ExitStack, repr=False)
+    _handles: list = field(default_factory=list, repr=False)
+
+    def _handle(self, index: int):
+        from safetensors import safe_open
+
+        while len(self._handles) < len(self.weight_files):
+            f = self.weight_files[len(self._handles)]
+            self._handles.append(self._files.enter_context(safe_open(str(f), "pt")))
+        return self._handles[index]
+
+    def read(self, name: str, index: tuple | slice = slice(None)) -> torch.Tensor:
+        """``tensor[name][index]`` as float32, read from the memory-mapped shard."""
+        shard, key = self.keys[name]
+        return self._handle(shard).get_slice(key)[index].float()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def row_blocks(self, name: str) -> Iterator[torch.Tensor]:
+        """``tensor[name]`` in blocks of whole rows (first axis), float32."""
+        shape = self.shapes[name]
+        row = max(1, int(torch.tensor(shape[1:]).prod()) * 4) if len(shape) > 1 else 4
+        step = max(1, _BLOCK_BYTES // row)
+        for start in range(0, shape[0], step):
+            yield self.read(name, slice(start, min(start + step, shape[0])))
+
+    def layer_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer ``index``'s weights (float32), names relative to the layer."""
+        prefix = f"model.layers.{index}."
+        return {k[len(prefix) :]: self.tensor(k) for k in self.keys if k.startswith(prefix)}
+
+    def close(self) -> None:
+        self._files.close()
+        self._handles.clear()
+
+
+def _same_tensor(ckpt: StreamedCheckpoint, a: str, b: str) -> bool:
+    if ckpt.shapes[a] != ckpt.shapes[b]:
+        return False
+    blocks = zip(ckpt.row_blocks(a), ckpt.row_blocks(b), strict=True)
+    return all(torch.equal(x, y) for x, y in blocks)
+
+
+def open_streamed(folder: Path, max_positions: int = 4096) -> StreamedCheckpoint:
+    """Index ``folder``'s safetensors shards; check names and shapes as a load would."""
+    from safetensors import safe_open
+
+    reason = not_streamable(folder)
+    if reason is not None:
+        raise MoechatError(f"{folder} cannot be exported streamed: {reason}")
+    cfg = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text("utf-8")))
+    files = weight_files(folder)
+    # meta tensors stand in for the weights: renames keep the object, so each internal
+    # name leads back to its shard and key
+    origin: dict[int, tuple[int, str]] = {}
+    state: dict[str, torch.Tensor] = {}
+    for shard, path in enumerate(files):
+        try:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():
+                    name = clean_key(key)
+                    if name is None:
+                        continue
+                    if _STACKED.match(name):
+                        raise MoechatError(
+                            f"{folder} cannot be exported streamed: {key} stacks the experts"
+                        )
+                    meta = torch.empty(f.get_slice(key).get_shape(), device="meta")
+                    origin[id(meta)] = (shard, key)
+                    state[name] = meta
+        except MoechatError:
+            raise
+        except Exception as err:
+            raise MoechatError(f"cannot read {path}: {err}") from None
+    state = to_internal_keys(state, cfg)
+    keys = {name: origin[id(t)] for name, t in state.items()}
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    check_sizes(cfg, state)
+    ckpt = StreamedCheckpoint(cfg, folder, files, folder, keys, shapes, meta_model(cfg))
+    # tied embeddings as build_model decides them: one table, or an lm_head of its own
+    if cfg.tie_word_embeddings or "lm_head.weight" not in keys:
+        if "lm_head.weight" in keys and "model.embed_tokens.weight" not in keys:
+            keys["model.embed_tokens.weight"] = keys["lm_head.weight"]
+            shapes["model.embed_tokens.weight"] = shapes["lm_head.weight"]
+        if "lm_head.weight" in keys and not _same_tensor(
+            ckpt, "lm_head.weight", "model.embed_tokens.weight"
+        ):
+            ckpt.config = cfg = cfg.with_changes(tie_word_embeddings=False)
+        else:
+            ckpt.config = cfg = cfg.with_changes(tie_word_embeddings=True)
+            keys.pop("lm_head.weight", None)
+            shapes.pop("lm_head.weight", None)
+    check_names_and_shapes(cfg, {k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    ckpt.model = meta_model(cfg, max_positions)
+    if cfg.tie_word_embeddings:  # the traced graph names the shared table lm_head.weight
+        keys["lm_head.weight"] = keys["model.embed_tokens.weight"]
+        shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
+    return ckpt
+
+
+def meta_model(cfg: ModelConfig, max_positions: int = 4096) -> CausalLM:
+    """``cfg``'s model on the meta device: shapes, no storage."""
+    with torch.device("meta"):
+        return CausalLM(cfg, max_positions=max_positions).eval()
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(folder))

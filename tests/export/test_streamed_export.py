@@ -1,0 +1,52 @@
+"""The streamed export (export/streamed.py) writes the whole-model path's bytes."""
+
+import filecmp
+
+import pytest
+import torch
+from family_factory import make_family_folder
+from safetensors.torch import load_file, save_file
+
+from moechat.export.onnx_graph import export_decoder
+from moechat.export.streamed import trace_streamed, write_streamed
+from moechat.models.loading import load_checkpoint
+from moechat.models.streaming import open_streamed
+from moechat.runtime.errors import MoechatError
+
+from model_factory import TINY_MOE, make_hf_folder
+
+
+def _to_bf16(folder):
+    path = folder / "model.safetensors"
+    state = {k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+    return folder
+
+
+def _same_graph_files(src, tmp_path, **kwargs):
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    whole.mkdir()
+    streamed.mkdir()
+    export_decoder(load_checkpoint(src).model, whole / "model.onnx", **kwargs)
+    ckpt = open_streamed(src)
+    proto = trace_streamed(ckpt, **kwargs)
+    write_streamed(proto, streamed / "model.onnx", ckpt.config.num_hidden_layers)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert filecmp.cmp(whole / name, streamed / name, shallow=False), name
+
+
+def test_bf16_tiny_moe_same_bytes(tmp_path):
+    src = _to_bf16(make_hf_folder(tmp_path / "src", TINY_MOE))
+    _same_graph_files(src, tmp_path)
+
+
+def test_qwen2_moe_same_bytes(tmp_path):
+    # sigmoid-gated shared expert, a dense layer (mlp_only_layers), untied lm_head
+    make_family_folder("qwen2_moe", tmp_path / "src")
+    _same_graph_files(tmp_path / "src", tmp_path)
+
+
+def test_stacked_experts_are_refused(tmp_path):
+    make_family_folder("granitemoe", tmp_path / "src")
+    with pytest.raises(MoechatError, match="stacks the experts"):
+        open_streamed(tmp_path / "src")
