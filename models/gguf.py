@@ -1,8 +1,9 @@
 """Read llama.cpp's GGUF files into a :class:`LoadedCheckpoint`.
 
 Architectures: ``llama`` (dense, or Mixtral with ``llama.expert_count``), ``qwen2moe``,
-``qwen3moe``, ``olmoe``, ``granitemoe`` and ``deepseek`` (DeepSeek-MoE v1). Weights are
-dequantised with the ``gguf`` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants ...).
+``qwen3moe``, ``olmoe``, ``granitemoe``, ``deepseek`` (DeepSeek-MoE v1) and ``deepseek2``
+(DeepSeek-V2/V3 with MLA attention: models/gguf_mla.py). Weights are dequantised with
+the ``gguf`` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants ...).
 
 What llama.cpp's converter (``convert_hf_to_gguf.py``) does to a checkpoint, undone here:
 
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from moechat.models.config import Family, ModelConfig, QKNorm
+from moechat.models.gguf_mla import MLA_LAYER_KEYS, join_kv_b, mla_values
 from moechat.models.gguf_tokenizer import field as field  # re-exported
 from moechat.models.gguf_tokenizer import tokenizer_json as tokenizer_json  # re-exported
 from moechat.models.gguf_tokenizer import write_tokenizer_files
@@ -65,6 +67,7 @@ _LAYER_KEYS = {
     "ffn_gate_shexp.weight": "mlp.shared_experts.0.gate_proj.weight",
     "ffn_up_shexp.weight": "mlp.shared_experts.0.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_experts.0.down_proj.weight",
+    **MLA_LAYER_KEYS,
 }
 # Stacked routed experts [E, out, in] -> the projection each expert's slice is.
 _STACKED_EXPERTS = {
@@ -97,8 +100,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmoe": Architecture("olmoe", permuted_qk=False, norm_topk_prob=False, qk_norm="full"),
     "granitemoe": Architecture("granitemoe", permuted_qk=True, norm_topk_prob=True),
     "deepseek": Architecture("deepseek", permuted_qk=True, norm_topk_prob=False),
+    # MLA; family, routing and the rope layout come from models/gguf_mla.py
+    "deepseek2": Architecture("deepseek_v2", permuted_qk=False, norm_topk_prob=False),
 }
-_NOT_YET = {"deepseek2": "DeepSeek-V2/V3 (MLA attention) GGUF files are not supported yet"}
 _SOFTMAX_GATING = 1  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
 
 
@@ -134,8 +138,6 @@ def architecture(reader) -> tuple[str, Architecture]:
     name = field(reader, "general.architecture")
     if isinstance(name, str) and name in ARCHITECTURES:
         return name, ARCHITECTURES[name]
-    if name in _NOT_YET:
-        raise MoechatError(f"{_NOT_YET[name]} (GGUF architecture {name!r})")
     raise MoechatError(
         f"unsupported GGUF architecture {name!r} (supported: {', '.join(ARCHITECTURES)})"
     )
@@ -149,6 +151,23 @@ class Metadata:
 
     def _value(self, key: str, default: Any) -> Any:
         return field(self.reader, f"{self.arch}.{key}", default)
+
+    def has(self, key: str) -> bool:
+        return f"{self.arch}.{key}" in self.reader.fields
+
+    def text(self, key: str, default: str) -> str:
+        value = self._value(key, default)
+        if not isinstance(value, str):
+            raise MoechatError(f"GGUF metadata {self.arch}.{key} must be a string, got {value!r}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._value(key, default)
+        if not isinstance(value, bool):
+            raise MoechatError(
+                f"GGUF metadata {self.arch}.{key} must be true or false, got {value!r}"
+            )
+        return value
 
     def integer(self, key: str, default: int | None = None, minimum: int = 0) -> int:
         value = self._value(key, default)
@@ -186,16 +205,19 @@ def gguf_config(reader, max_positions: int | None = None) -> ModelConfig:
     """A :class:`ModelConfig` from the GGUF's ``<arch>.*`` metadata and tensor shapes."""
     arch_name, arch = architecture(reader)
     meta = Metadata(reader, arch_name)
+    mla = arch_name == "deepseek2"  # its head sizes, YaRN and routing: models/gguf_mla.py
     scaling = field(reader, f"{arch_name}.rope.scaling.type", "none")
-    if scaling not in ("none", None) or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if (scaling not in ("none", None) and not mla) or any(
+        t.name == "rope_freqs.weight" for t in reader.tensors
+    ):
         raise MoechatError(f"GGUF RoPE scaling ({scaling}) is not supported")
     hidden = meta.integer("embedding_length", minimum=1)
     heads = meta.integer("attention.head_count", minimum=1)
     layers = meta.integer("block_count", minimum=1)
     head_dim = meta.integer("attention.key_length", hidden // heads, minimum=1)
-    if meta.integer("rope.dimension_count", head_dim) != head_dim:
+    if not mla and meta.integer("rope.dimension_count", head_dim) != head_dim:
         raise MoechatError("GGUF with partial rotary embeddings is not supported")
-    if meta.integer("attention.value_length", head_dim) != head_dim or head_dim % 2:
+    if not mla and (meta.integer("attention.value_length", head_dim) != head_dim or head_dim % 2):
         raise MoechatError(f"GGUF head size {head_dim} (keys/values) is not supported")
     shapes = tensor_shapes(reader)
     blocks = {name.split(".")[1] for name in shapes if name.startswith("blk.")}
@@ -206,7 +228,7 @@ def gguf_config(reader, max_positions: int | None = None) -> ModelConfig:
         )
     moe_layers = [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in shapes]
     experts = meta.integer("expert_count", 0)
-    _check_routing(meta, experts, moe_layers)
+    _check_routing(meta, experts, moe_layers, mla)
     ffn = meta.integer("feed_forward_length", 0)
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     window = meta.integer("attention.sliding_window", 0)
@@ -236,17 +258,21 @@ def gguf_config(reader, max_positions: int | None = None) -> ModelConfig:
         **_shared_experts(shapes),
         **(_dense_layers(shapes, layers, moe_layers, ffn) if experts else {}),
         **(_granite_scales(meta) if family == "granitemoe" else {}),
+        **(mla_values(meta, shapes) if mla else {}),
     }
     return ModelConfig(**values)
 
 
-def _check_routing(meta: Metadata, experts: int, moe_layers: list[int]) -> None:
-    """Refuse routing this model cannot run: softmax top-k, unscaled, is what it has."""
+def _check_routing(meta: Metadata, experts: int, moe_layers: list[int], mla: bool) -> None:
+    """Refuse routing this model cannot run: softmax top-k, unscaled, is what it has
+    (deepseek2's sigmoid, grouped and scaled routers: models/gguf_mla.py)."""
     if bool(experts) != bool(moe_layers):
         raise MoechatError(
             f"GGUF {meta.arch}.expert_count is {experts} but {len(moe_layers)} blocks have "
             "a router (ffn_gate_inp)"
         )
+    if mla:
+        return
     if meta.integer("expert_gating_func", _SOFTMAX_GATING) != _SOFTMAX_GATING:
         raise MoechatError("GGUF expert gating other than softmax is not supported")
     if meta.number("expert_weights_scale", 1.0) not in (0.0, 1.0):
@@ -370,7 +396,7 @@ def gguf_state_dict(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             if arch.permuted_qk:
                 weight = _unpermute(key, weight, cfg)
             state[key] = torch.from_numpy(np.ascontiguousarray(weight))
-    return state
+    return join_kv_b(state, cfg) if cfg.is_mla else state
 
 
 def load_gguf(

@@ -125,12 +125,16 @@ def make_gguf_family_folder(family: str, folder: Path, seed: int = 0):
         model = make_deepseek_folder(folder, seed=seed)
     else:
         model = make_family_folder(family, folder, seed=seed, **GGUF_OVERRIDES[family])
-    # the converter loads the tokenizer with AutoTokenizer: without a class it would pick
-    # the model type's default (GPT-NeoX's for OLMoE, which adds a pad token)
+    name_tokenizer_class(folder)
+    return model
+
+
+def name_tokenizer_class(folder: Path) -> None:
+    """The converter loads the tokenizer with AutoTokenizer: without a class it would pick
+    the model type's default (GPT-NeoX's for OLMoE, which adds a pad token)."""
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
-    return model
 
 
 def convert_with_llamacpp(llama_cpp: Path, jobs: list[tuple]) -> None:

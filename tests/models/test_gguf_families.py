@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -283,10 +284,24 @@ def _metadata_only_gguf(path: Path, arch: str, router: bool = True, **values) ->
     return path
 
 
+# what a deepseek2 file needs before its routing and RoPE are read (models/gguf_mla.py)
+DEEPSEEK2 = {"expert_count": 4, "expert_used_count": 2, "vocab_size": 32, "kv_lora_rank": 32,
+             "rope_dimension_count": 8, "key_length_mla": 24, "value_length_mla": 16}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "arch,values,message",
     [
-        ("deepseek2", {}, r"DeepSeek-V2/V3 \(MLA attention\) GGUF files are not supported"),
+        (
+            "deepseek2",
+            {**DEEPSEEK2, "expert_gating_func": SimpleNamespace(value=3)},  # softmax of top-k
+            r"GGUF expert_gating_func 3 is not supported \(softmax, sigmoid\)",
+        ),
+        (
+            "deepseek2",
+            {**DEEPSEEK2, "rope_scaling_type": gguf.RopeScalingType.LINEAR},
+            r"GGUF RoPE scaling \(linear\) is not supported for deepseek2",
+        ),
         ("phi3", {}, r"unsupported GGUF architecture 'phi3' \(supported: llama, qwen2moe"),
         ("qwen3moe", {"head_count": 0}, r"qwen3moe.attention.head_count must be at least 1"),
         ("olmoe", {"expert_count": 4, "router": False}, r"expert_count is 4 but 0 blocks have"),

@@ -1,0 +1,198 @@
+"""DeepSeek-V2/V3 GGUF files (llama.cpp's ``deepseek2``) written by llama.cpp's own converter.
+
+Tiny DeepseekV2ForCausalLM / DeepseekV3ForCausalLM checkpoints are written by transformers
+(test_deepseek_mla.make_mla_folder), converted by convert_hf_to_gguf.py (which splits
+kv_b_proj into attn_k_b, transposed per head, and attn_v_b), loaded through
+models/gguf.py, exported with the real CLI and run on onnxruntime: prefill, greedy
+decode and a chunked append against transformers' logits (<= 1e-4 of the logit scale,
+the same greedy tokens). The file must also give exactly the configuration and weights
+the Hugging Face folder gives; F16 files the weights through float16's rounding; files of
+older converters (one attn_kv_b, no *_mla keys) the same weights as the split ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gguf")
+pytest.importorskip("transformers")
+
+import gguf  # noqa: E402
+import torch  # noqa: E402
+from gguf_factory import convert_with_llamacpp, name_tokenizer_class  # noqa: E402
+from test_deepseek_mla import YARN, make_mla_folder, reference_logits  # noqa: E402
+from test_families import assert_matches, distinct_routings, run_package  # noqa: E402
+from test_gguf_families import llama_cpp  # noqa: E402, F401  (the converter fixture)
+
+from moechat.models.gguf import gguf_config, gguf_state_dict, load_gguf, open_gguf  # noqa: E402
+from moechat.models.loading import load_checkpoint  # noqa: E402
+from moechat.runtime.errors import MoechatError  # noqa: E402
+from moechat.runtime.model import load_model  # noqa: E402
+
+from model_factory import export_tiny_package  # noqa: E402
+
+KINDS = {
+    # DeepSeek-V2-Lite's layout: q_proj, softmax top-k scaled, YaRN with mscale =
+    # mscale_all_dim (llama.cpp runs any V2 groups V3's way, so one group here)
+    "deepseek_v2": dict(topk_method="greedy", n_group=1, topk_group=1, rope_parameters=YARN),
+    # V3: q LoRA, noaux_tc over 4 groups keeping 2, sigmoid scores and a correction bias;
+    # scoring_func / topk_method as deepseek-ai's config.json carries them (the
+    # converter writes expert_gating_func from scoring_func)
+    "deepseek_v3": dict(scoring_func="sigmoid", topk_method="noaux_tc"),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(llama_cpp, tmp_path_factory):  # noqa: F811 (the fixture imported above)
+    """Per kind: the transformers model, its folder and its GGUF files (F32, F16)."""
+    root = tmp_path_factory.mktemp("gguf-mla")
+    out: dict[str, tuple[object, Path, dict[str, Path]]] = {}
+    jobs = []
+    for kind, extra in KINDS.items():
+        model = make_mla_folder(kind, root / kind, seed=1, **extra)
+        name_tokenizer_class(root / kind)
+        files = {t: root / f"{kind}-{t}.gguf" for t in ("f32", "f16")}
+        jobs += [(root / kind, path, t) for t, path in files.items()]
+        out[kind] = (model, root / kind, files)
+    convert_with_llamacpp(llama_cpp, jobs)
+    return out
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_mla_gguf_package_matches_transformers(converted, kind, tmp_path, capsys):
+    hf_model, _, files = converted[kind]
+    reader = open_gguf(files["f32"])
+    assert reader.fields["general.architecture"].contents() == "deepseek2"
+    names = {t.name for t in reader.tensors}
+    assert {"blk.1.attn_k_b.weight", "blk.1.attn_v_b.weight"} <= names  # split kv_b_proj
+    assert ("blk.1.exp_probs_b.bias" in names) == (kind == "deepseek_v3")
+    pkg = export_tiny_package(files["f32"], tmp_path / "pkg")
+    arch = json.loads((pkg / "moechat.json").read_text())["architecture"]
+    assert arch["model_type"] == kind
+    assert (arch["num_key_value_heads"], arch["head_dim"], arch["value_head_dim"]) == (1, 32, 8)
+    decoder = load_model(pkg, max_context=128).decoder
+    ids, got, prompt = run_package(decoder)
+    relative = assert_matches(got, reference_logits(hf_model, ids), ids, prompt)
+    assert distinct_routings(files["f32"], ids) >= 3
+    from moechat.app.cli import main
+
+    capsys.readouterr()
+    assert main(["info", str(pkg)]) == 0
+    info = capsys.readouterr().out
+    assert "kv cache      320 bytes per token (fp32; per layer the latent 32 + rope key 8" in info
+    with capsys.disabled():
+        print(f"\n{kind} GGUF F32 package vs transformers: {relative:.2g} of the logit scale")
+
+
+def _same_config(gguf_cfg, hf_cfg) -> None:
+    """Field by field; YaRN's attention factor is written out for the GGUF (1: mscale =
+    mscale_all_dim, which is what the Hugging Face config's 0 derives here)."""
+    ours, theirs = dataclasses.asdict(gguf_cfg), dataclasses.asdict(hf_cfg)
+    if theirs["yarn_factor"]:
+        assert theirs["yarn_mscale"] == theirs["yarn_mscale_all_dim"]
+        theirs["yarn_attention_factor"] = 1.0
+    for key, value in theirs.items():
+        if isinstance(value, float):
+            assert math.isclose(ours[key], value, rel_tol=1e-6), key
+        else:
+            assert ours[key] == value, key
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_mla_gguf_is_the_hf_checkpoint(converted, kind):
+    """The F32 file gives the folder's configuration and exactly its weights (kv_b_proj
+    rebuilt from attn_k_b / attn_v_b); the F16 file the same weights through float16."""
+    hf_model, folder, files = converted[kind]
+    hf = load_checkpoint(folder)
+    exact = load_gguf(files["f32"], tokenizer_dir=files["f32"].with_suffix(".tokenizer"))
+    _same_config(exact.config, hf.config)
+    want = hf.model.state_dict()
+    got = exact.model.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    half = load_gguf(files["f16"], tokenizer_dir=files["f16"].with_suffix(".tokenizer"))
+    rounded = 0
+    for key, weight in half.model.state_dict().items():
+        if not torch.equal(weight, want[key]):
+            assert torch.equal(weight, want[key].half().float()), key
+            rounded += 1
+    assert rounded >= 10
+    ids = [5, 17, 33, 101, 7, 250, 3, 9, 44, 120, 300, 11, 64, 399]
+    with torch.no_grad():
+        logits = half.model.step(torch.tensor([ids]), half.model.empty_cache())[0][0].numpy()
+    ref = reference_logits(hf_model, ids)
+    error = float(np.abs(logits - ref).max() / np.abs(ref).max())
+    print(f"{kind} F16 vs transformers: {error:.2e} of the logit scale")
+    assert 0 < error < 2e-3
+
+
+Fields = dict[str, tuple[object, gguf.GGUFValueType, gguf.GGUFValueType | None]]
+
+
+def rewrite_gguf(src: Path, dst: Path, change) -> Path:
+    """``src`` written again to ``dst`` with its metadata {name: (value, type, item type)}
+    and tensors {name: array} passed through ``change(fields, tensors)`` first."""
+    reader = open_gguf(src)
+    fields: Fields = {
+        name: (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+        for name, f in reader.fields.items()
+        if not name.startswith("GGUF.") and name != "general.architecture"
+    }
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    change(fields, tensors)
+    w = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for name, (value, kind, sub) in fields.items():
+        w.add_key_value(name, value, kind, sub_type=sub)
+    for name, data in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def unsplit(fields: Fields, tensors: dict[str, np.ndarray]) -> None:
+    """As older converters wrote deepseek2: one attn_kv_b per layer, the heads' sizes in
+    key_length / value_length and no *_mla keys (what llama.cpp reads as non-MLA)."""
+    for kind in ("key", "value"):
+        value, vtype, _ = fields.pop(f"deepseek2.attention.{kind}_length_mla")
+        fields[f"deepseek2.attention.{kind}_length"] = (value, vtype, None)
+    for name in [n for n in tensors if n.endswith("attn_k_b.weight")]:
+        k_b, v_b = tensors.pop(name), tensors.pop(name.replace("attn_k_b", "attn_v_b"))
+        kv_b = np.concatenate((k_b.transpose(0, 2, 1), v_b), axis=1)
+        tensors[name.replace("attn_k_b", "attn_kv_b")] = kv_b.reshape(-1, kv_b.shape[-1])
+
+
+@pytest.mark.network
+def test_unsplit_kv_b_of_older_converters(converted, tmp_path):
+    _, _, files = converted["deepseek_v3"]
+    legacy = rewrite_gguf(files["f32"], tmp_path / "legacy.gguf", unsplit)
+    assert "blk.1.attn_kv_b.weight" in {t.name for t in open_gguf(legacy).tensors}
+    split = open_gguf(files["f32"])
+    old = open_gguf(legacy)
+    assert gguf_config(old) == gguf_config(split)
+    want = gguf_state_dict(split, gguf_config(split))
+    got = gguf_state_dict(old, gguf_config(old))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.network
+def test_k_b_without_v_b_is_a_one_line_error(converted, tmp_path):
+    _, _, files = converted["deepseek_v2"]
+    broken = rewrite_gguf(
+        files["f32"], tmp_path / "broken.gguf", lambda _, t: t.pop("blk.1.attn_v_b.weight")
+    )
+    with pytest.raises(MoechatError, match=r"^GGUF block 1 has attn_k_b but no attn_v_b$"):
+        load_checkpoint(broken)
