@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -70,8 +71,16 @@ def _call_worker(action: str, anchor: str, spec: Spec, timeout: float) -> dict[s
 
 
 def _last_line(text: str | None, returncode: int | None) -> str:
+    """The worker's last stderr line, and the signal that killed it (a native crash)."""
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    return (lines[-1] if lines else f"exit status {returncode}")[:300]
+    died = ""
+    if returncode is not None and returncode < 0:
+        try:
+            died = f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            died = f"killed by signal {-returncode}"
+    last = lines[-1][:300] if lines else ""
+    return "; ".join(x for x in (died, last) if x) or f"exit status {returncode}"
 
 
 class _Engine:
@@ -127,6 +136,23 @@ class _Engine:
         self.err.close()
 
 
+def _start(anchor: str, spec: Spec) -> tuple[_Engine, dict[str, Any]] | str:
+    """A loaded, warmed-up engine and its info, or why loading failed. A worker that
+    dies loading is started once more with the anchor's ``fallback_spec`` if it has one
+    (llama.cpp: ``n_batch=1``, where its batched kernels crash)."""
+    engine = _Engine(anchor, spec)
+    try:
+        return engine, engine.reply(WORKER_TIMEOUT_S)
+    except RuntimeError as err:
+        engine.close()
+        fallback = getattr(ENGINES[anchor], "fallback_spec", None)
+        retry = fallback(spec, str(err)) if fallback else None
+        if retry is None:
+            return str(err)
+        again = _start(anchor, retry)
+        return f"{again} (and before, {err})" if isinstance(again, str) else again
+
+
 def run_compare(
     result: BenchResult,
     manifest: dict[str, Any],
@@ -163,13 +189,11 @@ def run_compare(
             continue
         if progress:
             progress(f"loading {anchor}")
-        engine = _Engine(anchor, {**spec, **prep})
-        try:
-            info[anchor] = engine.reply(WORKER_TIMEOUT_S)  # loaded and warmed up
-            engines[anchor] = engine
-        except RuntimeError as err:
-            out[anchor] = {"status": "failed", "reason": f"loading failed: {err}"}
-            engine.close()
+        loaded = _start(anchor, {**spec, **prep})
+        if isinstance(loaded, str):
+            out[anchor] = {"status": "failed", "reason": f"loading failed: {loaded}"}
+        else:
+            engines[anchor], info[anchor] = loaded
     runs: dict[str, list[RunResult]] = {name: [] for name in ["moechat", *engines]}
     for rnd in range(result.repeat):
         if progress and engines:

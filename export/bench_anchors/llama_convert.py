@@ -5,7 +5,7 @@
 The converter runs untouched except for the vocabulary, which the benchmark does not use
 (every engine gets the same prompt ids): a BPE pre-tokenizer it does not recognise (it
 hashes the ids of a fixed text and looks the hash up among released tokenizers) is taken
-as GPT-2's split instead of stopping the conversion, with a warning on stderr; a folder
+as llama.cpp's default split instead of stopping the conversion, with a warning on stderr; a folder
 without ``tokenizer.model`` moves on to the BPE path without importing sentencepiece.
 """
 
@@ -30,8 +30,11 @@ def main(argv: list[str]) -> int:
         try:
             return base_pre(self, tokenizer)
         except NotImplementedError:
-            print("llama_convert: unknown BPE pre-tokenizer, gpt2 assumed", file=sys.stderr)
-            return "gpt2"
+            print(
+                "llama_convert: unknown BPE pre-tokenizer, llama.cpp's default assumed",
+                file=sys.stderr,
+            )
+            return "default"
 
     sentencepiece = base.TextModel._create_vocab_sentencepiece
 
