@@ -58,6 +58,12 @@ COMMANDS: tuple[CommandSpec, ...] = (
         "show the model, provider and context size; with PATH load another model package",
         ("info",),
     ),
+    CommandSpec(
+        "routing",
+        "/routing [on|off|LAYER]",
+        "routing view (F2): colour each reply's tokens by their top expert in a MoE layer, "
+        "with a layers x experts histogram; /routing alone toggles it",
+    ),
     CommandSpec("stop", "/stop", "stop the reply being generated"),
     CommandSpec("quit", "/quit", "quit moechat", ("exit", "bye", "q")),
 )

@@ -12,12 +12,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.routing import Routing
 from moechat.runtime.routing_stats import LayerStats, stats_dict, text_stats
+
+if TYPE_CHECKING:
+    from moechat.runtime.model import LoadedModel
 
 TRACE_FIELDS = ("position", "token_id", "token", "layer", "rank", "expert", "weight")
 # share of a layer's selections against an even share (1/E): none, <1/2, <1, <2, >=2
@@ -88,6 +93,30 @@ def write_trace(path: Path, rows: Iterator[dict]) -> int:
     return n
 
 
+def _with_routing_added(model: LoadedModel, args: argparse.Namespace) -> LoadedModel:
+    """A package exported before routing left the graph: where onnx is installed, reload
+    it with the router outputs added in memory (export/routing_outputs.py); else keep
+    it (require_routing then says to re-export)."""
+    from moechat.runtime.model import load_model
+
+    try:
+        from moechat.export.routing_outputs import routed_graph
+    except ImportError:  # the single binary, or no export extra
+        return model
+    package = model.package
+    if model.provider != "CPUExecutionProvider":  # other providers may run a graph variant
+        return model
+    graph = routed_graph(package.graph_path(None), package.architecture)
+    print(
+        f"note: {package.path} predates routing outputs; they were added in memory "
+        "(re-export it to keep them)",
+        file=sys.stderr,
+    )
+    del model  # one session at a time
+    return load_model(package.path, args.device, args.max_context, args.threads,
+                      routed_graph=graph)  # fmt: skip
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from moechat.runtime.evaluate import ProgressBar, read_text_file
     from moechat.runtime.model import load_model
@@ -100,6 +129,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise MoechatError(f"--trace {trace}: the file must end in .csv or .jsonl")
     text = read_text_file(args.textfile)
     model = load_model(Path(args.model), args.device, args.max_context, args.threads)
+    if model.routing is None and model.package.spec.architecture.use_moe:
+        model = _with_routing_added(model, args)
     routing = require_routing(model)
     ids = model.tokenizer.encode_text(text)
     if args.max_tokens is not None:

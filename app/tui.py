@@ -41,6 +41,7 @@ from moechat.app.help_screen import HelpScreen
 from moechat.app.messages import FINISH_NOTES, AssistantMessage, InfoMessage, UserMessage, note_for
 from moechat.app.prefill import PrefillDone, PrefillJob
 from moechat.app.prompt_input import PromptInput
+from moechat.app.routing_view import RoutingActions, RoutingView
 from moechat.app.sampling_panel import SamplingPanel
 from moechat.app.slash_commands import CommandActions
 from moechat.app.slash_menu import SlashMenu
@@ -71,7 +72,7 @@ def _title_from(text: str) -> str:
     return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
 
 
-class ChatApp(ConversationActions, CommandActions, App[int]):
+class ChatApp(ConversationActions, CommandActions, RoutingActions, App[int]):
     """Chat with one model; conversations live in ``store``."""
 
     CSS_PATH = "chat.tcss"
@@ -92,6 +93,12 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         Binding("ctrl+r", "regenerate", "Regen", tooltip="regenerate the last reply"),
         Binding("ctrl+e", "edit_last", "Edit", tooltip="put the last message back into the prompt"),
         Binding("ctrl+y", "copy_last", "Copy", tooltip="copy the last reply to the clipboard"),
+        Binding(
+            "f2",
+            "toggle_routing",
+            "Routing",
+            tooltip="routing view: colour each reply's tokens by their top expert (/routing)",
+        ),
         Binding(
             "ctrl+q", "quit", "Quit", tooltip="quit (a reply in progress is saved)", priority=True
         ),
@@ -130,6 +137,8 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         self._engine_lock = threading.RLock()
         self._prefill: PrefillJob | None = None
         self._prefill_counter = 0
+        self.show_routing = False  # the routing view (app/routing_view.py), off by default
+        self.routing_layer: int | None = None  # the coloured MoE layer (None: the first)
 
     # -- layout ----------------------------------------------------------------------
 
@@ -525,6 +534,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
             **extra,
         )
         self._gen = gen
+        block.query(RoutingView).remove()  # a regenerated reply gets its own
         self.status.show(state="generating…", tokens_per_s=None, ttft_ms=None)
         self.refresh_bindings()
         self._generate(gen, run)
@@ -614,6 +624,7 @@ class ChatApp(ConversationActions, CommandActions, App[int]):
         block: AssistantMessage = gen.block
         text = done.text if (done.text or not gen.text) else gen.text
         await block.finish(text)
+        await self.show_reply_routing(block, done)
         reason = done.finish_reason
         if reason == "cancelled":
             block.set_note(FINISH_NOTES["cancelled"], "stopped")

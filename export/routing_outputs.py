@@ -12,6 +12,7 @@ cannot read without onnx.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -19,7 +20,7 @@ import onnx
 from moechat.export.graph_rewrites import find_routers
 from moechat.models.modeling import CausalLM, MoEFeedForward
 from moechat.runtime.errors import MoechatError
-from moechat.runtime.routing import moe_layers, output_name
+from moechat.runtime.routing import RoutedGraph, moe_layers, output_name
 
 
 def expose_router_logits(model: onnx.ModelProto, layers: list[int]) -> list[str]:
@@ -74,3 +75,20 @@ def routing_section(model: CausalLM) -> dict[str, Any] | None:
         "outputs": [output_name(i) for i in layers],
         "correction_bias": bias or None,
     }
+
+
+def routed_graph(graph_path: Path, arch: dict[str, Any]) -> RoutedGraph:
+    """For a package exported before routing left the graph: its graph with the router
+    outputs added (in memory; the package is not touched). Not for noaux_tc routers,
+    whose correction bias only an export records."""
+    if arch.get("topk_method") == "noaux_tc":
+        raise MoechatError(
+            f"{graph_path.parent} predates routing outputs and its router needs the score "
+            "correction bias that only `moechat export` records: re-export it"
+        )
+    model = onnx.load(str(graph_path), load_external_data=False)
+    layers = moe_layers(arch)
+    outputs = expose_router_logits(model, layers)
+    return RoutedGraph(
+        model.SerializeToString(), {"layers": layers, "outputs": outputs, "correction_bias": None}
+    )

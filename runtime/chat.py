@@ -30,6 +30,8 @@ class ChatSession:
         self._reply_ids: dict[int, list[int]] = {}  # message index -> generated ids
         self._cache_ids: list[int] = []
         self._stale: int | None = None  # tokens of an edited conversation not yet in the cache
+        # replies carry each token's routing (DoneEvent.routing) while this is on
+        self.trace_routing = False
         self.reset()
 
     # -- facts the UI shows -------------------------------------------------
@@ -58,6 +60,15 @@ class ChatSession:
     @property
     def defaults(self) -> SamplingParams:
         return self.model.defaults
+
+    @property
+    def routing_layers(self) -> list[int]:
+        """The MoE layers whose routing a reply can show (none: no routing outputs)."""
+        return list(self.model.routing.layers) if self.model.routing is not None else []
+
+    @property
+    def routing_experts(self) -> int:
+        return self.model.routing.spec.num_experts if self.model.routing is not None else 0
 
     @property
     def system_prompt(self) -> str | None:
@@ -208,7 +219,8 @@ class ChatSession:
         fed = ids[common:]
         done: DoneEvent | None = None
         try:
-            for event in generate(self.model, fed, params, should_stop):
+            routing = self.model.routing if self.trace_routing else None
+            for event in generate(self.model, fed, params, should_stop, routing):
                 if isinstance(event, DoneEvent):
                     done = event
                     event.dropped_turns = dropped

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 FinishReason = Literal["eos", "stop", "length", "cancelled", "context"]
 
 
@@ -28,6 +30,16 @@ class TokenEvent:
     token_id: int
 
 
+@dataclass(frozen=True)
+class TokenRouting:
+    """The routing of the decode step that produced one generated token (the position
+    before it): per MoE layer the chosen experts, best first, and their weights."""
+
+    text: str  # the token's share of the streamed text (UTF-8-safe pieces)
+    experts: np.ndarray  # [moe layers, k] int64
+    weights: np.ndarray  # [moe layers, k] float32
+
+
 @dataclass
 class DoneEvent:
     text: str
@@ -35,6 +47,8 @@ class DoneEvent:
     finish_reason: FinishReason
     stats: GenerationStats = field(default_factory=GenerationStats)
     dropped_turns: int = 0  # oldest turns dropped to fit the context
+    # one per token of token_ids when the routing was asked for (generate(routing=...))
+    routing: list[TokenRouting] | None = None
 
 
 GenerationEvent = TokenEvent | DoneEvent

@@ -5,14 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
+
 from moechat.runtime.events import (
     DoneEvent,
     FinishReason,
     GenerationEvent,
     GenerationStats,
     TokenEvent,
+    TokenRouting,
 )
 from moechat.runtime.model import LoadedModel
+from moechat.runtime.routing import PackageRouting
 from moechat.runtime.sampling import Sampler, SamplingParams
 from moechat.runtime.streaming import StreamDecoder
 
@@ -57,13 +61,32 @@ def generate(
     new_ids: Sequence[int],
     params: SamplingParams,
     should_stop: Callable[[], bool] = lambda: False,
+    routing: PackageRouting | None = None,
 ) -> Iterator[GenerationEvent]:
     """Append ``new_ids`` to the model's cache and stream the continuation.
 
     The repetition penalty looks at the generated tokens only, so a long conversation
     is not penalised as a whole. The final sampled eos token is not fed to the cache.
+    ``routing`` (the model's, runtime/routing.py): also fetch each step's router logits
+    and return every generated token's routing in :attr:`DoneEvent.routing`; without it
+    no routing output is fetched.
     """
     decoder = model.decoder
+    routed: list[TokenRouting] = []
+    step_routing: tuple[np.ndarray, np.ndarray] | None = None
+
+    def step(ids: Sequence[int]) -> np.ndarray:
+        nonlocal step_routing
+        if routing is None:
+            return decoder.forward(ids)[-1]
+        logits, routers = decoder.forward_routed(ids)
+        chosen = [routing.route_layer(i, r[-1:]) for i, r in enumerate(routers)]
+        step_routing = (
+            np.concatenate([c.experts for c in chosen]),
+            np.concatenate([c.weights for c in chosen]),
+        )
+        return logits[-1]
+
     sampler = Sampler(params)
     stream = StreamDecoder(model.tokenizer)
     matcher = _StopMatcher(params.stop)
@@ -74,7 +97,7 @@ def generate(
     finish: FinishReason = "length"
     start = time.perf_counter()
     first_token_at = start
-    logits = decoder.forward(new_ids)[-1]
+    logits = step(new_ids)
     prefill_s = time.perf_counter() - start
     while len(generated) < params.max_new_tokens:
         if should_stop():
@@ -87,7 +110,10 @@ def generate(
             finish = "eos"
             break
         generated.append(token)
-        text, hit = matcher.feed(stream.push(token))
+        piece = stream.push(token)
+        if step_routing is not None:
+            routed.append(TokenRouting(piece, *step_routing))
+        text, hit = matcher.feed(piece)
         if text or not hit:
             yield TokenEvent(text, token)
         if hit:
@@ -98,7 +124,7 @@ def generate(
         if decoder.length >= decoder.max_context:
             finish = "context"
             break
-        logits = decoder.forward([token])[-1]
+        logits = step([token])
     if finish != "stop":
         tail, hit = matcher.feed(stream.flush())
         tail += "" if hit else matcher.flush()
@@ -111,4 +137,6 @@ def generate(
     if len(generated) > 1 and end > first_token_at:
         stats.decode_tokens_per_s = (len(generated) - 1) / (end - first_token_at)
     stats.context_used = decoder.length
-    yield DoneEvent(matcher.text, generated, finish, stats)
+    yield DoneEvent(
+        matcher.text, generated, finish, stats, routing=routed if routing is not None else None
+    )

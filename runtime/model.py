@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from moechat.runtime.decoder import Decoder
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.package import ModelPackage, load_package
 from moechat.runtime.providers import create_session, resolve_device
-from moechat.runtime.routing import PackageRouting, package_routing
+from moechat.runtime.routing import PackageRouting, RoutedGraph, package_routing
 from moechat.runtime.sampling import SamplingParams
 from moechat.runtime.tokenizer import TextTokenizer
 
@@ -102,10 +103,12 @@ def load_model(
     threads: int | None = None,
     static_cache: bool | None = None,
     experts_per_token: int | None = None,
+    routed_graph: RoutedGraph | None = None,
 ) -> LoadedModel:
     """Open a package; ``max_context`` caps the KV buffers (memory) below the package's;
     ``experts_per_token`` (default: ``MOECHAT_EXPERTS_PER_TOKEN``) lowers the routed experts
-    each token runs (runtime/topk.py)."""
+    each token runs (runtime/topk.py); ``routed_graph``: the package's graph with router
+    outputs added by the caller (a package exported before routing left the graph)."""
     package = load_package(path)
     top_k = topk.requested(experts_per_token)
     provider = resolve_device(device)
@@ -123,6 +126,12 @@ def load_model(
     edited = (
         None if top_k is None else topk.graph_bytes_for(graph_path, package.architecture, top_k)
     )
+    if routed_graph is not None:
+        if edited is not None:
+            raise MoechatError(
+                "--experts-per-token needs a package with routing outputs here: re-export it"
+            )
+        edited = routed_graph.graph
     if provider == "CPUExecutionProvider":  # weights in host memory: see runtime/hugepages.py
         session, huge_page_bytes = hugepages.create_on_huge_pages(
             lambda: create_session(graph_path, provider, threads, edited)
@@ -139,7 +148,10 @@ def load_model(
     if static_cache and attention != "gqa" and not new_only:
         raise MoechatError("a static KV cache needs a GroupQueryAttention graph")
     kv_dtype = np.float16 if graph.kv_dtype == "float16" else np.float32
-    routing = package_routing(arch.fields, package.spec.raw.get("routing"), str(package.path))
+    section = routed_graph.section if routed_graph else package.spec.raw.get("routing")
+    routing = package_routing(arch.fields, section, str(package.path))
+    if routing is not None and top_k is not None:  # the graph now chooses top_k experts
+        routing = dataclasses.replace(routing, spec=routing.spec.with_top_k(top_k))
     if routing is not None:
         names = {o.name for o in session.get_outputs()}
         if missing := [o for o in routing.outputs if o not in names]:

@@ -160,6 +160,16 @@ class PackageRouting:
         return route(logits, self.spec, self.correction_bias.get(self.layers[index]))
 
 
+@dataclass(frozen=True)
+class RoutedGraph:
+    """A package's graph with router outputs added outside the runtime (onnx, in
+    export/routing_outputs.py ``routed_graph``), for packages exported before routing
+    left the graph; ``section`` stands in for moechat.json's ``routing``."""
+
+    graph: bytes
+    section: dict[str, Any]
+
+
 def package_routing(arch: dict[str, Any], section: Any, where: str) -> PackageRouting | None:
     """Read moechat.json's ``routing`` section (None: the package has none; ``where``
     names the package in errors)."""

@@ -5,7 +5,9 @@ the token's embedding, e_(id mod hidden) (one-hot); with unit norm weights the r
 layer l sees e_j times c = 1 / sqrt(1/hidden + eps) and its logits are c times column j
 of the router weight. Column j holds LOGIT_HIGH for expert (j + l) mod E,
 LOGIT_LOW for expert (j + 2l + 1) mod E and 0 elsewhere: the top-2 and their weights are
-known in closed form (:func:`expected_routing`).
+known in closed form (:func:`expected_routing`). The untied LM head makes a token of
+class j predict token 64 + (j - 1) mod hidden (never a special token), so a greedy reply
+walks through the classes and its routing changes at every token.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from moechat.models.modeling import random_model
 
 from model_factory import TINY_MOE, hf_config, write_tokenizer_files
 
-RIGGED = TINY_MOE.with_changes(num_hidden_layers=3)
+RIGGED = TINY_MOE.with_changes(num_hidden_layers=3, tie_word_embeddings=False)
 LOGIT_HIGH, LOGIT_LOW = 3.0, 2.0
 
 
@@ -52,8 +54,12 @@ def make_rigged_folder(folder: Path) -> Path:
                 router[(j + index) % e, j] = LOGIT_HIGH
                 router[(j + 2 * index + 1) % e, j] = LOGIT_LOW
             layer.mlp.gate.weight.copy_(router)
+        head = torch.zeros(cfg.vocab_size, h)
+        for v in range(h, 2 * h):
+            head[v, (v + 1) % h] = 1.0
+        model.lm_head.weight.copy_(head)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
     (folder / "config.json").write_text(json.dumps(hf_config(cfg)))
     save_file(state, str(folder / "model.safetensors"))
     write_tokenizer_files(folder, cfg.vocab_size)

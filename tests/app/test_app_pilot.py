@@ -533,7 +533,7 @@ async def test_slash_completion_where_you_type(db_path):
         await wait_until(pilot, lambda: not isinstance(app.screen, HelpScreen))
 
         await pilot.press("slash", "r")
-        await wait_until(pilot, lambda: menu_items(app) == ["regen", "rename"])
+        await wait_until(pilot, lambda: menu_items(app) == ["regen", "rename", "routing"])
         await pilot.press("escape")  # closes the list, keeps the text
         assert menu_items(app) == [] and app.prompt.text == "/r"
         app.prompt.load_text("")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 
 import numpy as np
+import onnx
 import pytest
 from routing_factory import RIGGED, expected_routing, make_rigged_folder
 
@@ -93,7 +95,7 @@ def test_heat_map_shades_and_width():
     assert lines[1].split() == [str(d) for d in range(7)]
 
 
-def test_errors_are_one_line(rigged_package, tmp_path, capsys):
+def test_old_packages_and_errors(rigged_package, tmp_path, capsys, monkeypatch):
     text = _text(tmp_path)
     dense = export_tiny_package(make_hf_folder(tmp_path / "dense", TINY_DENSE), tmp_path / "pkg")
     assert main(["experts", "stats", str(rigged_package), str(text), "--trace", "x.txt"]) != 0
@@ -105,6 +107,26 @@ def test_errors_are_one_line(rigged_package, tmp_path, capsys):
     manifest = json.loads((old / "moechat.json").read_text())
     del manifest["routing"]  # a package exported before routing left the graph
     (old / "moechat.json").write_text(json.dumps(manifest))
+    graph = onnx.load(str(old / "model.onnx"), load_external_data=False)
+    kept = [o for o in graph.graph.output if not o.name.startswith("router_logits.")]
+    del graph.graph.output[:]
+    graph.graph.output.extend(kept)
+    onnx.save(graph, str(old / "model.onnx"))
+    # where onnx is installed the outputs are added in memory, with a note
+    assert main(["experts", "stats", str(old), str(text), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "predates routing outputs; they were added in memory" in captured.err
+    assert (
+        json.loads(captured.out)["layers"]
+        == json.loads(_stats_json(rigged_package, text, capsys))["layers"]
+    )
+    # without onnx (the single binary): one line saying to re-export
+    monkeypatch.setitem(sys.modules, "moechat.export.routing_outputs", None)
     assert main(["experts", "stats", str(old), str(text)]) != 0
     err = capsys.readouterr().err.strip()
     assert "re-export it with `moechat export`" in err and "\n" not in err
+
+
+def _stats_json(package, text, capsys) -> str:
+    assert main(["experts", "stats", str(package), str(text), "--json"]) == 0
+    return capsys.readouterr().out
