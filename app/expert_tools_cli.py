@@ -47,6 +47,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    prune = _export_tools("prune")
+    prune.run_prune(
+        str(Path(args.model)), args.out, args.keep, calibration=args.calibration,
+        textfile=args.text, force=args.force, progress=_progress,
+    )  # fmt: skip
+    return 0
+
+
 def add_expert_tools(experts: argparse._SubParsersAction) -> None:
     p = experts.add_parser(
         "extract",
@@ -60,3 +69,20 @@ def add_expert_tools(experts: argparse._SubParsersAction) -> None:
                    help="perplexity text (default: the built-in held-out text)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace OUT (a moechat package)")
     p.set_defaults(func=cmd_extract)
+
+    p = experts.add_parser(
+        "prune", help="keep the N most used routed experts per layer (REAP-style scores)"
+    )
+    p.add_argument("model", help="MoE model package (fp32 or int8)")
+    p.add_argument("out", help="new package folder")
+    p.add_argument("--keep", type=int, required=True, help="routed experts kept per layer")
+    p.add_argument(
+        "--calibration",
+        metavar="TEXTFILE",
+        help="text that scores the experts (default: the built-in held-out text)",
+    )
+    p.add_argument(
+        "--text", metavar="TEXTFILE", help="perplexity text (default: the calibration text)"
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT (a moechat package)")
+    p.set_defaults(func=cmd_prune)

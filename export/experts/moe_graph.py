@@ -40,8 +40,13 @@ class Branch:
     weighted: onnx.NodeProto  # Mul(expert output, weight)
     unweighted: str  # the expert output before the weight
     add: onnx.NodeProto  # Add(previous sum, ScatterND(...))
-    previous: str  # the running sum before this expert
+    scatter: str  # the ScatterND output: this expert's weighted outputs on all tokens
     matmuls: list[onnx.NodeProto] = field(default_factory=list)  # fc1 then fc2
+
+    @property
+    def previous(self) -> str:
+        """The running sum before this expert (read live: rewrites may rewire it)."""
+        return next(i for i in self.add.input if i != self.scatter)
 
 
 @dataclass
@@ -116,7 +121,6 @@ def _ops_branches(graph: onnx.GraphProto, router: onnx.NodeProto) -> tuple[list[
         unweighted = next(i for i in weighted.input if i != unsq.output[0])
         (scatter,) = [u for u in users[tokens] if u.op_type == "ScatterND"]
         (add,) = [u for u in users[scatter.output[0]] if u.op_type == "Add"]
-        previous = next(i for i in add.input if i != scatter.output[0])
         # the branch's weight MatMuls, from its tokens forward to the weighting Mul
         matmuls, walk, visited = [], [take_x.output[0]], set()
         while walk:
@@ -130,7 +134,7 @@ def _ops_branches(graph: onnx.GraphProto, router: onnx.NodeProto) -> tuple[list[
                 walk.extend(u.output)
         order = {id(n): i for i, n in enumerate(graph.node)}
         matmuls.sort(key=lambda n: order[id(n)])
-        branches.append(Branch(e, g, take_x, weighted, unweighted, add, previous, matmuls))
+        branches.append(Branch(e, g, take_x, weighted, unweighted, add, scatter.output[0], matmuls))
     # chain order: follow previous -> add
     by_previous = {b.previous: b for b in branches}
     starts = [b for b in branches if b.previous not in {c.add.output[0] for c in branches}]
@@ -227,7 +231,8 @@ def replace_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) ->
     while new in taken:
         i += 1
         new = f"{name}_experts{i}"
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), new))
+    # np.ascontiguousarray would turn a 0-d index into shape [1]
+    graph.initializer.append(numpy_helper.from_array(np.array(array, order="C"), new))
     return new
 
 

@@ -4,13 +4,25 @@ routers rigged to send every token to the expert with weight 1 (issue 19)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import experts_factory
 import numpy as np
 import pytest
 import torch
-from family_factory import make_family_folder
+from experts_factory import FAMILIES, transformers_model
 
-from model_factory import export_tiny_package
+family_packages = experts_factory.family_packages  # session fixture (tests/experts_factory.py)
+
+# a short text keeps the perplexity runs fast (the held-out text is the default)
+SHORT_TEXT = Path(__file__).resolve().parents[2] / "export" / "data" / "heldout.txt"
+
+
+def short_text(folder: Path) -> str:
+    path = folder / "short.txt"
+    path.write_text(SHORT_TEXT.read_text(encoding="utf-8")[:1200], encoding="utf-8")
+    return str(path)
+
 
 IDS = [5, 17, 99, 3, 250, 42, 7, 311, 64, 128, 9, 200]
 
@@ -50,22 +62,21 @@ def reference_logits(model) -> np.ndarray:
         return model(torch.tensor([IDS])).logits[0].numpy()
 
 
-@pytest.fixture(scope="module", params=[("mixtral", "contrib"), ("qwen2_moe", "ops")])
-def family_package(request, tmp_path_factory):
-    family, impl = request.param
-    root = tmp_path_factory.mktemp(family)
-    model = make_family_folder(family, root / "ckpt")
-    pkg = export_tiny_package(root / "ckpt", root / "pkg", "--moe-impl", impl)
-    return family, model, pkg
-
-
-def test_extracted_expert_equals_rigged_moe(family_package, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extracted_expert_equals_rigged_moe(family, family_packages, tmp_path):
     from moechat.export.experts.extract import run_extract
 
-    family, model, pkg = family_package
+    ckpt, pkg = family_packages.get(family)
+    model = transformers_model(ckpt)
     expert = 2
     original = package_logits(pkg)
-    record = run_extract(str(pkg), str(tmp_path / "x"), expert, progress=lambda _: None)
+    record = run_extract(
+        str(pkg),
+        str(tmp_path / "x"),
+        expert,
+        textfile=short_text(tmp_path),
+        progress=lambda _: None,
+    )
     got = package_logits(tmp_path / "x")
     assert rig(model, expert) >= 1
     want = reference_logits(model)
@@ -80,11 +91,15 @@ def test_extracted_expert_equals_rigged_moe(family_package, tmp_path):
     assert record["bytes"]["after"] < record["bytes"]["before"]
 
 
-def test_merged_experts_equal_rigged_moe_of_mean_weights(family_package, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_experts_equal_rigged_moe_of_mean_weights(family, family_packages, tmp_path):
     from moechat.export.experts.extract import run_extract
 
-    family, model, pkg = family_package
-    run_extract(str(pkg), str(tmp_path / "m"), None, progress=lambda _: None)
+    ckpt, pkg = family_packages.get(family)
+    model = transformers_model(ckpt)
+    run_extract(
+        str(pkg), str(tmp_path / "m"), None, textfile=short_text(tmp_path), progress=lambda _: None
+    )
     got = package_logits(tmp_path / "m")
     with torch.no_grad():
         for layer in model.model.layers:

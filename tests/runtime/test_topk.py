@@ -3,12 +3,14 @@ result equals transformers' model with its routers' top_k set to K (issue 19).""
 
 from __future__ import annotations
 
+import experts_factory
 import numpy as np
 import pytest
 import torch
-from family_factory import make_family_folder
+from experts_factory import FAMILIES, transformers_model
 
-from model_factory import export_tiny_package
+family_packages = experts_factory.family_packages  # session fixture (tests/experts_factory.py)
+int8_package = experts_factory.int8_package  # session fixture (tests/experts_factory.py)
 
 IDS = [5, 17, 99, 3, 250, 42, 7, 311, 64, 128, 9, 200]
 
@@ -19,37 +21,29 @@ def logits(path, k=None) -> np.ndarray:
     return load_model(path, "cpu", experts_per_token=k).decoder.forward(IDS, logits_for="all")
 
 
-@pytest.fixture(scope="module", params=[("mixtral", "contrib"), ("qwen2_moe", "ops")])
-def family_package(request, tmp_path_factory):
-    family, impl = request.param
-    root = tmp_path_factory.mktemp(family)
-    model = make_family_folder(family, root / "ckpt", num_experts_per_tok=3)
-    return family, model, export_tiny_package(root / "ckpt", root / "pkg", "--moe-impl", impl)
-
-
 @pytest.mark.parametrize("k", [1, 2])
-def test_fewer_experts_equal_transformers_top_k(family_package, k):
-    family, model, pkg = family_package
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fewer_experts_equal_transformers_top_k(family, family_packages, k):
+    ckpt, pkg = family_packages.get(family)
+    model = transformers_model(ckpt)
     got = logits(pkg, k)
     with torch.no_grad():
         for layer in model.model.layers:
             if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "top_k"):
                 layer.mlp.gate.top_k = k
         want = model(torch.tensor([IDS])).logits[0].numpy()
-        for layer in model.model.layers:
-            if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "top_k"):
-                layer.mlp.gate.top_k = 3
     assert np.abs(got - want).max() <= 1e-4, family
     assert np.abs(got - logits(pkg)).max() > 1e-3  # K experts is not the trained 3
 
 
-def test_trained_k_is_the_original_graph(family_package):
-    _, _, pkg = family_package
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trained_k_is_the_original_graph(family, family_packages):
+    _, pkg = family_packages.get(family)
     np.testing.assert_array_equal(logits(pkg, 3), logits(pkg))
 
 
-def test_int8_qmoe(tiny_checkpoint, tmp_path):
-    pkg = export_tiny_package(tiny_checkpoint, tmp_path / "q", "--int8")
+def test_int8_qmoe(int8_package):
+    pkg = int8_package
     np.testing.assert_array_equal(logits(pkg, 2), logits(pkg))
     assert np.abs(logits(pkg, 1) - logits(pkg)).max() > 1e-3
 
