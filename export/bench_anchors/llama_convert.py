@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
         return 2
     root, folder, out, outtype = Path(argv[0]), argv[1], argv[2], argv[3]
     sys.path[:0] = [str(root / "gguf-py"), str(root)]
-    from conversion import base  # type: ignore[import-not-found]
+    from conversion import base
 
     base_pre = base.TextModel.get_vocab_base_pre
 
