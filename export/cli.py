@@ -13,7 +13,8 @@ from moechat.export.int8.fidelity import threshold_misses
 from moechat.export.int8.step import SIZE_RATIO_MAX
 from moechat.export.options import ExportOptions
 from moechat.export.package import export_package
-from moechat.models.loading import load_checkpoint
+from moechat.models.loading import LoadedCheckpoint, load_checkpoint
+from moechat.models.streaming import StreamedCheckpoint
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.evaluate import read_text_file
 
@@ -25,6 +26,29 @@ def progress_printer() -> Callable[[str], None]:
         print(f"[{time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     return report
+
+
+# Checkpoints whose float32 weights exceed this are exported streamed unless --no-stream:
+# the whole-model path holds the model several times over (docs/benchmarks.md).
+STREAM_AUTO_BYTES = 4 << 30
+
+
+def open_checkpoint(
+    args: argparse.Namespace, max_positions: int, report: Callable[[str], None]
+) -> LoadedCheckpoint | StreamedCheckpoint:
+    """The whole model, or (``--stream``, or a large safetensors folder) an index of its
+    shards that the streamed export reads tensor by tensor."""
+    from moechat.models.streaming import float32_bytes, not_streamable, open_streamed
+
+    source, stream = Path(args.source), getattr(args, "stream", None)
+    reason = not_streamable(source) if stream is not False else "--no-stream"
+    if stream and reason:
+        raise MoechatError(f"--stream: {source} cannot be exported streamed: {reason}")
+    if reason is None and (stream or float32_bytes(source) > STREAM_AUTO_BYTES):
+        report(f"opening {source} to stream its weights (the model is never loaded whole)")
+        return open_streamed(source, max_positions)
+    report(f"loading {source}")
+    return load_checkpoint(source, preset_name=args.preset, max_positions=max_positions)
 
 
 def options_from_args(args: argparse.Namespace) -> ExportOptions:
@@ -47,8 +71,7 @@ def run_export(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     if options.heldout is not None:
         read_text_file(options.heldout)  # fail before the slow part
-    report(f"loading {args.source}")
-    ckpt = load_checkpoint(Path(args.source), preset_name=args.preset, max_positions=max_positions)
+    ckpt = open_checkpoint(args, max_positions, report)
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
     manifest = export_package(ckpt, Path(args.outdir), options, tokenizer, progress=report)
     parity = manifest["parity"]

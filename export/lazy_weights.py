@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
@@ -33,67 +34,90 @@ LAZY_PREFIX = "moechat-lazy:"
 BLOCK_BYTES = 64 << 20  # rows per block written: about this many bytes of float32
 
 Reader = Callable[[str, tuple], torch.Tensor]  # (name, index) -> float32 tensor[index]
+FLOAT32 = np.dtype(np.float32)
 
 
 class Recipe(Protocol):
     shape: tuple[int, ...]
 
-    def rows(self, start: int, stop: int) -> torch.Tensor: ...
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def rows(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class _Float:
+    dtype = FLOAT32
 
 
 @dataclass(frozen=True)
-class Source:
+class Source(_Float):
     """A checkpoint tensor (internal name), read through ``reader``."""
 
     name: str
     shape: tuple[int, ...]
     reader: Reader
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.reader(self.name, (slice(start, stop),))
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.reader(self.name, (slice(start, stop),)).numpy()
 
-    def cols(self, start: int, stop: int) -> torch.Tensor:
-        return self.reader(self.name, (slice(None), slice(start, stop)))
+    def cols(self, start: int, stop: int) -> np.ndarray:
+        return self.reader(self.name, (slice(None), slice(start, stop))).numpy()
 
 
 @dataclass(frozen=True)
-class Computed:
-    """A tensor the model computes (the RoPE tables), held: it is small."""
+class Computed(_Float):
+    """Values at hand (the RoPE tables, weights read at trace time): they are small."""
 
-    value: torch.Tensor
+    value: np.ndarray
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.value.shape)
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.value[start:stop].float()
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.value[start:stop]
+
+    def cols(self, start: int, stop: int) -> np.ndarray:
+        return self.value[:, start:stop]
 
 
 @dataclass(frozen=True)
-class Transposed:
+class Transposed(_Float):
     """A 2-D source, transposed (a Linear weight as a MatMul reads it)."""
 
     child: Source
     shape: tuple[int, ...]
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.child.cols(start, stop).t()
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.child.cols(start, stop).T
+
+    def cols(self, start: int, stop: int) -> np.ndarray:
+        return self.child.rows(start, stop).T
 
 
 @dataclass(frozen=True)
-class Concatenated:
+class Concatenated(_Float):
     """2-D recipes side by side along the columns (fused q/k/v, gate/up)."""
 
-    parts: tuple[Recipe, ...]
+    parts: tuple[Transposed | Computed, ...]
     shape: tuple[int, ...]
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return torch.cat([p.rows(start, stop) for p in self.parts], dim=1)
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.concatenate([p.rows(start, stop) for p in self.parts], axis=1)
+
+    def cols(self, start: int, stop: int) -> np.ndarray:
+        out, offset = [], 0
+        for p in self.parts:
+            a, b = max(start, offset), min(stop, offset + p.shape[1])
+            if a < b:
+                out.append(p.cols(a - offset, b - offset))
+            offset += p.shape[1]
+        return np.concatenate(out, axis=1)
 
 
 @dataclass(frozen=True)
-class PackedExperts:
+class PackedExperts(_Float):
     """The MoE op's expert weights [E, ...]: fc1 = gate/up rows interleaved (``up`` given),
     fc2 = down stacked (models/modeling.py, MoEFeedForward.pack_experts)."""
 
@@ -101,25 +125,56 @@ class PackedExperts:
     up: tuple[Source, ...] | None
     shape: tuple[int, ...]
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
+    def rows(self, start: int, stop: int) -> np.ndarray:
         out = []
         for e in range(start, stop):
             g = self.gate[e].rows(0, self.gate[e].shape[0])
             if self.up is not None:
                 u = self.up[e].rows(0, self.up[e].shape[0])
-                g = torch.stack((g, u), dim=1).reshape(-1, g.shape[1])
+                g = np.stack((g, u), axis=1).reshape(-1, g.shape[1])
             out.append(g)
-        return torch.stack(out)
+        return np.stack(out)
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """``fn`` applied to blocks of another recipe's rows (``by`` "rows") or 2-D columns
+    (``by`` "cols"; each block of output rows is ``fn`` of those columns): quantisers whose
+    rows (or columns) are independent."""
+
+    child: Recipe
+    fn: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    by: str = "rows"
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        if self.by == "cols":
+            part = self.child.cols(start, stop)  # type: ignore[attr-defined]
+        else:
+            part = self.child.rows(start, stop)
+        return self.fn(np.ascontiguousarray(part))
+
+
+def mapped(child: Recipe, fn: Callable[[np.ndarray], np.ndarray], by: str = "rows") -> Mapped:
+    """``fn`` over ``child`` by rows or columns; shape and dtype from a one-row probe."""
+    n = child.shape[0] if by == "rows" else child.shape[1]
+    probe = fn(np.ascontiguousarray(child.rows(0, 1) if by == "rows" else child.cols(0, 1)))  # type: ignore[attr-defined]
+    return Mapped(child, fn, (n, *probe.shape[1:]), probe.dtype, by)
 
 
 def row_blocks(recipe: Recipe) -> Iterator[np.ndarray]:
-    """The recipe's values, float32, in C order, a block of whole rows at a time."""
+    """The recipe's values in C order, a block of whole rows (~BLOCK_BYTES) at a time."""
     shape = recipe.shape
-    row_bytes = 4 * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 4
+    row_bytes = recipe.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
     step = max(1, BLOCK_BYTES // max(row_bytes, 1))
     for start in range(0, shape[0] if shape else 1, step):
         block = recipe.rows(start, min(start + step, shape[0]))
-        yield np.ascontiguousarray(block.numpy(), dtype=np.float32)
+        yield np.ascontiguousarray(block, dtype=recipe.dtype)
+
+
+def nbytes(recipe: Recipe) -> int:
+    return recipe.dtype.itemsize * int(np.prod(recipe.shape, dtype=np.int64))
 
 
 # -- onnx_ir: zero-memory arrays that carry their recipe -------------------------------
@@ -135,7 +190,7 @@ class LazyArray(np.ndarray):
 
 
 def lazy_array(recipe: Recipe) -> LazyArray:
-    array = np.broadcast_to(np.zeros((), np.float32), recipe.shape).view(LazyArray)
+    array = np.broadcast_to(np.zeros((), recipe.dtype), recipe.shape).view(LazyArray)
     array.recipe = recipe
     return array
 
@@ -204,8 +259,9 @@ def recipe_of(tensor: TensorProto) -> Recipe | None:
 
 
 def lazy_proto(recipe: Recipe, name: str) -> TensorProto:
-    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=recipe.shape)
-    set_external(tensor, lazy_location(recipe), 0, 4 * int(np.prod(recipe.shape, dtype=np.int64)))
+    data_type = onnx.helper.np_dtype_to_tensor_dtype(recipe.dtype)
+    tensor = TensorProto(name=name, data_type=data_type, dims=recipe.shape)
+    set_external(tensor, lazy_location(recipe), 0, nbytes(recipe))
     return tensor
 
 
@@ -252,8 +308,25 @@ def concatenated(tensors: list[TensorProto], name: str) -> TensorProto:
         arrays = [numpy_helper.to_array(t) for t in tensors]
         return numpy_helper.from_array(np.concatenate(arrays, axis=1), name)
     parts = tuple(
-        Computed(torch.from_numpy(numpy_helper.to_array(t))) if r is None else r
+        Computed(numpy_helper.to_array(t)) if r is None else r
         for t, r in zip(tensors, recipes, strict=True)
     )  # small weights were read at trace time (export/streamed.py, SMALL)
     width = sum(p.shape[1] for p in parts)
     return lazy_proto(Concatenated(parts, (parts[0].shape[0], width)), name)
+
+
+def map_rows(tensor: TensorProto, name: str, fn: Callable[[np.ndarray], np.ndarray]) -> TensorProto:
+    """``fn`` of ``tensor`` (whose rows ``fn`` treats independently) as initializer ``name``;
+    lazy stays lazy, computed block by block when written."""
+    recipe = recipe_of(tensor)
+    if recipe is None:
+        return numpy_helper.from_array(fn(numpy_helper.to_array(tensor)), name)
+    return lazy_proto(mapped(recipe, fn), name)
+
+
+def equal_transposed(w: TensorProto, table: TensorProto) -> bool:
+    """Is ``w`` the transpose of ``table``? Lazy weights: the same checkpoint tensor."""
+    rw, rt = recipe_of(w), recipe_of(table)
+    if rw is None and rt is None:
+        return bool(np.array_equal(numpy_helper.to_array(w).T, numpy_helper.to_array(table)))
+    return isinstance(rw, Transposed) and isinstance(rt, Source) and rw.child.name == rt.name

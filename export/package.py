@@ -15,9 +15,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime
 import torch
+
+if TYPE_CHECKING:
+    from moechat.export.int8.quantize import QuantizeOptions
 
 import moechat
 from moechat.export.onnx_graph import export_decoder
@@ -26,6 +30,7 @@ from moechat.export.parity import DECODE_STEPS, cpu_decoder, measure_parity, par
 from moechat.export.routing_outputs import routing_section
 from moechat.models.loading import LoadedCheckpoint
 from moechat.models.modeling import parameter_counts
+from moechat.models.streaming import StreamedCheckpoint
 from moechat.runtime.chat_template import describe_template
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.jinja_template import SPECIAL_KEYS
@@ -195,7 +200,7 @@ def check_outdir(outdir: Path, inputs: list[Path], force: bool) -> None:
 
 
 def export_package(
-    ckpt: LoadedCheckpoint,
+    ckpt: LoadedCheckpoint | StreamedCheckpoint,
     outdir: Path,
     options: ExportOptions,
     tokenizer_dir: Path | None = None,
@@ -250,22 +255,33 @@ def export_package(
         work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
     except OSError as err:
         raise MoechatError(f"cannot write {outdir}: {err.strerror or err}") from None
+    texts = [
+        "Hello, who are you?",
+        "你好，请介绍一下你自己。",
+        "def add(a, b):\n    return a + b",
+    ]
+    prompts = parity_prompts(cfg.vocab_size, [tokenizer.encode_text(t) for t in texts])
     try:
+        shutil.copyfile(tokenizer_dir / "tokenizer.json", work / "tokenizer.json")
+        if isinstance(ckpt, StreamedCheckpoint):  # weights written tensor by tensor
+            from moechat.export.streamed_package import export_streamed
+
+            manifest = build_manifest(ckpt, options, tokenizer_meta, chat, max_context)
+            export_streamed(
+                ckpt, work, manifest, options, tokenizer, prompts, max_context, progress
+            )
+            manifest.update(options.extra_manifest)
+            write_manifest(work, manifest)
+            _replace_dir(work, outdir)
+            return manifest
         progress("tracing the model to ONNX")
         export_decoder(
             ckpt.model, work / "model.onnx", options.fp32_moe_impl, options.attention,
             residual_norms=not options.fp16,
         )  # fmt: skip
-        shutil.copyfile(tokenizer_dir / "tokenizer.json", work / "tokenizer.json")
 
         progress("checking parity: PyTorch vs onnxruntime")
         decoder = cpu_decoder(work / "model.onnx", cfg, max_context)
-        texts = [
-            "Hello, who are you?",
-            "你好，请介绍一下你自己。",
-            "def add(a, b):\n    return a + b",
-        ]
-        prompts = parity_prompts(cfg.vocab_size, [tokenizer.encode_text(t) for t in texts])
         steps = DECODE_STEPS
         if options.quick_parity:  # 7 random tokens and an English prompt
             prompts, steps = [prompts[1], prompts[3]], QUICK_DECODE_STEPS
@@ -342,20 +358,27 @@ def _to_fp16(ckpt, work, manifest, prompts, max_context, progress) -> None:
     }
 
 
-def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None:
-    """Replace the fp32 graph in ``work`` by its int8 version; record how and how well."""
+def quantize_options(options: ExportOptions, arch: dict, smooth: bool = True) -> QuantizeOptions:
+    """What ``--int8`` / ``--int4`` / ``--int8-*`` ask of the quantiser."""
     from moechat.export.int8.quantize import QuantizeOptions, default_nbits_block
-    from moechat.export.int8.step import quantize_package_graph
 
     dense_bits = 4 if options.int4 == "all" else 8
-    quantize = QuantizeOptions(
-        moe=options.moe_impl,
+    return QuantizeOptions(
+        moe=options.moe_impl or "qmoe",
         dense=options.int8_matmuls or "nbits",
-        block=options.int8_block or default_nbits_block(manifest["architecture"], dense_bits),
+        block=options.int8_block or default_nbits_block(arch, dense_bits),
         residual_pass=options.int8_residual_pass,
         expert_bits=4 if options.int4 else 8,
         dense_bits=dense_bits,
+        smooth=smooth,
     )
+
+
+def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None:
+    """Replace the fp32 graph in ``work`` by its int8 version; record how and how well."""
+    from moechat.export.int8.step import quantize_package_graph
+
+    quantize = quantize_options(options, manifest["architecture"])
     result = quantize_package_graph(
         work, manifest["architecture"], tokenizer, quantize, options.heldout, max_context, progress
     )
@@ -365,7 +388,7 @@ def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None
 
 
 def build_manifest(
-    ckpt: LoadedCheckpoint, options: ExportOptions, tokenizer_meta: dict, chat: dict,
+    ckpt: LoadedCheckpoint | StreamedCheckpoint, options: ExportOptions, tokenizer_meta: dict, chat: dict,
     max_context: int,
 ) -> dict:  # fmt: skip
     cfg = ckpt.config

@@ -55,7 +55,7 @@ def parity_prompts(
     return prompts + [p for p in (tokenizer_ids or []) if p]
 
 
-def _check_finite(ref: np.ndarray, got: np.ndarray) -> None:
+def check_finite(ref: np.ndarray, got: np.ndarray) -> None:
     """Non-finite logits fail the check: ``max(0.0, nan)`` is 0.0, so a NaN would
     otherwise read as perfect parity."""
     for name, logits in (("PyTorch", ref), ("onnxruntime", got)):
@@ -95,7 +95,7 @@ def measure_parity(
         ref, past = model.step(torch.tensor([chunk]), past)
         steps.append((ref[0].numpy(), decoder.forward(chunk, logits_for="all")))
         for r, g in steps:
-            _check_finite(r, g)
+            check_finite(r, g)
             max_diff = max(max_diff, float(np.abs(r - g).max()))
             scale = max(scale, float(np.abs(r).max()))
             tokens += r.shape[0]

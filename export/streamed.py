@@ -23,7 +23,6 @@ import numpy as np
 import onnx
 import onnxscript.optimizer
 import torch
-from onnx import TensorProto
 
 from moechat.export.lazy_weights import (
     Computed,
@@ -35,6 +34,7 @@ from moechat.export.lazy_weights import (
     lazy_array,
     lazy_folding,
     lazy_location,
+    nbytes,
     recipe_of,
     row_blocks,
     set_external,
@@ -51,33 +51,39 @@ SMALL = 1024
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
+def packed_experts(ckpt: StreamedCheckpoint, layer: int, fc: str) -> PackedExperts:
+    """Layer ``layer``'s MoE op weight ``fc`` ("fc1": gate/up interleaved, "fc2": down)."""
+    cfg = ckpt.config
+    prefix = f"model.layers.{layer}.mlp.experts"
+
+    def sources(part: str) -> tuple[Source, ...]:
+        names = [f"{prefix}.{e}.{part}_proj.weight" for e in range(cfg.n_routed_experts)]
+        return tuple(Source(n, ckpt.shapes[n], ckpt.read) for n in names)
+
+    h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.n_routed_experts
+    if fc == "fc1":
+        return PackedExperts(sources("gate"), sources("up"), (e, 2 * i, h))
+    return PackedExperts(sources("down"), None, (e, h, i))
+
+
 def _recipes(
     ckpt: StreamedCheckpoint, max_positions: int
 ) -> Callable[[str, tuple[int, ...]], Recipe]:
     """The recipe of each traced initializer name: a parameter, or a layer's packed experts."""
 
-    def source(name: str) -> Source:
-        return Source(name, ckpt.shapes[name], ckpt.read)
-
     def recipe(name: str, shape: tuple[int, ...]) -> Recipe:
-        if name in ckpt.shapes:
-            return source(name)
-        if name in ("cos_cache", "sin_cache"):  # computed, not read: real values
-            cfg = ckpt.config
-            tables = rope_caches(cfg.rope_dim, max_positions, cfg.rope_theta)
-            return Computed(tables[name == "sin_cache"])
-        found = re.fullmatch(r"(model\.layers\.\d+\.mlp)\.lifted_tensor_\d+", name)
         cfg = ckpt.config
+        if name in ckpt.shapes:
+            return Source(name, ckpt.shapes[name], ckpt.read)
+        if name in ("cos_cache", "sin_cache"):  # computed, not read: real values
+            tables = rope_caches(cfg.rope_dim, max_positions, cfg.rope_theta)
+            return Computed(tables[name == "sin_cache"].numpy())
+        found = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.lifted_tensor_\d+", name)
         if found and len(shape) == 3 and shape[0] == cfg.n_routed_experts:
-            prefix = f"{found[1]}.experts"
-            experts = range(cfg.n_routed_experts)
-            gate = tuple(source(f"{prefix}.{e}.gate_proj.weight") for e in experts)
-            if shape[1:] == (2 * cfg.intermediate_size, cfg.hidden_size):  # fc1
-                up = tuple(source(f"{prefix}.{e}.up_proj.weight") for e in experts)
-                return PackedExperts(gate, up, shape)
-            if shape[1:] == (cfg.hidden_size, cfg.intermediate_size):  # fc2
-                down = tuple(source(f"{prefix}.{e}.down_proj.weight") for e in experts)
-                return PackedExperts(down, None, shape)
+            for fc in ("fc1", "fc2"):  # the MoE op's two weights differ in shape
+                packed = packed_experts(ckpt, int(found[1]), fc)
+                if packed.shape == shape:
+                    return packed
         raise ValueError(f"the traced graph has a weight the checkpoint cannot give: {name}")
 
     return recipe
@@ -112,9 +118,9 @@ def _serialize(model: Any) -> onnx.ModelProto:
         if isinstance(raw, LazyArray):
             if raw.recipe is None:
                 raise ValueError(f"{name}: a weight rearranged in a way with no streamed form")
-            nbytes = 4 * int(np.prod(raw.shape, dtype=np.int64))
             value.const_value = ir.ExternalTensor(
-                lazy_location(raw.recipe), 0, nbytes, ir.DataType.FLOAT,
+                lazy_location(raw.recipe), 0, nbytes(raw.recipe),
+                ir.DataType.from_numpy(raw.recipe.dtype),
                 shape=ir.Shape(raw.shape), name=name,
             )  # fmt: skip
     return ir.serde.serialize_model(model)
@@ -165,16 +171,17 @@ class WriteProgress:
         )
 
 
-def _layer_of(recipe: Recipe) -> int | None:
-    names = [getattr(recipe, "name", "")]
+def _layer_of(recipe: object) -> int | None:
+    """The layer of the first checkpoint tensor in ``recipe`` (None: not a layer's)."""
+    if isinstance(recipe, Source):
+        found = _LAYER.match(recipe.name)
+        return int(found[1]) if found else None
     for attr in ("child", "parts", "gate"):
         value = getattr(recipe, attr, None)
-        items = value if isinstance(value, tuple) else (value,) if value is not None else ()
-        names += [
-            getattr(r, "name", "") or getattr(getattr(r, "child", None), "name", "") for r in items
-        ]
-    found = next((m for n in names if (m := _LAYER.match(n or ""))), None)
-    return int(found[1]) if found else None
+        for item in value if isinstance(value, tuple) else (value,):
+            if item is not None and (layer := _layer_of(item)) is not None:
+                return layer
+    return None
 
 
 def write_streamed(
@@ -190,24 +197,24 @@ def write_streamed(
     for p in (path, data):
         p.unlink(missing_ok=True)
     lazy = [(t, r) for t in proto.graph.initializer if (r := recipe_of(t)) is not None]
-    total = sum(4 * int(np.prod(r.shape, dtype=np.int64)) for _, r in lazy)
+    total = sum(nbytes(r) for _, r in lazy)
     meter = WriteProgress(total, layers, progress)
     try:
         with open(data, "wb") as out:
             for tensor in proto.graph.initializer:
                 recipe = recipe_of(tensor)
                 if recipe is not None:
-                    nbytes = 4 * int(np.prod(recipe.shape, dtype=np.int64))
-                    if sys.getsizeof(b"") + nbytes < SIZE_THRESHOLD:  # stays in the graph
+                    size = nbytes(recipe)
+                    if sys.getsizeof(b"") + size < SIZE_THRESHOLD:  # stays in the graph
                         del tensor.external_data[:]
-                        tensor.data_location = TensorProto.DEFAULT
+                        tensor.ClearField("data_location")
                         tensor.raw_data = b"".join(b.tobytes() for b in row_blocks(recipe))
                         continue
                     offset = out.tell()
                     for block in row_blocks(recipe):
                         out.write(block.tobytes())
                     set_external(tensor, data.name, offset, out.tell() - offset)
-                    meter.advance(nbytes, _layer_of(recipe))
+                    meter.advance(size, _layer_of(recipe))
                 elif (
                     tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= SIZE_THRESHOLD
                 ):

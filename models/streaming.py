@@ -29,6 +29,8 @@ _BLOCK_BYTES = 64 << 20
 
 def not_streamable(folder: Path) -> str | None:
     """Why the checkpoint in ``folder`` cannot be exported streamed (None: it can)."""
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        return "it is not a Hugging Face folder (config.json + safetensors shards)"
     files = weight_files(folder)
     if any(f.suffix != ".safetensors" for f in files):
         return "its weights are not safetensors"
@@ -156,5 +158,13 @@ def meta_model(cfg: ModelConfig, max_positions: int = 4096) -> CausalLM:
         return CausalLM(cfg, max_positions=max_positions).eval()
 
 
-def checkpoint_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in weight_files(folder))
+def float32_bytes(folder: Path) -> int:
+    """What ``folder``'s weights take as float32 (read from the shards' headers)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in weight_files(folder):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                total += 4 * int(torch.Size(f.get_slice(key).get_shape()).numel())
+    return total

@@ -190,7 +190,7 @@ def measure_fidelity(
             if not np.isfinite(logits).all():  # max(nan, 0.0) would hide it in the report
                 raise MoechatError(f"the {name} graph computed non-finite logits (NaN or infinity)")
         for i, (x, y) in enumerate(zip(rr, rq, strict=True)):
-            route_same[i] += _same_topk(x, y, top_k).sum()
+            route_same[i] += same_topk(x, y, top_k).sum()
         route_tokens += b - a
         fed += b - a
         if n:
@@ -219,7 +219,7 @@ def measure_fidelity(
     )
 
 
-def _same_topk(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
+def same_topk(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     """Per row: is the set of the k largest entries the same in a and b?"""
     ta = np.sort(np.argpartition(-a, k - 1, axis=-1)[:, :k], axis=-1)
     tb = np.sort(np.argpartition(-b, k - 1, axis=-1)[:, :k], axis=-1)

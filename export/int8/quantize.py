@@ -46,6 +46,7 @@ import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,7 @@ from moechat.export.graph_rewrites import (
 )
 from moechat.export.int8.residual_pass import add_residual_passes
 from moechat.export.int8.smoothing import ALPHA, smooth
+from moechat.export.lazy_weights import equal_transposed, map_rows
 from moechat.export.onnx_graph import save_model
 
 INT8_MOE_IMPLS = ("qmoe", "ops")
@@ -146,6 +148,21 @@ def pack_uint4(q: np.ndarray) -> np.ndarray:
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _qmoe_part(w: np.ndarray, block: int, bits: int, part: int) -> np.ndarray:
+    """QMoE's stored weights (part 0: uint8, zero point 128 or two 4-bit values per byte)
+    or scales (part 1) of expert weights ``w``."""
+    q, scale = quantize_rows(w, block, bits)
+    if part:
+        return scale
+    return (q.astype(np.int16) + 128).astype(np.uint8) if bits == 8 else pack_uint4(q)
+
+
+def _table_part(w: np.ndarray, block: int, part: int) -> np.ndarray:
+    """The int8 embedding table's rows (part 0) or their scales [.., 1] (part 1)."""
+    q, scale = quantize_rows(w.reshape(len(w), -1, block))
+    return scale[..., None] if part else q
+
+
 def moe_to_qmoe(model: onnx.ModelProto, bits: int = 8) -> dict:
     """Replace each com.microsoft.MoE with a QMoE of ``bits``-bit weights (uint8 storage:
     zero point 128 at 8 bits, two values per byte with zero point 8 at 4 bits)."""
@@ -160,18 +177,17 @@ def moe_to_qmoe(model: onnx.ModelProto, bits: int = 8) -> dict:
             raise ValueError("MoE nodes with fc3 weights are not supported")
         if (len(node.input) > 3 and node.input[3]) or (len(node.input) > 5 and node.input[5]):
             raise ValueError("MoE nodes with biases are not supported")
-        fc1 = numpy_helper.to_array(inits[node.input[2]])  # [E, 2I, H]
-        fc2 = numpy_helper.to_array(inits[node.input[4]])  # [E, H, I]
-        block = qmoe_block_size(fc1.shape[2], fc2.shape[2])
+        fc1, fc2 = inits[node.input[2]], inits[node.input[4]]  # [E, 2I, H], [E, H, I]
+        block = qmoe_block_size(fc1.dims[2], fc2.dims[2])
         new_inputs = [node.input[0], node.input[1]]
         if bits == 4 and not block:
             raise ValueError("4-bit QMoE needs hidden and intermediate sizes divisible by 16")
-        for name, w in ((node.input[2], fc1), (node.input[4], fc2)):
-            q, scale = quantize_rows(w, block, bits)
-            qname, sname = f"{name}_q{bits}", f"{name}_scale"
-            stored = (q.astype(np.int16) + 128).astype(np.uint8) if bits == 8 else pack_uint4(q)
-            graph.initializer.append(numpy_helper.from_array(stored, qname))
-            graph.initializer.append(numpy_helper.from_array(scale, sname))
+        for w in (fc1, fc2):
+            qname, sname = f"{w.name}_q{bits}", f"{w.name}_scale"
+            # per expert (rows of the stacked tensor): a streamed export's weights stay lazy
+            for part, part_name in ((0, qname), (1, sname)):
+                fn = partial(_qmoe_part, block=block, bits=bits, part=part)
+                graph.initializer.append(map_rows(w, part_name, fn))
             new_inputs += [qname, sname, ""]  # weights, scales, (no) bias
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs.update(expert_weight_bits=bits)
@@ -224,11 +240,11 @@ def quantize_embedding(
             continue
         vocab, hidden = table.dims
         block = EMBEDDING_BLOCK if hidden % EMBEDDING_BLOCK == 0 else hidden
-        q, scale = quantize_rows(numpy_helper.to_array(table).reshape(vocab, -1, block))
         base, out, n = node.input[0], node.output[0], node.name
         qt = QuantizedTable(base, f"{base}_q8", f"{base}_scale", hidden, block)
-        graph.initializer.append(numpy_helper.from_array(q, qt.q))
-        graph.initializer.append(numpy_helper.from_array(scale[..., None], qt.scale))
+        for part, part_name in ((0, qt.q), (1, qt.scale)):
+            fn = partial(_table_part, block=block, part=part)
+            graph.initializer.append(map_rows(table, part_name, fn))
         shape = f"{base}_shape"
         graph.initializer.append(numpy_helper.from_array(np.array([0, 0, hidden]), shape))
         new_nodes += [
@@ -266,7 +282,7 @@ def find_tied_lm_head(
     w, table = inits[lm.input[1]], inits[tables[0]]
     if list(w.dims) != list(table.dims)[::-1]:
         return None
-    if not np.array_equal(numpy_helper.to_array(w).T, numpy_helper.to_array(table)):
+    if not equal_transposed(w, table):
         return None
     return lm.name, tables[0]
 

@@ -1,0 +1,239 @@
+"""Parity without the model in memory: PyTorch one layer at a time vs the written graph.
+
+The streamed export (export/streamed.py) never holds the model. Its parity check runs
+the prompts through PyTorch layer by layer — each :class:`DecoderLayer` built on the
+meta device and given that layer's weights from the memory-mapped shards, then dropped
+— and compares what every layer computes with the graph's own outputs for the same
+prompts: the KV cache a layer writes (``present.{i}.*``, from the hidden state that
+enters layer i), the router logits of each MoE layer (``router_logits.{i}``, after its
+attention) and the logits. The first probe off by more than the tolerance names the
+layer whose weights differ (tests/export/test_streamed_package.py corrupts one).
+Prefill only: the cache path is the whole-model path's, whose graph bytes are equal
+(tests/export/test_streamed_export.py) and whose parity covers decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moechat.export.int8.fidelity import FidelityReport, same_topk
+from moechat.export.lazy_weights import Source, row_blocks
+from moechat.export.parity import ParityReport, check_finite
+from moechat.export.streamed import packed_experts
+from moechat.models.modeling import DecoderLayer, MoEFeedForward, RMSNorm, rope_caches
+from moechat.models.streaming import StreamedCheckpoint
+from moechat.runtime.errors import MoechatError
+from moechat.runtime.evaluate import log_softmax
+from moechat.runtime.providers import create_session
+from moechat.runtime.routing import moe_layers, output_name
+
+
+@dataclass
+class LayerParity:
+    report: ParityReport
+    probes: dict[str, float] = field(default_factory=dict)  # probe -> max |Δ| / its scale
+
+    def to_dict(self) -> dict:
+        worst = max(self.probes.values(), default=0.0)
+        return {
+            **self.report.to_dict(),
+            "method": "PyTorch layer by layer vs the graph's outputs (prefill)",
+            "worst_layer_probe": worst,
+        }
+
+
+def _layer(ckpt: StreamedCheckpoint, index: int) -> DecoderLayer:
+    """Layer ``index`` with its weights; routed experts straight into the packed layout."""
+    with torch.device("meta"):
+        layer = DecoderLayer(ckpt.config, index)
+    state = {k: torch.from_numpy(v) for k, v in _layer_state(ckpt, index) if ".experts." not in k}
+    missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
+    if unexpected or any(".experts." not in k for k in missing):
+        raise MoechatError(f"layer {index}: weights do not match ({(missing + unexpected)[:3]})")
+    if isinstance(layer.mlp, MoEFeedForward):
+        layer.mlp.packed = tuple(  # type: ignore[assignment]
+            torch.from_numpy(np.concatenate(list(row_blocks(packed_experts(ckpt, index, fc)))))
+            for fc in ("fc1", "fc2")
+        )
+    return layer.eval()
+
+
+def _layer_state(ckpt: StreamedCheckpoint, index: int) -> Iterator[tuple[str, np.ndarray]]:
+    prefix = f"model.layers.{index}."
+    for name in ckpt.keys:
+        if name.startswith(prefix) and ".experts." not in name:
+            yield name[len(prefix) :], ckpt.tensor(name).numpy()
+
+
+def _embed(ckpt: StreamedCheckpoint, ids: list[int]) -> torch.Tensor:
+    rows = [ckpt.read("model.embed_tokens.weight", (slice(i, i + 1),)) for i in ids]
+    return torch.cat(rows)[None] * ckpt.config.embedding_multiplier
+
+
+@torch.no_grad()
+def torch_probes(
+    ckpt: StreamedCheckpoint, prompts: list[list[int]], presents: bool = True
+) -> Iterator[dict[str, np.ndarray]]:
+    """Per prompt: every layer's present key/value (``presents``), router logits, and the
+    logits (computed one prompt at a time: a vocabulary of logits per token is large)."""
+    cfg = ckpt.config
+    cos, sin = rope_caches(cfg.rope_dim, ckpt.model.cos_cache.shape[0], cfg.rope_theta)
+    hidden = [_embed(ckpt, p) for p in prompts]
+    probes: list[dict[str, np.ndarray]] = [{} for _ in prompts]
+    empty = [
+        torch.zeros(1, cfg.num_key_value_heads, 0, d) for d in (cfg.head_dim, cfg.value_head_dim)
+    ]
+    for i in range(cfg.num_hidden_layers):
+        layer = _layer(ckpt, i)
+        routed: list[torch.Tensor] = []
+        if isinstance(layer.mlp, MoEFeedForward):
+            layer.mlp.gate.register_forward_hook(lambda m, a, out, kept=routed: kept.append(out))
+        for n, x in enumerate(hidden):
+            mask = torch.ones(1, x.shape[1], dtype=torch.long)
+            hidden[n], pk, pv = layer(x, mask, *empty, cos, sin)
+            if presents:
+                probes[n][f"present.{i}.key"], probes[n][f"present.{i}.value"] = (
+                    pk.numpy(),
+                    pv.numpy(),
+                )
+            if routed:
+                probes[n][output_name(i)] = routed.pop().numpy()
+        del layer
+    norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    norm.weight.data = ckpt.tensor("model.norm.weight")
+    head = Source("lm_head.weight", ckpt.shapes["lm_head.weight"], ckpt.read)
+    for x, found in zip(hidden, probes, strict=True):
+        h = norm(x)[0]
+        blocks = [h @ torch.from_numpy(w).T for w in row_blocks(head)]
+        logits = (torch.cat(blocks, dim=1) / cfg.logits_scaling).numpy()[None]
+        yield {**found, "logits": logits}
+        found.clear()
+
+
+def graph_probes(graph: Path, ckpt: StreamedCheckpoint, prompts: list[list[int]], names: list[str]):
+    cfg = ckpt.config
+    session = create_session(graph, "CPUExecutionProvider")
+    outputs = {o.name for o in session.get_outputs()}
+    names = [n for n in names if n in outputs]
+    for prompt in prompts:
+        n = len(prompt)
+        feeds = {
+            "input_ids": np.array([prompt], np.int64),
+            "attention_mask": np.ones((1, n), np.int64),
+            "logits_positions": np.arange(n, dtype=np.int64),
+        }
+        for i in range(cfg.num_hidden_layers):
+            for kind, d in (("key", cfg.head_dim), ("value", cfg.value_head_dim)):
+                feeds[f"past_key_values.{i}.{kind}"] = np.zeros(
+                    (1, cfg.num_key_value_heads, 0, d), np.float32
+                )
+        yield dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def _blame(probe: str, layers: int) -> str:
+    """Where a probe that differs points: the weights computed before it, after the last
+    probe that matched."""
+    if probe == "logits":
+        return f"layer {layers - 1}'s feed-forward, the final norm or the lm_head"
+    i = int(probe.split(".")[1])
+    if probe.startswith("router_logits"):
+        return f"layer {i}'s attention (query/output projections), its post-attention norm or its router"
+    before = f"layer {i - 1}'s feed-forward, or " if i else "the embedding, or "
+    return f"{before}layer {i}'s input norm or key/value projections"
+
+
+def check_layers(
+    ckpt: StreamedCheckpoint, graph: Path, prompts: list[list[int]], tolerance: float
+) -> LayerParity:
+    """Compare layer by layer; raise naming the first layer that differs."""
+    cfg = ckpt.config
+    order = []
+    for i in range(cfg.num_hidden_layers):
+        order += [f"present.{i}.key", f"present.{i}.value"]
+        order += [output_name(i)] if i in moe_layers(cfg.to_dict()) else []
+    order.append("logits")
+    ref = list(torch_probes(ckpt, prompts))  # small prompts: their logits may be held
+    got = list(graph_probes(graph, ckpt, prompts, order))
+    diffs: dict[str, float] = {}
+    for name in order:
+        pairs = [(r[name], g[name]) for r, g in zip(ref, got, strict=True) if name in g]
+        if not pairs:
+            continue
+        for r, g in pairs:
+            check_finite(r, g)
+        diff = max(float(np.abs(r - g).max()) for r, g in pairs)
+        scale = max(float(np.abs(r).max()) for r, _ in pairs)
+        diffs[name] = diff / max(scale, 1e-9)
+        if diffs[name] > tolerance:
+            raise MoechatError(
+                f"parity check failed at {name}: max |Δ| {diff:.3g} is {diffs[name]:.2g} of its "
+                f"scale {scale:.3g} (limit {tolerance}); the weights of "
+                f"{_blame(name, cfg.num_hidden_layers)} differ from the checkpoint"
+            )
+    logits = [(r["logits"], g["logits"]) for r, g in zip(ref, got, strict=True)]
+    diff = max(float(np.abs(r - g).max()) for r, g in logits)
+    scale = max(float(np.abs(r).max()) for r, _ in logits)
+    greedy = all(int(r[0, -1].argmax()) == int(g[0, -1].argmax()) for r, g in logits)
+    tokens = sum(len(p) for p in prompts)
+    report = ParityReport(diff, scale, diff / max(scale, 1e-9), greedy, len(prompts), tokens, 0)
+    return LayerParity(report, diffs)
+
+
+def measure_fidelity_layerwise(
+    ckpt: StreamedCheckpoint,
+    graph: Path,
+    token_ids: list[int],
+    text_name: str,
+    window: int,
+) -> FidelityReport:
+    """The quantised graph against PyTorch fp32 (layer by layer) on held-out text: each
+    window of ``window`` tokens is one prefill in both; the metrics of
+    export/int8/fidelity.py over every position that predicts a next token."""
+    cfg = ckpt.config
+    windows = [token_ids[s : s + window] for s in range(0, len(token_ids), window)]
+    windows = [w for w in windows if len(w) > 1]
+    if not windows:
+        raise ValueError("fidelity needs at least 2 held-out tokens")
+    routers = [output_name(i) for i in moe_layers(cfg.to_dict())]
+    top_k = cfg.num_experts_per_tok
+    agree = scored = 0
+    kl = nll_ref = nll_q = 0.0
+    route_same = np.zeros(len(routers))
+    route_tokens = 0
+    names = ["logits", *routers]
+    pairs = zip(
+        torch_probes(ckpt, windows, presents=False),
+        graph_probes(graph, ckpt, windows, names),
+        windows,
+        strict=True,
+    )
+    for ref, got, ids in pairs:
+        for name, logits in (("fp32", ref["logits"]), ("quantised", got["logits"])):
+            if not np.isfinite(logits).all():
+                raise MoechatError(f"the {name} model computed non-finite logits")
+        n = len(ids) - 1
+        pr, pq = log_softmax(ref["logits"][0, :n]), log_softmax(got["logits"][0, :n])
+        target, rows = np.asarray(ids[1:]), np.arange(n)
+        nll_ref -= float(pr[rows, target].sum())
+        nll_q -= float(pq[rows, target].sum())
+        kl += float((np.exp(pr) * (pr - pq)).sum())
+        agree += int((pr.argmax(-1) == pq.argmax(-1)).sum())
+        scored += n
+        for i, name in enumerate(routers):
+            route_same[i] += same_topk(ref[name], got[name].reshape(len(ids), -1), top_k).sum()
+        route_tokens += len(ids)
+    per_layer = (route_same / max(route_tokens, 1)).tolist()
+    ppl_ref, ppl_q = math.exp(nll_ref / scored), math.exp(nll_q / scored)
+    return FidelityReport(
+        text=text_name, tokens=scored, top1_agreement=agree / scored,
+        mean_kl=max(kl / scored, 0.0), perplexity_fp32=ppl_ref, perplexity_int8=ppl_q,
+        perplexity_ratio=ppl_q / ppl_ref,
+        routing_agreement=float(np.mean(per_layer)) if per_layer else None,
+        routing_agreement_per_layer=per_layer,
+    )  # fmt: skip

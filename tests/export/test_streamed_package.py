@@ -1,0 +1,65 @@
+"""moechat export --stream: layer-by-layer parity that names a broken layer; packages."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from moechat.app.cli import main
+from moechat.export.layer_parity import check_layers
+from moechat.export.package import PARITY_TOLERANCE
+from moechat.export.parity import parity_prompts
+from moechat.export.streamed import trace_streamed, write_streamed
+from moechat.models.streaming import open_streamed
+from moechat.runtime.errors import MoechatError
+
+from model_factory import TINY_MOE, make_hf_folder
+
+
+def _corrupt(graph, name):
+    """Flip the sign of initializer ``name`` in the graph's external data, in place."""
+    proto = onnx.load(str(graph), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if t.name == name)
+    info = {e.key: int(e.value) for e in tensor.external_data if e.key != "location"}
+    data = np.memmap(graph.with_name(graph.name + ".data"), np.float32, "r+")
+    part = slice(info["offset"] // 4, (info["offset"] + info["length"]) // 4)
+    data[part] = -data[part]
+    data.flush()
+
+
+def test_layer_parity_names_the_corrupted_layer(tmp_path):
+    src = make_hf_folder(tmp_path / "src", TINY_MOE.with_changes(num_hidden_layers=3))
+    ckpt = open_streamed(src)
+    graph = tmp_path / "model.onnx"
+    write_streamed(trace_streamed(ckpt), graph, 3)
+    prompts = parity_prompts(ckpt.config.vocab_size)
+    report = check_layers(ckpt, graph, prompts, PARITY_TOLERANCE)
+    assert report.report.relative < PARITY_TOLERANCE and report.report.greedy_match
+    # layer 1's packed routed experts (fc1): the first probe after them is layer 2's cache
+    _corrupt(graph, "model.layers.1.mlp.lifted_tensor_2")
+    with pytest.raises(MoechatError, match=r"present\.2\.key.*layer 1's feed-forward"):
+        check_layers(ckpt, graph, prompts, PARITY_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_streamed_int8_package_from_the_command_line(tmp_path, capsys):
+    src = make_hf_folder(tmp_path / "src", TINY_MOE)
+    out = tmp_path / "pkg"
+    assert main(["export", str(src), str(out), "--int8", "--stream"]) == 0
+    manifest = json.loads((out / "moechat.json").read_text())
+    assert manifest["fidelity"]["reference"] == "pytorch-fp32, layer by layer"
+    assert manifest["fidelity"]["tokens"] > 100
+    assert manifest["graph"]["quantization"]["smoothing"] is None
+    assert manifest["parity"]["relative"] < 0.25
+    assert "fidelity vs fp32" in capsys.readouterr().out
+    assert main(["run", str(out), "--raw", "hello", "--max-new-tokens", "4"]) == 0
+
+
+def test_stream_refuses_options_it_cannot_honour(tmp_path, capsys):
+    src = make_hf_folder(tmp_path / "src", TINY_MOE)
+    assert main(["export", str(src), str(tmp_path / "pkg"), "--stream", "--fp16"]) != 0
+    assert "--fp16 is not available when the checkpoint is exported streamed" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "pkg").exists()
