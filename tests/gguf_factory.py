@@ -10,6 +10,15 @@ import numpy as np
 from model_factory import CHATML_TEMPLATE
 
 
+def save(writer, path: Path) -> Path:
+    """Write a ``gguf.GGUFWriter``'s header, metadata and tensors, and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute (rotate-half -> interleaved RoPE rows)."""
     return (
@@ -92,11 +101,7 @@ def write_llama_gguf(
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(name, np.ascontiguousarray(data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return save(w, path)
 
 
 # -- MoE families through llama.cpp's own converter ------------------------------------
@@ -212,8 +217,4 @@ def write_k_quant_moe_gguf(path: Path, types: dict[str, str], seed: int = 0) -> 
         else:
             qtype = gguf.GGMLQuantizationType[kind]
             w.add_tensor(name, random_k_quant(kind, shape, rng), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return save(w, path)

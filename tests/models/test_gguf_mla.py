@@ -7,7 +7,9 @@ models/gguf.py, exported with the real CLI and run on onnxruntime: prefill, gree
 decode and a chunked append against transformers' logits (<= 1e-4 of the logit scale,
 the same greedy tokens). The file must also give exactly the configuration and weights
 the Hugging Face folder gives; F16 files the weights through float16's rounding; files of
-older converters (one attn_kv_b, no *_mla keys) the same weights as the split ones.
+older converters (one attn_kv_b, no *_mla keys) the same weights as the split ones. Where
+llama-cpp-python is installed, llama.cpp's own runtime on the same files gives the same
+logits, also where it departs from transformers (V2's groups, chosen V3's way).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ pytest.importorskip("transformers")
 
 import gguf  # noqa: E402
 import torch  # noqa: E402
-from gguf_factory import convert_with_llamacpp, name_tokenizer_class  # noqa: E402
+from gguf_factory import convert_with_llamacpp, name_tokenizer_class, save  # noqa: E402
 from test_deepseek_mla import YARN, make_mla_folder, reference_logits  # noqa: E402
 from test_families import assert_matches, distinct_routings, run_package  # noqa: E402
 from test_gguf_families import llama_cpp  # noqa: E402, F401  (the converter fixture)
@@ -46,26 +48,34 @@ KINDS = {
     # converter writes expert_gating_func from scoring_func)
     "deepseek_v3": dict(scoring_func="sigmoid", topk_method="noaux_tc"),
 }
+# V2 with group_limited_greedy over 4 groups, YaRN and q LoRA (llama.cpp reads q_proj
+# only for 26- and 27-layer files): checked against llama.cpp's own runtime
+V2_GROUPS = dict(topk_method="group_limited_greedy", rope_parameters=YARN, q_lora_rank=24)
 
 
 @pytest.fixture(scope="module")
 def converted(llama_cpp, tmp_path_factory):  # noqa: F811 (the fixture imported above)
-    """Per kind: the transformers model, its folder and its GGUF files (F32, F16)."""
+    """Per name: the transformers model, its folder and its GGUF files (F32; F16 for KINDS)."""
     root = tmp_path_factory.mktemp("gguf-mla")
     out: dict[str, tuple[object, Path, dict[str, Path]]] = {}
     jobs = []
-    for kind, extra in KINDS.items():
-        model = make_mla_folder(kind, root / kind, seed=1, **extra)
-        name_tokenizer_class(root / kind)
-        files = {t: root / f"{kind}-{t}.gguf" for t in ("f32", "f16")}
-        jobs += [(root / kind, path, t) for t, path in files.items()]
-        out[kind] = (model, root / kind, files)
+    variants = [(kind, kind, extra, ("f32", "f16")) for kind, extra in KINDS.items()]
+    for name, kind, extra, types in [*variants, ("v2_groups", "deepseek_v2", V2_GROUPS, ("f32",))]:
+        model = make_mla_folder(kind, root / name, seed=1, **extra)
+        name_tokenizer_class(root / name)
+        files = {t: root / f"{name}-{t}.gguf" for t in types}
+        jobs += [(root / name, path, t) for t, path in files.items()]
+        out[name] = (model, root / name, files)
     convert_with_llamacpp(llama_cpp, jobs)
     return out
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize(  # V2's file is the folder exactly (next test), whose package is
+    # checked against transformers in test_deepseek_mla: its own export is the slow one
+    "kind",
+    [pytest.param("deepseek_v2", marks=pytest.mark.slow), "deepseek_v3"],
+)
 def test_mla_gguf_package_matches_transformers(converted, kind, tmp_path, capsys):
     hf_model, _, files = converted[kind]
     reader = open_gguf(files["f32"])
@@ -154,11 +164,7 @@ def rewrite_gguf(src: Path, dst: Path, change) -> Path:
         w.add_key_value(name, value, kind, sub_type=sub)
     for name, data in tensors.items():
         w.add_tensor(name, np.ascontiguousarray(data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    return save(w, dst)
 
 
 def unsplit(fields: Fields, tensors: dict[str, np.ndarray]) -> None:
@@ -196,3 +202,34 @@ def test_k_b_without_v_b_is_a_one_line_error(converted, tmp_path):
     )
     with pytest.raises(MoechatError, match=r"^GGUF block 1 has attn_k_b but no attn_v_b$"):
         load_checkpoint(broken)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("name", ["deepseek_v3", "v2_groups"])
+def test_as_llama_cpp_runs_it(converted, name, tmp_path):
+    """llama.cpp's own runtime (when llama-cpp-python is installed) on the same file gives
+    the same logits: its group rule (V3's sum of the best two, also for V2's
+    group_limited_greedy, where transformers takes each group's best), YaRN and routing."""
+    llama_cpp_lib = pytest.importorskip("llama_cpp")
+    hf_model, _, files = converted[name]
+    ids = [5, 17, 33, 101, 7, 250, 3, 9, 44, 120, 300, 11, 64, 399] * 3
+    ckpt = load_gguf(files["f32"], tokenizer_dir=tmp_path / "tokenizer")
+    with torch.no_grad():
+        ours = ckpt.model.step(torch.tensor([ids]), ckpt.model.empty_cache())[0][0].numpy()
+
+    def default_pre(fields: Fields, _) -> None:  # llama.cpp knows GPT-2's split as "default"
+        fields["tokenizer.ggml.pre"] = ("default", *fields["tokenizer.ggml.pre"][1:])
+
+    path = rewrite_gguf(files["f32"], tmp_path / "llama.cpp.gguf", default_pre)
+    f32 = 0  # GGML_TYPE_F32: an F32 KV cache, as ours
+    llm = llama_cpp_lib.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1,
+                              type_k=f32, type_v=f32, verbose=False)  # fmt: skip
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    llm.close()
+    error = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+    print(f"{name} vs llama.cpp: {error:.2e} of the logit scale")
+    assert error < 1e-5
+    if name == "v2_groups":  # the groups llama.cpp keeps are not transformers' V2 groups
+        ref = reference_logits(hf_model, ids)
+        assert float(np.abs(ours - ref).max() / np.abs(ref).max()) > 1e-3
