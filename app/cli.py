@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="also run PyTorch, onnxruntime-genai and llama.cpp on the same weights")  # fmt: skip
     p.add_argument("--anchors", help="with --compare: a comma-separated subset of "
-                   "pytorch,onnxruntime-genai,llama.cpp (default: all)")  # fmt: skip
+                   "pytorch,onnxruntime-genai,llama.cpp,llama.cpp-Q4_K_M (default: all)")  # fmt: skip
     p.add_argument("--cache-dir", help="where --compare keeps converted models")
     p.add_argument("--ab", action="append", metavar="NAME=VALUE",
                    help="compare this environment setting against none, in fresh processes "
