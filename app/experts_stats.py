@@ -37,20 +37,30 @@ def shade(share: float, even: float) -> str:
     return SHADES[1 + sum(ratio >= t for t in (0.5, 1.0, 2.0))]
 
 
+WIDE_CELLS_UP_TO = 16  # experts; more get one character each (64 fit an 80-column line)
+
+
 def heat_map(stats: list[LayerStats], num_experts: int, top_k: int) -> list[str]:
-    """Lines of a layers x experts map, one character per expert, with each layer's
-    balance and its share of tokens routed as in the previous layer."""
+    """Lines of a layers x experts map with each layer's balance and its share of tokens
+    routed as in the previous layer. Up to 16 experts a cell is a shade and the expert's
+    share of the layer's selections in percent; beyond, one shade character per expert."""
     even = 1.0 / num_experts
-    tens = "".join(str(e // 10 % 10) if e % 10 == 0 else " " for e in range(num_experts))
-    ones = "".join(str(e % 10) for e in range(num_experts))
-    lines = [
-        f"experts chosen per layer ({SHADE_LEGEND})",
-        f"{'':>6} {tens}",
-        f"{'layer':>6} {ones}  balance  same",
-    ]
+    wide = num_experts <= WIDE_CELLS_UP_TO
+    if wide:
+        header = ["".join(f"{e:>5}" for e in range(num_experts))]
+    else:
+        tens = "".join(str(e // 10 % 10) if e % 10 == 0 else " " for e in range(num_experts))
+        header = [tens, "".join(str(e % 10) for e in range(num_experts))]
+    what = "shade and % of the layer's picks" if wide else "shade"
+    lines = [f"experts chosen per layer ({what}; {SHADE_LEGEND})"]
+    lines += [f"{'':>6} {h}" for h in header[:-1]]
+    lines.append(f"{'layer':>6} {header[-1]}  balance  same")
     for s in stats:
         total = max(sum(s.counts), 1)
-        row = "".join(shade(c / total, even) for c in s.counts)
+        if wide:
+            row = "".join(f" {shade(c / total, even)}{100 * c / total:3.0f}" for c in s.counts)
+        else:
+            row = "".join(shade(c / total, even) for c in s.counts)
         same = "-" if s.same_as_previous is None else f"{s.same_as_previous:.0%}"
         lines.append(f"{s.layer:>6} {row}  {s.balance:7.2f}  {same:>4}")
     return lines
@@ -163,10 +173,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     print("\n".join(heat_map(stats, spec.num_experts, spec.top_k)))
     if spec.top_k > 1:
-        pairs = ", ".join(
-            f"{s.layer}: {a}+{b} ({n / len(ids):.0%})" for s in stats for a, b, n in s.top_pairs[:1]
-        )
-        print(f"most co-selected pair per layer  {pairs}")
+        top = sorted(((n, s.layer, a, b) for s in stats for a, b, n in s.top_pairs[:1]),
+                     reverse=True)[:5]  # fmt: skip
+        pairs = ", ".join(f"layer {layer} {a}+{b} ({n / len(ids):.0%})" for n, layer, a, b in top)
+        print(f"most often chosen together (pair, share of tokens): {pairs}")
     dead = [f"{s.layer}:{e}" for s in stats for e, c in enumerate(s.counts) if c == 0]
     if dead:
         print(f"never chosen on this text ({len(dead)}): {' '.join(dead[:32])}"

@@ -11,7 +11,9 @@ Three sessions of the same package graph and weights, CPU, static IO-bound cache
              the experts in numpy: what the routing view and `experts stats` do)
 Each round prefills ``--context`` tokens and times ``--steps`` decode steps on every
 variant in turn (order rotated per round); the median step time per variant is printed,
-with the load average. Needs the export extra (onnx) to edit graphs. Not a test.
+with the load average, and the median process CPU time per step (with --threads 1
+all of onnxruntime's work runs on this thread, so it is the step's work, less
+sensitive than wall time to other load on the machine). Needs the export extra (onnx) to edit graphs. Not a test.
 """
 
 from __future__ import annotations
@@ -77,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     prompt = rng.integers(3, arch["vocab_size"], size=args.context).tolist()
     steps = rng.integers(3, arch["vocab_size"], size=args.steps).tolist()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(args.rounds + 1):
         for name in names[r % 3 :] + names[: r % 3]:
             d = variants[name]
             d.reset()
             d.forward(prompt)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for token in steps:
                 if name == "fetched":
                     _, logits = d.forward_routed([token])
@@ -93,15 +96,18 @@ def main(argv: list[str] | None = None) -> int:
                     d.forward([token])
             if r:  # the first round warms up
                 times[name].append((time.perf_counter() - start) / args.steps * 1000)
+                cpu[name].append((time.process_time() - start_cpu) / args.steps * 1000)
     load = os.getloadavg()
     print(f"{package.name}: {len(routing.layers)} MoE layers, context {args.context}, "
           f"{args.steps} steps x {args.rounds} rounds, {args.threads} threads, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")  # fmt: skip
     base = statistics.median(times["none"])
+    base_cpu = statistics.median(cpu["none"])
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"  {name:9} {median:7.2f} ms/step  ({median / base - 1:+.1%} vs none; "
-              f"min {min(values):.2f}, max {max(values):.2f})")  # fmt: skip
+        median, median_cpu = statistics.median(values), statistics.median(cpu[name])
+        print(f"  {name:9} wall {median:7.2f} ms/step ({median / base - 1:+.1%} vs none; "
+              f"min {min(values):.2f})  process CPU {median_cpu:7.2f} ms/step "
+              f"({median_cpu / base_cpu - 1:+.1%})")  # fmt: skip
     return 0
 
 

@@ -79,7 +79,10 @@ def test_heat_map_is_the_default_output(rigged_package, tmp_path, capsys):
     assert "top-2 of 4 routed experts in 3 layers" in out
     rows = [line for line in out.splitlines() if line[:6].strip().isdigit()]
     assert [int(r[:6]) for r in rows] == [0, 1, 2]
-    assert all(len(r[7:11]) == 4 and set(r[7:11]) <= set(" ░▒▓█") for r in rows)
+    for row in rows:  # 4 experts: a shade and the share in percent, 5 columns each
+        cells = [row[7 + 5 * i : 12 + 5 * i] for i in range(4)]
+        assert all(c[1] in " ░▒▓█" and c[2:].strip().isdigit() for c in cells), row
+        assert abs(sum(int(c[2:]) for c in cells) - 100) <= 2
 
 
 def test_heat_map_shades_and_width():
