@@ -17,7 +17,8 @@ how it is read back into the ModelConfig / state dict of the Hugging Face path:
   ``rope.dimension_count`` (qk_rope); ``key_length`` / ``value_length`` of newer files
   describe llama.cpp's latent cache, not the heads.
 - routing, as llama.cpp's ``build_moe_ffn`` runs it (the file carries no topk_method):
-  ``expert_gating_func`` softmax (also when absent) or sigmoid; ``exp_probs_b`` (V3's
+  ``expert_gating_func`` softmax (also when absent, but for llama.cpp's GLM-4.7 Lite
+  exception) or sigmoid; ``exp_probs_b`` (V3's
   correction bias) added for the choice only; with ``expert_group_count`` > 1 a group
   scores the sum of its best two and ``expert_group_used_count`` groups are kept (V3's
   noaux_tc; a V2 group_limited_greedy checkpoint is run this way too, as llama.cpp runs
@@ -83,6 +84,8 @@ def mla_values(meta: Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[str, 
 
 def _router(meta: Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     gating = meta.integer("expert_gating_func", 0)
+    if gating == 0 and _is_glm47_lite(meta):  # llama.cpp's default for these older files
+        gating = _SIGMOID
     if gating not in (0, _SOFTMAX, _SIGMOID):
         raise MoechatError(f"GGUF expert_gating_func {gating} is not supported (softmax, sigmoid)")
     bias = any(name.endswith(".exp_probs_b.bias") for name in shapes)
@@ -100,6 +103,13 @@ def _router(meta: Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any
         "norm_topk_prob": meta.flag("expert_weights_norm", False),
         "routed_scaling_factor": meta.number("expert_weights_scale", 0.0) or 1.0,
     }
+
+
+def _is_glm47_lite(meta: Metadata) -> bool:
+    """GLM-4.7 Lite files (deepseek2, 47 or 48 blocks, 154880 tokens) written without
+    expert_gating_func: llama.cpp gives them sigmoid scores (softmax to all others)."""
+    vocab = meta.integer("vocab_size", 0)
+    return meta.integer("block_count", 0) in (47, 48) and vocab == 154880
 
 
 def _yarn(meta: Metadata) -> dict[str, Any]:

@@ -32,7 +32,14 @@ from test_deepseek_mla import YARN, make_mla_folder, reference_logits  # noqa: E
 from test_families import assert_matches, distinct_routings, run_package  # noqa: E402
 from test_gguf_families import llama_cpp  # noqa: E402, F401  (the converter fixture)
 
-from moechat.models.gguf import gguf_config, gguf_state_dict, load_gguf, open_gguf  # noqa: E402
+from moechat.models.gguf import (  # noqa: E402
+    Metadata,
+    gguf_config,
+    gguf_state_dict,
+    load_gguf,
+    open_gguf,
+)
+from moechat.models.gguf_mla import _router  # noqa: E402
 from moechat.models.loading import load_checkpoint  # noqa: E402
 from moechat.runtime.errors import MoechatError  # noqa: E402
 from moechat.runtime.model import load_model  # noqa: E402
@@ -233,3 +240,20 @@ def test_as_llama_cpp_runs_it(converted, name, tmp_path):
     if name == "v2_groups":  # the groups llama.cpp keeps are not transformers' V2 groups
         ref = reference_logits(hf_model, ids)
         assert float(np.abs(ours - ref).max() / np.abs(ref).max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "values,scoring",
+    [
+        ({}, "softmax"),  # DeepSeek-V2 / V2.5 files carry no gating function
+        ({"expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID}, "sigmoid"),
+        ({"block_count": 47, "vocab_size": 154880}, "sigmoid"),  # llama.cpp: GLM-4.7 Lite
+        ({"block_count": 47, "vocab_size": 154881}, "softmax"),
+    ],
+)
+def test_gating_function_as_llama_cpp_reads_it(tmp_path, values, scoring):
+    w = gguf.GGUFWriter(str(tmp_path / "meta.gguf"), "deepseek2")
+    for key, value in {"block_count": 2, "vocab_size": 400, **values}.items():
+        getattr(w, f"add_{key}")(value)
+    meta = Metadata(open_gguf(save(w, tmp_path / "meta.gguf")), "deepseek2")
+    assert _router(meta, {})["scoring_func"] == scoring
