@@ -61,6 +61,7 @@ def _layer(ckpt: StreamedCheckpoint, index: int) -> DecoderLayer:
             torch.from_numpy(np.concatenate(list(row_blocks(packed_experts(ckpt, index, fc)))))
             for fc in ("fc1", "fc2")
         )
+    ckpt.release()
     return layer.eval()
 
 

@@ -31,7 +31,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 
 LAZY_PREFIX = "moechat-lazy:"
-BLOCK_BYTES = 64 << 20  # rows per block written: about this many bytes of float32
+BLOCK_BYTES = 16 << 20  # rows per block written: about this many bytes of float32
 
 Reader = Callable[[str, tuple], torch.Tensor]  # (name, index) -> float32 tensor[index]
 FLOAT32 = np.dtype(np.float32)
@@ -164,9 +164,10 @@ def mapped(child: Recipe, fn: Callable[[np.ndarray], np.ndarray], by: str = "row
 
 
 def row_blocks(recipe: Recipe) -> Iterator[np.ndarray]:
-    """The recipe's values in C order, a block of whole rows (~BLOCK_BYTES) at a time."""
+    """The recipe's values in C order, a block of whole rows at a time: about BLOCK_BYTES
+    of float32 input per block (quantisers write fewer bytes than they read)."""
     shape = recipe.shape
-    row_bytes = recipe.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    row_bytes = max(recipe.dtype.itemsize, 4) * int(np.prod(shape[1:], dtype=np.int64))
     step = max(1, BLOCK_BYTES // max(row_bytes, 1))
     for start in range(0, shape[0] if shape else 1, step):
         block = recipe.rows(start, min(start + step, shape[0]))

@@ -189,9 +189,11 @@ def write_streamed(
     path: Path,
     layers: int,
     progress: Callable[[str], None] = lambda msg: None,
+    release: Callable[[], None] = lambda: None,
 ) -> None:
     """Write ``path`` + ``path.data`` as export/onnx_graph.save_model would, computing
-    each lazy weight block by block from the checkpoint."""
+    each lazy weight block by block from the checkpoint (``release`` after each: the
+    shards' pages read for it leave the resident set)."""
     path = Path(path)
     data = path.with_name(path.name + ".data")
     for p in (path, data):
@@ -215,6 +217,7 @@ def write_streamed(
                         out.write(block.tobytes())
                     set_external(tensor, data.name, offset, out.tell() - offset)
                     meter.advance(size, _layer_of(recipe))
+                    release()
                 elif (
                     tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= SIZE_THRESHOLD
                 ):

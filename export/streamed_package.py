@@ -77,7 +77,7 @@ def export_streamed(
         info["smoothing_note"] = "skipped: a streamed export has no fp32 graph to calibrate on"
         manifest["graph"]["quantization"] = info
     progress(f"writing the graph, {cfg.num_hidden_layers} layers, weights read from the shards")
-    write_streamed(proto, work / "model.onnx", cfg.num_hidden_layers, progress)
+    write_streamed(proto, work / "model.onnx", cfg.num_hidden_layers, progress, ckpt.release)
     del proto
     tolerance = INT8_LAYER_TOLERANCE if options.int8 else PARITY_TOLERANCE
     progress("checking parity layer by layer: PyTorch (one layer in memory) vs onnxruntime")

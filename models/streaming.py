@@ -63,9 +63,15 @@ class StreamedCheckpoint:
         return self._handles[index]
 
     def read(self, name: str, index: tuple | slice = slice(None)) -> torch.Tensor:
-        """``tensor[name][index]`` as float32, read from the memory-mapped shard."""
+        """``tensor[name][index]`` as float32 (a copy), read from the memory-mapped shard."""
         shard, key = self.keys[name]
-        return self._handle(shard).get_slice(key)[index].float()
+        return self._handle(shard).get_slice(key)[index].to(torch.float32, copy=True)
+
+    def release(self) -> None:
+        """Unmap the shards: the pages read so far leave this process's resident set
+        (they are the page cache's to keep); the next read maps them again."""
+        self._files.close()
+        self._handles.clear()
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.read(name)
@@ -82,10 +88,6 @@ class StreamedCheckpoint:
         """Layer ``index``'s weights (float32), names relative to the layer."""
         prefix = f"model.layers.{index}."
         return {k[len(prefix) :]: self.tensor(k) for k in self.keys if k.startswith(prefix)}
-
-    def close(self) -> None:
-        self._files.close()
-        self._handles.clear()
 
 
 def _same_tensor(ckpt: StreamedCheckpoint, a: str, b: str) -> bool:

@@ -71,6 +71,7 @@ from moechat.export.onnx_graph import save_model
 INT8_MOE_IMPLS = ("qmoe", "ops")
 WEIGHT_BITS = (4, 8)
 DENSE_METHODS = ("dynamic", "nbits")
+INT4_METHODS = ("gptq", "rtn")
 QMOE_BLOCK_SIZES = (32, 16)
 NBITS_BLOCK_SIZE = 64  # default MatMulNBits block along K for dense models
 MOE_NBITS_BLOCK_SIZE = 32  # ... and for MoE models (their routing amplifies the error)
@@ -102,6 +103,8 @@ class QuantizeOptions:
     residual_pass: bool = False  # second MatMulNBits pass over the activation rounding error
     expert_bits: int = 8  # routed experts (QMoE, or the per-expert MatMuls of "ops")
     dense_bits: int = 8  # the other MatMulNBits; the lm_head stays 8-bit at 4
+    int4_method: str = "gptq"  # 4-bit matmuls: "gptq" (needs calibration tokens) or "rtn"
+    int4_down8: bool = False  # 4-bit: keep the down projections of Q4_K_M's layers at 8 bits
 
     def __post_init__(self) -> None:
         if self.expert_bits not in WEIGHT_BITS or self.dense_bits not in WEIGHT_BITS:
@@ -114,6 +117,8 @@ class QuantizeOptions:
             raise ValueError(f"dense must be one of {DENSE_METHODS}")
         if self.block not in NBITS_BLOCK_SIZES:
             raise ValueError(f"block must be one of {NBITS_BLOCK_SIZES}")
+        if self.int4_method not in INT4_METHODS:
+            raise ValueError(f"int4_method must be one of {INT4_METHODS}")
         if self.residual_pass and self.dense != "nbits":
             raise ValueError("the residual pass needs MatMulNBits (dense='nbits')")
 
@@ -374,16 +379,52 @@ def _nbits(
     return quantizer.model.model
 
 
+def more_bits_layers(layers: int) -> list[int]:
+    """The layers whose ffn_down llama.cpp's Q4_K_M keeps at 6 bits (``use_more_bits``):
+    the first and last eighth, and every third layer between."""
+    return [
+        i for i in range(layers)
+        if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+    ]  # fmt: skip
+
+
+def down_projections(model: onnx.ModelProto) -> list[str]:
+    """MatMuls with a constant weight fed by a SwiGLU product (a Mul of two computed
+    tensors): the FFN down projections, in graph (layer) order."""
+    graph = model.graph
+    inits = initializers(graph)
+    producer_of = producers(graph)
+    out = []
+    for node in graph.node:
+        src = producer_of.get(node.input[0]) if node.op_type == "MatMul" else None
+        if (
+            src is not None and node.input[1] in inits and src.op_type == "Mul"
+            and not any(i in inits for i in src.input)
+        ):  # fmt: skip
+            out.append(node.name)
+    return out
+
+
+def eight_bit_matmuls(model: onnx.ModelProto, options: QuantizeOptions) -> list[str]:
+    """The MatMuls a 4-bit level keeps at 8 bits: the lm_head (its errors reach every logit
+    directly; llama.cpp's 4-bit types keep the output matrix wider too) and, with
+    ``int4_down8``, the down projections of :func:`more_bits_layers`."""
+    if options.dense_bits != 4 or options.dense != "nbits":
+        return []
+    wide = [name for name in [lm_head_node(model)] if name]
+    if options.int4_down8:
+        downs = down_projections(model)
+        wide += [downs[i] for i in more_bits_layers(len(downs))]
+    return wide
+
+
 def _quantize_matmuls(
-    model: onnx.ModelProto, options: QuantizeOptions, exclude: list[str]
+    model: onnx.ModelProto, options: QuantizeOptions, exclude: list[str], wide: list[str]
 ) -> onnx.ModelProto:
     if options.dense == "nbits":
-        lm_head = lm_head_node(model) if options.dense_bits == 4 else None
-        if lm_head is None:
+        if not wide:
             return _nbits(model, options, options.dense_bits, exclude)
-        # 4-bit everywhere but the lm_head, which keeps 8 bits (its errors reach every
-        # logit directly; llama.cpp's 4-bit types keep the output matrix wider too)
-        model = _nbits(model, options, 4, [*exclude, lm_head])
+        model = _nbits(model, options, 4, [*exclude, *wide])
         return _nbits(model, options, 8, exclude)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -454,8 +495,19 @@ def quantize_model(
         info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options)}"
     tables = quantize_embedding(model) if options.embedding else []
     info["embedding"] = f"int8, scales per block of {tables[0].block}" if tables else "float32"
-    model = _quantize_matmuls(model, options, router_names)
+    gptq, calibration_ids = 0, calibration[1] if calibration is not None else []
+    wide = eight_bit_matmuls(model, options)
+    downs8 = [w for w in down_projections(model) if w in wide]
+    if options.dense_bits == 4 and options.int4_method == "gptq" and len(calibration_ids):
+        from moechat.export.int8.gptq import gptq_matmuls  # it imports this module
+
+        gptq = gptq_matmuls(model, calibration_ids, options.block, [*router_names, *wide])
+    model = _quantize_matmuls(model, options, router_names, wide)
     info["matmuls"] = _dense_description(options)
+    if downs8:
+        info["matmuls"] += f"; {len(downs8)} down projections 8-bit (Q4_K_M's layers)"
+    if gptq:
+        info["matmuls"] += f"; {gptq} 4-bit by GPTQ ({len(calibration_ids)} calibration tokens)"
     if options.residual_pass:
         passes = add_residual_passes(model)
         info["matmuls"] += f"; {passes} with a second pass over the activation rounding error"
