@@ -1,11 +1,14 @@
 """Where a package's decode step spends its time: onnxruntime's profiler, per op type.
 
     python benchmarks/profile_decode.py PACKAGE [--context 256] [--steps 32] [--threads N]
+        [--prefill]
 
 Prefills ``--context`` tokens, then profiles ``--steps`` single-token decode steps with
 ``SessionOptions.enable_profiling`` and prints the time per op type (summed kernel time
 per step), the number of kernel launches per step and the share of the step's wall time
-spent outside kernels (session overhead, thread-pool waits, Python). Not a test.
+spent outside kernels (session overhead, thread-pool waits, Python). ``--prefill``
+profiles ``--steps`` prefills of the ``--context`` tokens instead (a fresh cache each).
+Not a test.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--prefill", action="store_true", help="profile prefills instead")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
@@ -55,20 +59,27 @@ def main(argv: list[str] | None = None) -> int:
             max_context=args.context + args.steps + 8, static_cache=True,
         )  # fmt: skip
 
+    def step(dec: Decoder) -> None:
+        if args.prefill:
+            dec.reset()
+            dec.forward(context)
+        else:
+            dec.forward([1])
+
     # Wall time per step without the profiler (it adds its own overhead).
     plain = decoder(False)
     plain.forward(context)
     walls = []
     for _ in range(args.steps):
         t = time.perf_counter()
-        plain.forward([1])
+        step(plain)
         walls.append(time.perf_counter() - t)
     wall_ms = statistics.median(walls) * 1000
 
     prof = decoder(True)
     prof.forward(context)
     for _ in range(args.steps):
-        prof.forward([1])
+        step(prof)
     trace = json.loads(Path(prof.session.end_profiling()).read_text())
     runs = [e for e in trace if e.get("cat") == "Session" and e["name"] == "model_run"]
     decode_runs = runs[-args.steps :]
@@ -86,12 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         count[op] += 1
     kernel_ms = sum(by_type.values())
     run_ms = statistics.median(r["dur"] for r in decode_runs) / 1000
-    print(
-        f"{package.name}: decode 1 token onto {args.context}, {args.threads} threads, "
-        f"onnxruntime {ort.__version__}"
+    what = (
+        f"prefill {args.context} tokens" if args.prefill else f"decode 1 token onto {args.context}"
     )
+    print(f"{package.name}: {what}, {args.threads} threads, onnxruntime {ort.__version__}")
+    tokens = args.context if args.prefill else 1
     print(
-        f"wall per step (no profiler) {wall_ms:.2f} ms = {1000 / wall_ms:.1f} tok/s; "
+        f"wall per step (no profiler) {wall_ms:.2f} ms = {1000 * tokens / wall_ms:.1f} tok/s; "
         f"profiled model_run {run_ms:.2f} ms, kernels {kernel_ms:.2f} ms, "
         f"{len(kernels) / args.steps:.0f} kernel launches per step"
     )
