@@ -1,4 +1,5 @@
-"""Anchor ``onnxruntime-genai``: its model builder's ``-p int8 -e cpu`` output, built
+"""Anchor ``onnxruntime-genai``: its model builder's ``-p int8 -e cpu`` output (``-p int4``
+for a 4-bit package: block 32, ``accuracy_level`` 4, as moechat's), built
 from a Hugging Face folder (a GGUF source is first written out as one: dequantised
 weights, config.json, tokenizer files). Llama layout only. Needs onnxruntime-genai, and
 transformers and torch for the builder."""
@@ -82,23 +83,37 @@ def write_hf_folder(spec: Spec, folder: Path) -> Path:
     return folder
 
 
+def precision(manifest: dict[str, Any]) -> str:
+    """The builder's ``-p``: int4 for a package whose matmuls are 4-bit, else int8."""
+    quantization = manifest.get("graph", {}).get("quantization") or {}
+    return "int4" if quantization.get("weights") == "int4" else "int8"
+
+
+def builder_command(hf: Path, out: Path, cache: Path, precision: str) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+        "-p", precision, "-e", "cpu", "-c", str(cache),
+    ]  # fmt: skip
+    if precision == "int4":  # moechat's 4-bit MatMulNBits: block 32, int8 compute
+        cmd += ["--extra_options", "int4_block_size=32", "int4_accuracy_level=4"]
+    return cmd
+
+
 def prepare(spec: Spec) -> dict[str, Any]:
     source = Path(spec["manifest"]["provenance"]["source"])
     cache = Path(spec["cache_dir"])
-    out = cache / "genai-int8-cpu"
+    bits = precision(spec["manifest"])
+    out = cache / f"genai-{bits}-cpu"
     if (out / "genai_config.json").is_file():
-        return {"genai_dir": str(out)}
+        return {"genai_dir": str(out), "genai_precision": bits}
     cache.mkdir(parents=True, exist_ok=True)
     hf = source if common.source_kind(source) == "hf" else cache / "hf"
     if not (hf / "config.json").is_file():
         common.log(f"writing {hf}")
         write_hf_folder(spec, hf)
-    tmp = cache / "genai-int8-cpu.tmp"
+    tmp = cache / f"genai-{bits}-cpu.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp),
-        "-p", "int8", "-e", "cpu", "-c", str(cache / "builder-cache"),
-    ]  # fmt: skip
+    cmd = builder_command(hf, tmp, cache / "builder-cache", bits)
     common.log(" ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not (tmp / "genai_config.json").is_file():
@@ -106,7 +121,7 @@ def prepare(spec: Spec) -> dict[str, Any]:
         raise RuntimeError(f"model builder failed: {lines[-1] if lines else proc.returncode}")
     os.replace(tmp, out)
     shutil.rmtree(cache / "builder-cache", ignore_errors=True)
-    return {"genai_dir": str(out)}
+    return {"genai_dir": str(out), "genai_precision": bits}
 
 
 def load(spec: Spec) -> tuple[Runner, dict[str, Any]]:
@@ -133,4 +148,5 @@ def load(spec: Spec) -> tuple[Runner, dict[str, Any]]:
 
         return common.timed_stream(tokens(), start, n)
 
-    return run, {"version": og.__version__, "weights": "model builder -p int8 -e cpu"}
+    bits = spec.get("genai_precision", "int8")
+    return run, {"version": og.__version__, "weights": f"model builder -p {bits} -e cpu"}

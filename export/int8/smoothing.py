@@ -21,7 +21,7 @@ activations measured on calibration text through the fp32 graph.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,10 +194,11 @@ def _past_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def activation_maxima(
+def run_with_outputs(
     graph_path: Path, tensors: Sequence[str], token_ids: Sequence[int], window: int = 256
-) -> dict[str, np.ndarray]:
-    """Per-channel max |x| of ``tensors`` over ``token_ids`` run through the fp32 graph."""
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, value) of each of ``tensors`` per window of ``token_ids`` run through the graph
+    at ``graph_path`` (a throwaway copy beside it exposes them as outputs)."""
     from moechat.runtime.providers import create_session
 
     graph_path = Path(graph_path)
@@ -216,7 +217,6 @@ def activation_maxima(
         copy.unlink(missing_ok=True)
     pasts = {k: np.zeros(s, np.float32) for k, s in _past_shapes(probe).items()}
     ids = np.asarray(token_ids, dtype=np.int64)
-    maxima: dict[str, np.ndarray] = {}
     for start in range(0, len(ids), window):
         chunk = ids[start : start + window]
         feeds = {
@@ -225,9 +225,17 @@ def activation_maxima(
             "logits_positions": np.arange(len(chunk), dtype=np.int64),
             **pasts,
         }
-        for name, value in zip(tensors, session.run(list(tensors), feeds), strict=True):
-            m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-            maxima[name] = np.maximum(maxima[name], m) if name in maxima else m
+        yield from zip(tensors, session.run(list(tensors), feeds), strict=True)
+
+
+def activation_maxima(
+    graph_path: Path, tensors: Sequence[str], token_ids: Sequence[int], window: int = 256
+) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of ``tensors`` over ``token_ids`` run through the fp32 graph."""
+    maxima: dict[str, np.ndarray] = {}
+    for name, value in run_with_outputs(graph_path, tensors, token_ids, window):
+        m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+        maxima[name] = np.maximum(maxima[name], m) if name in maxima else m
     return maxima
 
 
