@@ -83,6 +83,27 @@ _DEEPSEEK_LLM = [
     _byte_level(use_regex=False),
 ]
 
+# DeepSeek-V3 / R1 (and JoyAI-LLM-Flash, same regexes in llama.cpp): llama.cpp's
+# DEEPSEEK3_LLM regexes, as the published tokenizer.json runs them: runs of up to three
+# digits, then Han and kana runs (U+4E00-U+9FA5, hiragana, katakana), then the rest
+# (one ASCII punctuation glued to a Latin word, marks kept with their letters).
+_DEEPSEEK_V3 = [
+    _split(r"\p{N}{1,3}"),
+    _split("[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"),
+    _split(
+        r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+        r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    ),
+    _byte_level(use_regex=False),
+]
+
+# GLM-4 / 4.5 / 4.7 (GLM-4.7-Flash is a deepseek2 file): llama.cpp's CHATGLM4 regex,
+# Llama 3's split with the contractions spelt out (ASCII case only, as llama.cpp has it)
+_GLM4 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # tokenizer.ggml.pre -> (normalizer, pre-tokenizer steps) of the original tokenizer.json
 PRE_TOKENIZERS: dict[str, tuple[dict | None, list[dict]]] = {
     "default": (None, [_byte_level(use_regex=True)]),
@@ -96,6 +117,10 @@ PRE_TOKENIZERS: dict[str, tuple[dict | None, list[dict]]] = {
     "olmo": (_NFC, [_byte_level(use_regex=True)]),
     "qwen2": (_NFC, [_split(_QWEN2), _byte_level(use_regex=False, trim_offsets=False)]),
     "deepseek-llm": ({"type": "Sequence", "normalizers": []}, _DEEPSEEK_LLM),
+    "deepseek-v3": ({"type": "Sequence", "normalizers": []}, _DEEPSEEK_V3),
+    "joyai-llm": ({"type": "Sequence", "normalizers": []}, _DEEPSEEK_V3),
+    "glm4": (None, [_split(_GLM4), _byte_level(use_regex=False)]),
+    "chatglm-bpe": (None, [_split(_GLM4), _byte_level(use_regex=False)]),
 }
 _VOCAB_TYPES = "gpt2 (byte-level BPE), llama (SentencePiece BPE)"
 

@@ -19,6 +19,36 @@ def _gpt2_pattern() -> str:
     return rf"'s|'t|'re|'ve|'m|'ll|'d| ?{_L}+| ?{_N}+| ?{other}+|\s+(?!\S)|\s+"
 
 
+# llama.cpp's regexes per tokenizer.ggml.pre (llama-vocab.cpp), run one after the other
+PATTERNS = {
+    "gpt2": [_gpt2_pattern()],
+    "smollm": [_N, _gpt2_pattern()],  # llama.cpp's "\p{N}" first: every digit alone
+    "deepseek-v3": [
+        r"\p{N}{1,3}",
+        "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+        r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+        r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    ],
+    "glm4": [
+        r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+"
+        r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
+}
+
+
+def split_isolated(pieces: list[str], pattern: str) -> list[str]:
+    """llama.cpp's unicode_regex_split step: every match and every gap between matches
+    becomes a piece of its own."""
+    compiled, out = _re.compile(pattern), []
+    for piece in pieces:
+        start = 0
+        for m in compiled.finditer(piece):
+            out += [piece[start : m.start()], m.group()]
+            start = m.end()
+        out.append(piece[start:])
+    return [p for p in out if p]
+
+
 @functools.lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     bs = list(range(ord("!"), ord("~") + 1))
@@ -37,18 +67,14 @@ class ReferenceBPE:
     def __init__(self, tokens: list[str], merges: list[str], pre: str = "gpt2") -> None:
         self.vocab = {t: i for i, t in enumerate(tokens)}
         self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(merges)}
-        self.pattern = _re.compile(_gpt2_pattern())
-        self.digits = pre == "smollm"
+        self.patterns = PATTERNS[pre]
         self.byte_map = bytes_to_unicode()
 
     def pieces(self, text: str) -> list[str]:
-        chunks = [text]
-        if self.digits:  # llama.cpp's "\p{N}" first: every digit is its own piece
-            chunks = [c for c in _re.split(rf"({_N})", text) if c]
-        out = []
-        for chunk in chunks:
-            out += self.pattern.findall(chunk)
-        return out
+        pieces = [text]
+        for pattern in self.patterns:
+            pieces = split_isolated(pieces, pattern)
+        return pieces
 
     def bpe(self, word: str) -> list[str]:
         parts = list(word)
