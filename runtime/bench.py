@@ -380,6 +380,7 @@ def run_bench(
     t = time.perf_counter()
     model = load_model(path, options.device, options.max_context, threads)
     load_s = time.perf_counter() - t
+    loaded = memory_usage()  # weights in memory before any KV cache grows or run happens
     if options.prompt_tokens + options.new_tokens > model.max_context:
         raise MoechatError(
             f"prompt {options.prompt_tokens} + new {options.new_tokens} tokens exceed the "
@@ -435,6 +436,8 @@ def run_bench(
             allowance_bytes=MEMORY_ALLOWANCE_BYTES,
             budget_bytes=budget,
             ok=mem["peak_rss_bytes"] <= budget,
+            load_peak_rss_bytes=loaded["peak_rss_bytes"],
+            load_rss_bytes=loaded["rss_bytes"],
         ),
         chat=chat,
         machine=machine_info(),

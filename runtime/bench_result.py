@@ -55,6 +55,8 @@ class MemoryReport:
     allowance_bytes: int
     budget_bytes: int  # package + KV buffers + allowance
     ok: bool  # peak RSS within the budget
+    load_peak_rss_bytes: int = 0  # peak while the package loaded (prepacking, copies)
+    load_rss_bytes: int | None = None  # resident right after loading
 
 
 @dataclass
@@ -152,6 +154,9 @@ def format_report(result: BenchResult) -> str:
         f"| peak RSS | {format_mb(mem.peak_rss_bytes)} (target <= {format_mb(mem.budget_bytes)} = "
         f"package {format_mb(mem.package_bytes)} + KV {format_mb(mem.kv_cache_bytes)} + "
         f"{mem.allowance_bytes // 2**20} MiB): {'ok' if mem.ok else 'OVER'} |",
+        f"| resident after load | {format_mb(mem.load_rss_bytes)} (peak while loading "
+        f"{format_mb(mem.load_peak_rss_bytes)}) = {mem.load_peak_rss_bytes / max(mem.package_bytes, 1):.2f} "
+        "x the package |",
         f"| KV cache per token | {mem.kv_bytes_per_token:,} bytes |",
         f"| weights on huge pages | {format_mb(mem.huge_page_bytes)} |",
     ]

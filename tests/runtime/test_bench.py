@@ -224,7 +224,10 @@ def test_json_keeps_its_field_order(tiny_package):
     assert list(out["memory"]) == [
         "peak_rss_bytes", "rss_bytes", "source", "package_bytes", "kv_cache_bytes",
         "kv_bytes_per_token", "huge_page_bytes", "allowance_bytes", "budget_bytes", "ok",
+        "load_peak_rss_bytes", "load_rss_bytes",
     ]  # fmt: skip
+    memory = out["memory"]
+    assert 0 < memory["load_rss_bytes"] <= memory["load_peak_rss_bytes"] <= memory["peak_rss_bytes"]
     assert json.loads(json.dumps(out)) == out
 
 
