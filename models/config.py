@@ -88,6 +88,9 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # eps of the q_a / kv_a RMSNorms: transformers (and deepseek-ai's code) fix 1e-6;
+    # llama.cpp runs a deepseek2 GGUF with its attention.layer_norm_rms_epsilon there
+    mla_norm_eps: float = 1e-6
     rope_interleave: bool = False  # rotary pairs (x0, x1), (x2, x3)... in the checkpoint
     # YaRN RoPE scaling (DeepSeek-V2/V3 configs); yarn_factor 0: none
     yarn_factor: float = 0.0

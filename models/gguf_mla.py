@@ -15,7 +15,9 @@ how it is read back into the ModelConfig / state dict of the Hugging Face path:
 - metadata: ``attention.kv_lora_rank``, ``key_length_mla`` (qk_nope + qk_rope),
   ``value_length_mla`` (v_head_dim) (older files: ``key_length`` / ``value_length``),
   ``rope.dimension_count`` (qk_rope); ``key_length`` / ``value_length`` of newer files
-  describe llama.cpp's latent cache, not the heads.
+  describe llama.cpp's latent cache, not the heads. ``attention.layer_norm_rms_epsilon``
+  is also the eps of ``attn_q_a_norm`` / ``attn_kv_a_norm``, as llama.cpp runs them
+  (transformers fixes 1e-6 there, kept for Hugging Face folders: ``mla_norm_eps``).
 - routing, as llama.cpp's ``build_moe_ffn`` runs it (the file carries no topk_method):
   ``expert_gating_func`` softmax (also when absent, but for llama.cpp's GLM-4.7 Lite
   exception) or sigmoid; ``exp_probs_b`` (V3's
@@ -76,6 +78,8 @@ def mla_values(meta: Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[str, 
         "qk_rope_head_dim": rope,
         "v_head_dim": meta.integer(f"attention.value_length{suffix}", minimum=1),
         "rope_interleave": True,
+        # llama.cpp's build_norm: the file's eps for every RMSNorm, q_a / kv_a included
+        "mla_norm_eps": meta.number("attention.layer_norm_rms_epsilon", 1e-5),
         "attention_bias": False,
         **_yarn(meta),
         **_router(meta, shapes),

@@ -217,12 +217,12 @@ class MLAttention(nn.Module):
         self.q_lora_rank = cfg.q_lora_rank
         if cfg.q_lora_rank:
             self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.mla_norm_eps)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, q_width, bias=False)
         else:
             self.q_proj = nn.Linear(cfg.hidden_size, q_width, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.lora + self.rope, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.lora, 1e-6)  # transformers' default eps for both
+        self.kv_a_layernorm = RMSNorm(self.lora, cfg.mla_norm_eps)
         self.kv_b_proj = nn.Linear(self.lora, self.num_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, cfg.hidden_size, bias=bias)
         self.scale = cfg.attention_scale or softmax_scale(cfg)

@@ -211,35 +211,74 @@ def test_k_b_without_v_b_is_a_one_line_error(converted, tmp_path):
         load_checkpoint(broken)
 
 
-@pytest.mark.network
-@pytest.mark.parametrize("name", ["deepseek_v3", "v2_groups"])
-def test_as_llama_cpp_runs_it(converted, name, tmp_path):
-    """llama.cpp's own runtime (when llama-cpp-python is installed) on the same file gives
-    the same logits: its group rule (V3's sum of the best two, also for V2's
-    group_limited_greedy, where transformers takes each group's best), YaRN and routing."""
+def _ours_and_llama_cpp(path: Path, ids: list[int], tmp_path: Path, eps=None):
+    """The logits at every position of moechat's model of the file and of llama.cpp's own
+    runtime (llama-cpp-python) on it; ``eps`` overrides ours' q_a / kv_a RMSNorm eps."""
     llama_cpp_lib = pytest.importorskip("llama_cpp")
-    hf_model, _, files = converted[name]
-    ids = [5, 17, 33, 101, 7, 250, 3, 9, 44, 120, 300, 11, 64, 399] * 3
-    ckpt = load_gguf(files["f32"], tokenizer_dir=tmp_path / "tokenizer")
+    ckpt = load_gguf(path, tokenizer_dir=tmp_path / "tokenizer")
+    if eps is not None:
+        for module in ckpt.model.modules():
+            for norm in ("q_a_layernorm", "kv_a_layernorm"):
+                if hasattr(module, norm):
+                    getattr(module, norm).eps = eps
     with torch.no_grad():
         ours = ckpt.model.step(torch.tensor([ids]), ckpt.model.empty_cache())[0][0].numpy()
-
-    def default_pre(fields: Fields, _) -> None:  # llama.cpp knows GPT-2's split as "default"
-        fields["tokenizer.ggml.pre"] = ("default", *fields["tokenizer.ggml.pre"][1:])
-
-    path = rewrite_gguf(files["f32"], tmp_path / "llama.cpp.gguf", default_pre)
     f32 = 0  # GGML_TYPE_F32: an F32 KV cache, as ours
     llm = llama_cpp_lib.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, n_threads=1,
                               type_k=f32, type_v=f32, verbose=False)  # fmt: skip
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
     llm.close()
+    return ours, theirs
+
+
+def default_pre(fields: Fields, _) -> None:  # llama.cpp knows GPT-2's split as "default"
+    fields["tokenizer.ggml.pre"] = ("default", *fields["tokenizer.ggml.pre"][1:])
+
+
+LLAMA_CPP_IDS = [5, 17, 33, 101, 7, 250, 3, 9, 44, 120, 300, 11, 64, 399] * 3
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("name", ["deepseek_v3", "v2_groups"])
+def test_as_llama_cpp_runs_it(converted, name, tmp_path):
+    """llama.cpp's own runtime (when llama-cpp-python is installed) on the same file gives
+    the same logits: its group rule (V3's sum of the best two, also for V2's
+    group_limited_greedy, where transformers takes each group's best), YaRN and routing."""
+    hf_model, _, files = converted[name]
+    ids = LLAMA_CPP_IDS
+    path = rewrite_gguf(files["f32"], tmp_path / "llama.cpp.gguf", default_pre)
+    ours, theirs = _ours_and_llama_cpp(path, ids, tmp_path)
     error = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
     print(f"{name} vs llama.cpp: {error:.2e} of the logit scale")
     assert error < 1e-5
     if name == "v2_groups":  # the groups llama.cpp keeps are not transformers' V2 groups
         ref = reference_logits(hf_model, ids)
         assert float(np.abs(ours - ref).max() / np.abs(ref).max()) > 1e-3
+
+
+@pytest.mark.network
+def test_mla_norms_take_the_files_eps_as_llama_cpp(converted, tmp_path):
+    """llama.cpp runs attn_q_a_norm / attn_kv_a_norm with the file's
+    layer_norm_rms_epsilon (transformers fixes 1e-6 there, and Hugging Face folders keep
+    that): with the file's eps raised to 1e-2 ours still gives llama.cpp's logits, and
+    would not with 1e-6 in those two norms."""
+    _, _, files = converted["deepseek_v3"]
+    key = "deepseek2.attention.layer_norm_rms_epsilon"
+
+    def big_eps(fields: Fields, tensors) -> None:
+        default_pre(fields, tensors)
+        fields[key] = (1e-2, *fields[key][1:])
+
+    path = rewrite_gguf(files["f32"], tmp_path / "eps.gguf", big_eps)
+    cfg = gguf_config(open_gguf(path))
+    assert cfg.mla_norm_eps == pytest.approx(1e-2) and cfg.rms_norm_eps == pytest.approx(1e-2)
+    ours, theirs = _ours_and_llama_cpp(path, LLAMA_CPP_IDS, tmp_path)
+    error = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+    fixed, _ = _ours_and_llama_cpp(path, LLAMA_CPP_IDS, tmp_path, eps=1e-6)
+    fixed_error = float(np.abs(fixed - theirs).max() / np.abs(theirs).max())
+    print(f"eps 1e-2 vs llama.cpp: {error:.2e} (with 1e-6 in q_a/kv_a: {fixed_error:.2e})")
+    assert error < 1e-5 and fixed_error > 1e-4
 
 
 @pytest.mark.parametrize(
