@@ -2,12 +2,15 @@
 
 import filecmp
 
+import onnx
 import pytest
 import torch
 from family_factory import make_family_folder
 from safetensors.torch import load_file, save_file
 
-from moechat.export.onnx_graph import export_decoder
+from moechat.export.int8.lazy_nbits import lazy_nbits
+from moechat.export.int8.quantize import QuantizeOptions, quantize_model
+from moechat.export.onnx_graph import export_decoder, save_model
 from moechat.export.streamed import trace_streamed, write_streamed
 from moechat.models.loading import load_checkpoint
 from moechat.models.streaming import open_streamed
@@ -40,6 +43,7 @@ def test_bf16_tiny_moe_same_bytes(tmp_path):
     _same_graph_files(src, tmp_path)
 
 
+@pytest.mark.slow
 def test_qwen2_moe_same_bytes(tmp_path):
     # sigmoid-gated shared expert, a dense layer (mlp_only_layers), untied lm_head
     make_family_folder("qwen2_moe", tmp_path / "src")
@@ -50,3 +54,23 @@ def test_stacked_experts_are_refused(tmp_path):
     make_family_folder("granitemoe", tmp_path / "src")
     with pytest.raises(MoechatError, match="stacks the experts"):
         open_streamed(tmp_path / "src")
+
+
+def test_int8_same_bytes_as_quantising_the_whole_graph(tmp_path):
+    """Streamed int8 (weights quantised as they are written) = quantize_model on the
+    loaded fp32 graph, smoothing off (it needs the fp32 graph; export/streamed_package.py)."""
+    src = make_hf_folder(tmp_path / "src", TINY_MOE)
+    options = QuantizeOptions(smooth=False, block=32)
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    whole.mkdir()
+    streamed.mkdir()
+    export_decoder(load_checkpoint(src).model, tmp_path / "fp32.onnx")
+    model, info = quantize_model(onnx.load(str(tmp_path / "fp32.onnx")), options)
+    save_model(model, whole / "model.onnx")
+    ckpt = open_streamed(src)
+    with lazy_nbits():
+        lazy, lazy_info = quantize_model(trace_streamed(ckpt), options)
+    write_streamed(lazy, streamed / "model.onnx", ckpt.config.num_hidden_layers)
+    assert lazy_info == info
+    for name in ("model.onnx", "model.onnx.data"):
+        assert filecmp.cmp(whole / name, streamed / name, shallow=False), name
