@@ -14,7 +14,9 @@ with AMX: its batched Q8_0/Q4_0 paths crash there, so it runs at ``n_batch=1`` (
 token at a time; ``MOECHAT_LLAMA_CPP_N_BATCH`` overrides). A worker that still dies while
 loading is restarted once at ``n_batch=1`` (:meth:`LlamaCpp.fallback_spec`), and the
 result says so. Every result records llama.cpp's ``llama_print_system_info`` and whether
-the build covers this CPU's instruction sets (a native build does).
+the build covers this CPU's instruction sets (a native build does). Under
+``MOECHAT_SPIN=0`` (moechat's threads block when idle, for busy machines) llama.cpp's
+OpenMP threads do too (``OMP_WAIT_POLICY=PASSIVE``, unless set).
 """
 
 from __future__ import annotations
@@ -242,6 +244,10 @@ class LlamaCpp:
         return {**spec, "n_batch": 1, "fallback": f"n_batch=1 after a failed load ({reason})"}
 
     def load(self, spec: Spec) -> tuple[Runner, dict[str, Any]]:
+        if os.environ.get("MOECHAT_SPIN") == "0":
+            # moechat's threads block when idle: so do llama.cpp's OpenMP threads (read
+            # when libgomp starts; spinning ones make it ~30x slower on a busy machine)
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import llama_cpp
 
         ids = spec["prompt_ids"]
@@ -261,7 +267,8 @@ class LlamaCpp:
             return common.timed_stream(stream, start, n)
 
         info = {"version": llama_cpp.__version__, "weights": spec["weights"],
-                "n_batch": n_batch, "build": build_info()}  # fmt: skip
+                "n_batch": n_batch, "build": build_info(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}  # fmt: skip
         if spec.get("fallback"):
             info["fallback"] = spec["fallback"]
         return run, info

@@ -1,0 +1,256 @@
+"""moechat vs llama.cpp on the same MoE weights, side by side, with the machine's bandwidth.
+
+    MOECHAT_LLAMA_CPP=LLAMA_CPP_DIR python benchmarks/moe_vs_llamacpp.py [--work DIR] \\
+        [--shapes qwen3_moe mixtral] [--levels int8 int4] [--threads 2] [--repeat 3]
+
+For each shape: a random-weight model written by transformers' own classes
+(``save_pretrained``; weights drawn at a realistic scale, tests/family_factory.py), the
+moechat packages (``moechat export --int8`` / ``--int4``) and, through ``moechat bench
+--compare --anchors llama.cpp[,llama.cpp-Q4_K_M]``, llama.cpp's converter + quantiser on
+the same HF folder (Q8_0 for int8; Q4_0 and Q4_K_M for int4) timed interleaved with
+moechat: prefill 256 prompt tokens, decode 128 greedy tokens, medians of ``--repeat``.
+On a busy machine run it under ``MOECHAT_SPIN=0``: idle threads of both engines block
+instead of spinning (llama.cpp's OpenMP threads spinning on an oversubscribed CPU make
+it ~30x slower).
+
+Shapes (random weights, vocab 6400 untied, 8 layers, hidden 1024, 16 heads / 4 KV heads
+of 64):
+- qwen3_moe: 64 experts of 256, top-8 (437M parameters, ~78M active per token);
+- mixtral: 8 experts of 1408, top-2 (290M, ~78M active): the same active size as
+  the Qwen3 shape, so the two differ only in expert granularity (and it exports in a
+  few minutes on 2 cores).
+
+Memory bandwidth is measured in the same run (numpy: a copy of a 512 MiB array, bytes
+read + written, 1 and N threads); "% of limit" is decode tok/s x bytes of the weights
+one token reads (attention, routers, the top-k experts, lm_head at the engine's bytes
+per weight) / the N-thread copy bandwidth. Not a test; results go to docs/benchmarks.md. Needs torch,
+transformers, llama-cpp-python and llama.cpp's converter (``MOECHAT_LLAMA_CPP``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON: dict[str, Any] = dict(
+    vocab_size=6400, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+    num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+    tie_word_embeddings=False, bos_token_id=0, eos_token_id=2, pad_token_id=0,
+    rms_norm_eps=1e-6, rope_theta=1e6,
+)  # fmt: skip
+SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_experts=64, num_experts_per_tok=8, moe_intermediate_size=256,
+        intermediate_size=3072, decoder_sparse_step=1, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_local_experts=8, num_experts_per_tok=2, intermediate_size=1408)),
+}  # fmt: skip
+EXPORT_FLAGS = {"int8": ["--int8"], "int4": ["--int4"]}
+# bytes per weight as each engine stores it: moechat QMoE / MatMulNBits (block 32, one
+# fp32 scale... see export/int8/quantize.py) vs llama.cpp's blocks of 32
+BYTES_PER_WEIGHT = {
+    "moechat int8": 1 + 4 / 32, "moechat int4": 0.5 + 4 / 32,
+    "Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_K_M": 4.85 / 8,
+}  # fmt: skip
+
+
+HEADER = (
+    "| shape | level | engine | prefill tok/s | decode tok/s | MB read per token |"
+    " bandwidth-limit tok/s | % of limit | moechat speed-up decode / prefill |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def log(message: str) -> None:
+    print(f"[moe_vs_llamacpp {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_model(shape: str, folder: Path, layers: int) -> dict[str, int]:
+    """The HF folder of ``shape`` (cached); its total and per-token active weights."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = SHAPES[shape]
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, "num_hidden_layers": layers})
+    if not (folder / "config.json").is_file():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from family_factory import randomize
+        from gguf_factory import name_tokenizer_class
+
+        from model_factory import write_tokenizer_files
+
+        log(f"writing {shape} to {folder}")
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(config).eval()
+        randomize(model, 0)
+        model.save_pretrained(folder)
+        write_tokenizer_files(folder, 400)  # the converter pads the vocabulary to 6400
+        name_tokenizer_class(folder)
+        del model
+    return weight_counts(config, shape)
+
+
+def weight_counts(config: Any, shape: str) -> dict[str, int]:
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    d, heads, kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    attention = layers * (h * d * (2 * heads + 2 * kv))
+    if shape == "qwen3_moe":
+        n, k, inter = config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size
+    else:
+        n, k, inter = config.num_local_experts, config.num_experts_per_tok, config.intermediate_size
+    expert = 3 * h * inter
+    routers = layers * n * h
+    return {
+        "total": attention + routers + layers * n * expert + 2 * vocab * h,
+        # one token reads: attention, routers, k experts per layer, lm_head (embedding: a row)
+        "active": attention + routers + layers * k * expert + vocab * h,
+        "active_quantised": attention + layers * k * expert + vocab * h,
+        "active_float": routers,
+    }
+
+
+def export(hf: Path, level: str, out: Path) -> None:
+    if (out / "moechat.json").is_file():
+        return
+    log(f"moechat export {hf.name} {level}")
+    cmd = [sys.executable, "-m", "moechat", "export", str(hf), str(out), *EXPORT_FLAGS[level],
+           "--force"]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def bench(package: Path, anchors: str, args: argparse.Namespace) -> dict[str, Any]:
+    log(f"moechat bench {package.name} --compare --anchors {anchors}")
+    cmd = [sys.executable, "-m", "moechat", "bench", str(package), "--compare", "--anchors",
+           anchors, "--prompt-tokens", "256", "--new-tokens", "128", "--repeat",
+           str(args.repeat), "--turns", "0", "--threads", str(args.threads), "--cache-dir",
+           str(args.work / "cache"), "--json"]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def bandwidth(threads: int, mib: int = 512) -> dict[str, float]:
+    """Memory bandwidth in GB/s: numpy copies of a ``mib`` array into another (bytes read
+    + bytes written), 1 and ``threads`` threads each copying its part (numpy releases the
+    GIL while copying); best of 10 (the least disturbed by other jobs). (A sum is no measure: numpy's pairwise summation is
+    compute-bound at ~3 GB/s here.)"""
+    a = np.ones(mib * 2**20 // 8)
+    b = np.zeros_like(a)  # both faulted in
+
+    def timed(n: int) -> float:
+        pairs = list(zip(np.array_split(a, n), np.array_split(b, n), strict=True))
+        best = float("inf")
+        for _ in range(10):
+            workers = [threading.Thread(target=np.copyto, args=(dst, src)) for src, dst in pairs]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            best = min(best, time.perf_counter() - start)
+        return 2 * a.nbytes / best / 1e9
+
+    return {"copy_gbps_1": round(timed(1), 2), f"copy_gbps_{threads}": round(timed(threads), 2)}
+
+
+def rows(shape: str, level: str, counts: dict[str, int], r: dict[str, Any], bw: float):
+    """Table rows of one bench --compare: moechat and the llama.cpp anchors."""
+    out = []
+    for name, c in r["compare"].items():
+        if name != "moechat" and c.get("status") != "ok":
+            out.append(f"| {shape} | {level} | {name} | {c.get('status')}: {c.get('reason')} |"
+                       " | | | | |")  # fmt: skip
+            continue
+        fmt = f"moechat {level}" if name == "moechat" else c["weights"].split()[0]
+        per_token = counts["active_quantised"] * BYTES_PER_WEIGHT[fmt] + counts["active_float"] * 4
+        decode = c["decode_tokens_per_s"]
+        limit = bw * 1e9 / per_token
+        speed = "1.00x / 1.00x" if name == "moechat" else (
+            f"{c['moechat_decode_speedup']:.2f}x / {c['moechat_prefill_speedup']:.2f}x")  # fmt: skip
+        build = "" if name == "moechat" else f", n_batch {c['n_batch']}"
+        out.append(
+            f"| {shape} | {level} | {fmt}{build} | {c['prefill_tokens_per_s']:.0f} | {decode:.1f} |"
+            f" {per_token / 1e6:.1f} | {limit:.0f} | {100 * decode / limit:.0f}% | {speed} |"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moechat-bench-moe")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--levels", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=8,
+        help="decoder layers (default 8; fewer: less export memory)",
+    )
+    parser.add_argument("--prepare-only", action="store_true", help="write and export only")
+    parser.add_argument(
+        "--table", action="store_true",
+        help="only the table again, from --work's results*.json, with the bandwidth measured now",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if not os.environ.get("MOECHAT_LLAMA_CPP"):
+        parser.error("set MOECHAT_LLAMA_CPP to llama.cpp's converter folder")
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        return print_table(args)
+    plan = []
+    for shape in args.shapes:
+        hf = args.work / f"{shape}-{args.layers}l"
+        counts = write_model(shape, hf, args.layers)
+        for level in args.levels:
+            export(hf, level, args.work / f"{hf.name}-{level}")
+            plan.append((shape, level, counts))
+    if args.prepare_only:
+        return 0
+    bw = bandwidth(args.threads)
+    log(f"bandwidth {bw}")
+    table = [HEADER]
+    results = {}
+    for shape, level, counts in plan:
+        anchors = "llama.cpp" + (",llama.cpp-Q4_K_M" if level == "int4" else "")
+        r = bench(args.work / f"{shape}-{args.layers}l-{level}", anchors, args)
+        results[f"{shape}-{args.layers}l-{level}"] = {"counts": counts, "compare": r["compare"]}
+        table += rows(shape, level, counts, r, bw[f"copy_gbps_{args.threads}"])
+        print("\n".join(table[-3:]), flush=True)  # (a row per engine)
+    load = os.getloadavg()
+    spin = os.environ.get("MOECHAT_SPIN", "1")
+    print(f"\nbandwidth (numpy copy, read + write, GB/s): {bw}; load average {load[0]:.2f} {load[1]:.2f}"
+          f" {load[2]:.2f}; threads {args.threads}; MOECHAT_SPIN={spin}\n")  # fmt: skip
+    print("\n".join(table))
+    name = "-".join(["results", *args.shapes, *args.levels, f"{args.layers}l"]) + ".json"
+    (args.work / name).write_text(json.dumps({"bandwidth": bw, **results}, indent=1))
+    return 0
+
+
+def print_table(args: argparse.Namespace) -> int:
+    bw = bandwidth(args.threads)
+    table = [HEADER]
+    for path in sorted(args.work.glob("results*.json")):
+        for key, r in json.loads(path.read_text()).items():
+            if key != "bandwidth":
+                shape, _, level = key.rpartition("-")
+                table += rows(shape, level, r["counts"], r, bw[f"copy_gbps_{args.threads}"])
+    load = os.getloadavg()
+    print(f"bandwidth (numpy copy, read + write, GB/s): {bw}; load average {load[0]:.2f} "
+          f"{load[1]:.2f} {load[2]:.2f}\n")  # fmt: skip
+    print("\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
