@@ -104,6 +104,21 @@ _GLM4 = (
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Kimi-K2 / Moonlight (tiktoken vocabularies, deepseek2 files): llama.cpp runs its own
+# code for Moonshot's pattern (unicode.cpp), which this regex equals: Han runs (the
+# CJK ideograph blocks llama.cpp counts as Han), then Llama 3's split with Han kept out of
+# words. Moonshot's own pattern differs from llama.cpp's there: it also cuts words at a
+# lower-to-upper case change ("getUserName") and keeps combining marks in words.
+_HAN = (
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\U00020000-\U0002a6df\U0002a700-\U0002ebef\U0002f800-\U0002fa1f"
+)
+_KIMI_K2 = (
+    rf"[{_HAN}]+|[^\r\n\p{{L}}\p{{N}}]?(?:(?![{_HAN}])\p{{L}})+"
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # tokenizer.ggml.pre -> (normalizer, pre-tokenizer steps) of the original tokenizer.json
 PRE_TOKENIZERS: dict[str, tuple[dict | None, list[dict]]] = {
     "default": (None, [_byte_level(use_regex=True)]),
@@ -121,6 +136,7 @@ PRE_TOKENIZERS: dict[str, tuple[dict | None, list[dict]]] = {
     "joyai-llm": ({"type": "Sequence", "normalizers": []}, _DEEPSEEK_V3),
     "glm4": (None, [_split(_GLM4), _byte_level(use_regex=False)]),
     "chatglm-bpe": (None, [_split(_GLM4), _byte_level(use_regex=False)]),
+    "kimi-k2": (None, [_split(_KIMI_K2), _byte_level(use_regex=False)]),
 }
 _VOCAB_TYPES = "gpt2 (byte-level BPE), llama (SentencePiece BPE)"
 
