@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moechat.export.int8.fidelity import FidelityReport, same_topk
-from moechat.export.lazy_weights import Source, row_blocks
+from moechat.export.lazy_weights import Recipe, Source, row_blocks
 from moechat.export.parity import ParityReport, check_finite
 from moechat.export.streamed import packed_experts
 from moechat.models.modeling import DecoderLayer, MoEFeedForward, RMSNorm, rope_caches
@@ -58,11 +58,20 @@ def _layer(ckpt: StreamedCheckpoint, index: int) -> DecoderLayer:
         raise MoechatError(f"layer {index}: weights do not match ({(missing + unexpected)[:3]})")
     if isinstance(layer.mlp, MoEFeedForward):
         layer.mlp.packed = tuple(  # type: ignore[assignment]
-            torch.from_numpy(np.concatenate(list(row_blocks(packed_experts(ckpt, index, fc)))))
-            for fc in ("fc1", "fc2")
+            torch.from_numpy(_filled(packed_experts(ckpt, index, fc))) for fc in ("fc1", "fc2")
         )
     ckpt.release()
     return layer.eval()
+
+
+def _filled(recipe: Recipe) -> np.ndarray:
+    """The recipe's values in one array, filled block by block (never twice in memory)."""
+    out = np.empty(recipe.shape, recipe.dtype)
+    start = 0
+    for block in row_blocks(recipe):
+        out[start : start + len(block)] = block
+        start += len(block)
+    return out
 
 
 def _layer_state(ckpt: StreamedCheckpoint, index: int) -> Iterator[tuple[str, np.ndarray]]:
