@@ -24,6 +24,17 @@ def tiny_package(tmp_path_factory, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def rigged_package(tmp_path_factory) -> Path:
+    """A tiny MoE whose routers are set by hand (tests/routing_factory.py), exported."""
+    from routing_factory import make_rigged_folder
+
+    from model_factory import export_tiny_package
+
+    root = tmp_path_factory.mktemp("rigged")
+    return export_tiny_package(make_rigged_folder(root / "ckpt"), root / "pkg")
+
+
+@pytest.fixture(scope="session")
 def minimind_tokenizer_dir() -> Path:
     d = SHARED / "fixtures" / "minimind-tokenizer"
     if not (d / "tokenizer.json").is_file():

@@ -10,21 +10,12 @@ import sys
 
 import numpy as np
 import onnx
-import pytest
-from routing_factory import RIGGED, expected_routing, make_rigged_folder
+from routing_factory import RIGGED, expected_routing
 
 from moechat.app.cli import main
 from moechat.runtime.tokenizer import TextTokenizer
 
-from model_factory import TINY_DENSE, export_tiny_package, make_hf_folder
-
 TEXT = "The quick brown fox jumps over the lazy dog. 你好，世界！ def add(a, b): return a + b\n" * 3
-
-
-@pytest.fixture(scope="module")
-def rigged_package(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rigged")
-    return export_tiny_package(make_rigged_folder(root / "ckpt"), root / "pkg")
 
 
 def _text(tmp_path):
@@ -100,7 +91,12 @@ def test_heat_map_shades_and_width():
 
 def test_old_packages_and_errors(rigged_package, tmp_path, capsys, monkeypatch):
     text = _text(tmp_path)
-    dense = export_tiny_package(make_hf_folder(tmp_path / "dense", TINY_DENSE), tmp_path / "pkg")
+    dense = tmp_path / "dense"  # the same graph said to be dense: no experts to look at
+    shutil.copytree(rigged_package, dense)
+    manifest = json.loads((dense / "moechat.json").read_text())
+    manifest["architecture"]["use_moe"] = False
+    del manifest["routing"]
+    (dense / "moechat.json").write_text(json.dumps(manifest))
     assert main(["experts", "stats", str(rigged_package), str(text), "--trace", "x.txt"]) != 0
     assert "must end in .csv or .jsonl" in capsys.readouterr().err
     assert main(["experts", "stats", str(dense), str(text)]) != 0

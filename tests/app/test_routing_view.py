@@ -5,8 +5,7 @@ that produced it, the histogram counts the reply's choices; off, nothing is fetc
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from routing_factory import RIGGED, expected_routing, make_rigged_folder
+from routing_factory import RIGGED, expected_routing
 
 from moechat.app.routing_view import RoutingView, expert_colour, render
 from moechat.app.store import ConversationStore
@@ -15,13 +14,6 @@ from moechat.runtime.chat import ChatSession
 from moechat.runtime.model import load_model
 
 from fake_engine import pilot_test, wait_until
-from model_factory import export_tiny_package
-
-
-@pytest.fixture(scope="module")
-def rigged_package(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rigged-chat")
-    return export_tiny_package(make_rigged_folder(root / "ckpt"), root / "pkg")
 
 
 def _reply_start(cache: list[int], generated: list[int]) -> int:
