@@ -104,18 +104,17 @@ _GLM4 = (
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Kimi-K2 / Moonlight (tiktoken vocabularies, deepseek2 files): llama.cpp runs its own
-# code for Moonshot's pattern (unicode.cpp), which this regex equals: Han runs (the
-# CJK ideograph blocks llama.cpp counts as Han), then Llama 3's split with Han kept out of
-# words. Moonshot's own pattern differs from llama.cpp's there: it also cuts words at a
-# lower-to-upper case change ("getUserName") and keeps combining marks in words.
-_HAN = (
-    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-    "\U00020000-\U0002a6df\U0002a700-\U0002ebef\U0002f800-\U0002fa1f"
-)
+# Kimi-K2 / Moonlight-16B-A3B (tiktoken vocabularies in deepseek2 files): Moonshot's own
+# pattern (tokenization_kimi.py's pat_str). llama.cpp runs hand-written code for it
+# instead (unicode.cpp), which departs from it: words are not cut at a lower-to-upper
+# case change ("getUserName") and combining marks do not stay with their letters; here,
+# as for qwen2's NFC, the model's own tokenizer wins.
+_KIMI_WORD = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_KIMI_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_KIMI_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
 _KIMI_K2 = (
-    rf"[{_HAN}]+|[^\r\n\p{{L}}\p{{N}}]?(?:(?![{_HAN}])\p{{L}})+"
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    rf"[\p{{Han}}]+|[^\r\n\p{{L}}\p{{N}}]?{_KIMI_WORD}*{_KIMI_LOWER}+{_KIMI_CONTRACTION}"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?{_KIMI_WORD}+{_KIMI_LOWER}*{_KIMI_CONTRACTION}"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 

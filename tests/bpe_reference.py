@@ -19,12 +19,7 @@ def _gpt2_pattern() -> str:
     return rf"'s|'t|'re|'ve|'m|'ll|'d| ?{_L}+| ?{_N}+| ?{other}+|\s+(?!\S)|\s+"
 
 
-_HAN = (  # unicode_cpt_is_han's blocks
-    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-    "\U00020000-\U0002a6df\U0002a700-\U0002ebef\U0002f800-\U0002fa1f"
-)
-
-# llama.cpp's regexes per tokenizer.ggml.pre (llama-vocab.cpp), run one after the other
+# the regexes per tokenizer.ggml.pre (llama.cpp's llama-vocab.cpp), run one after the other
 PATTERNS = {
     "gpt2": [_gpt2_pattern()],
     "smollm": [_N, _gpt2_pattern()],  # llama.cpp's "\p{N}" first: every digit alone
@@ -34,11 +29,14 @@ PATTERNS = {
         r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
         r"""| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
     ],
-    # llama.cpp's kimi-k2 code (unicode.cpp) as a regex: the blocks it counts as Han,
-    # Llama 3's split with Han kept out of words, no case split
+    # Moonshot's pat_str (tokenization_kimi.py), not llama.cpp's hand-written code for it;
+    # V1: "&&" is a set intersection
     "kimi-k2": [
-        rf"[{_HAN}]+|[^\r\n\p{{L}}\p{{N}}]?(?:(?![{_HAN}])\p{{L}})+"
-        r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+        r"(?V1)[\p{Han}]+"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+        r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+        r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
         r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     ],
     "glm4": [

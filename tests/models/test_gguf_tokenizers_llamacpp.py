@@ -1,19 +1,20 @@
 """GGUF pre-tokenizers of DeepSeek-V3-architecture files against implementations we did
 not write: ``deepseek-v3`` (DeepSeek-V3 / R1; ``joyai-llm`` names the same regexes in
 llama.cpp), ``glm4`` (GLM-4.7-Flash, a ``deepseek2`` file; ``chatglm-bpe`` the same) and
-``kimi-k2`` (Kimi-K2 and Moonlight-16B-A3B, whose tokenizer the converter hashes to that
-name; llama.cpp runs it with its own code, not Moonshot's regex: camelCase words and
-combining marks are cut differently, and moechat follows llama.cpp).
+``kimi-k2`` (Kimi-K2 and Moonlight-16B-A3B, whose tiktoken tokenizer llama.cpp's
+converter hashes to that name).
 
 One tiny byte-level BPE vocabulary, trained without any pre-split so that merges run
 across digits, spaces, punctuation and words (a wrong split changes the ids), is written
 to a GGUF naming each pre-tokenizer. moechat's tokenizer.json from that file must give
 
-- the ids of tests/bpe_reference.py: llama.cpp's regexes for that name (llama-vocab.cpp)
-  run with the ``regex`` package, merges applied by rank, no ``tokenizers``: runs
-  everywhere, CI included;
+- the ids of tests/bpe_reference.py: the name's regexes (llama.cpp's llama-vocab.cpp;
+  kimi-k2: Moonshot's pattern) run with the ``regex`` package, merges applied by rank,
+  no ``tokenizers``: runs everywhere, CI included;
 - the ids of llama.cpp's own tokenizer on the same file (llama-cpp-python,
-  ``vocab_only``), where llama-cpp-python is installed.
+  ``vocab_only``), where llama-cpp-python is installed. For kimi-k2 llama.cpp runs its
+  own code rather than Moonshot's pattern and departs from it on camelCase words and
+  combining marks (:data:`KIMI_LLAMA_CPP_DIFFERS`); moechat keeps Moonshot's tokens.
 
 The texts tell each part of the deepseek-v3 regexes apart (a reference with any one part
 changed gives other ids), so a wrong regex fails.
@@ -53,6 +54,9 @@ TEXTS = [
     "汉字abc12345DEF 漢字かなカナ混じりtext 中文English混合 (括号)里 𠀀𪜀 㐀",
     "getUserName iPhone HTMLParser McDonald's O'Neil x'LL",
 ]
+# texts llama.cpp 0.3.36 cuts otherwise than Moonshot's kimi-k2 pattern ("getUserName"
+# whole; "e" and U+0301 apart)
+KIMI_LLAMA_CPP_DIFFERS = {TEXTS[6], TEXTS[12]}
 # tokenizer.ggml.pre -> the regexes of tests/bpe_reference.py it must equal
 NAMES = {"deepseek-v3": "deepseek-v3", "joyai-llm": "deepseek-v3", "glm4": "glm4",
          "chatglm-bpe": "glm4", "kimi-k2": "kimi-k2"}  # fmt: skip
@@ -140,7 +144,10 @@ def test_pre_tokenizer_matches_llama_cpp_runtime(files, name, tmp_path) -> None:
     ours = _moechat(files[name], tmp_path)
     for text in TEXTS:
         ids = llm.tokenize(text.encode(), add_bos=False, special=False)
-        assert ours.encode_text(text) == ids, text
+        if name == "kimi-k2" and text in KIMI_LLAMA_CPP_DIFFERS:
+            assert ours.encode_text(text) != ids, text  # the known departure, still there
+        else:
+            assert ours.encode_text(text) == ids, text
     # BOS as the file asks (llama.cpp's glm4 too: the file's bos_token_id wins)
     built = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert llm.tokenize(b"hi", add_bos=True, special=False) == built.encode("hi").ids
