@@ -57,7 +57,7 @@ def _layer(ckpt: StreamedCheckpoint, index: int) -> DecoderLayer:
     if unexpected or any(".experts." not in k for k in missing):
         raise MoechatError(f"layer {index}: weights do not match ({(missing + unexpected)[:3]})")
     if isinstance(layer.mlp, MoEFeedForward):
-        layer.mlp.packed = tuple(  # type: ignore[assignment]
+        layer.mlp.packed = tuple(
             torch.from_numpy(_filled(packed_experts(ckpt, index, fc))) for fc in ("fc1", "fc2")
         )
     ckpt.release()

@@ -23,7 +23,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import onnx
@@ -38,12 +38,17 @@ FLOAT32 = np.dtype(np.float32)
 
 
 class Recipe(Protocol):
-    shape: tuple[int, ...]
+    @property
+    def shape(self) -> tuple[int, ...]: ...
 
     @property
     def dtype(self) -> np.dtype: ...
 
     def rows(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class Recipe2D(Recipe, Protocol):
+    def cols(self, start: int, stop: int) -> np.ndarray: ...
 
 
 class _Float:
@@ -100,7 +105,7 @@ class Transposed(_Float):
 class Concatenated(_Float):
     """2-D recipes side by side along the columns (fused q/k/v, gate/up)."""
 
-    parts: tuple[Transposed | Computed, ...]
+    parts: tuple[Recipe2D, ...]
     shape: tuple[int, ...]
 
     def rows(self, start: int, stop: int) -> np.ndarray:
@@ -150,7 +155,7 @@ class Mapped:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         if self.by == "cols":
-            part = self.child.cols(start, stop)  # type: ignore[attr-defined]
+            part = cast(Recipe2D, self.child).cols(start, stop)
         else:
             part = self.child.rows(start, stop)
         return self.fn(np.ascontiguousarray(part))
@@ -159,7 +164,8 @@ class Mapped:
 def mapped(child: Recipe, fn: Callable[[np.ndarray], np.ndarray], by: str = "rows") -> Mapped:
     """``fn`` over ``child`` by rows or columns; shape and dtype from a one-row probe."""
     n = child.shape[0] if by == "rows" else child.shape[1]
-    probe = fn(np.ascontiguousarray(child.rows(0, 1) if by == "rows" else child.cols(0, 1)))  # type: ignore[attr-defined]
+    first = child.rows(0, 1) if by == "rows" else cast(Recipe2D, child).cols(0, 1)
+    probe = fn(np.ascontiguousarray(first))
     return Mapped(child, fn, (n, *probe.shape[1:]), probe.dtype, by)
 
 
@@ -226,11 +232,11 @@ def lazy_folding() -> Iterator[None]:
             f"constant folding of a {op} over checkpoint weights has no streamed form"
         )
 
-    evaluator.evaluate = evaluate  # type: ignore[method-assign]
+    evaluator.evaluate = evaluate
     try:
         yield
     finally:
-        evaluator.evaluate = original  # type: ignore[method-assign]
+        evaluator.evaluate = original
 
 
 # -- ModelProto: lazy tensors as external data with a reserved location --------------
@@ -309,7 +315,7 @@ def concatenated(tensors: list[TensorProto], name: str) -> TensorProto:
         arrays = [numpy_helper.to_array(t) for t in tensors]
         return numpy_helper.from_array(np.concatenate(arrays, axis=1), name)
     parts = tuple(
-        Computed(numpy_helper.to_array(t)) if r is None else r
+        Computed(numpy_helper.to_array(t)) if r is None else cast(Recipe2D, r)
         for t, r in zip(tensors, recipes, strict=True)
     )  # small weights were read at trace time (export/streamed.py, SMALL)
     width = sum(p.shape[1] for p in parts)

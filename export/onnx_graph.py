@@ -138,7 +138,7 @@ def trace_program(
             module.new_only = True
     inputs, outputs = io_names(model.config.num_hidden_layers)
     try:
-        ONNXProgram.optimize = swap_then_optimize  # type: ignore[method-assign]
+        ONNXProgram.optimize = swap_then_optimize
         with _quiet(), torch.no_grad():
             return torch.onnx.export(
                 model,
@@ -152,7 +152,7 @@ def trace_program(
                 optimize=True,
             )
     finally:
-        ONNXProgram.optimize = optimize  # type: ignore[method-assign]
+        ONNXProgram.optimize = optimize
         for module in model.modules():
             if isinstance(module, MoEFeedForward):
                 module.packed = None
