@@ -41,23 +41,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARD_BYTES = 2 * 10**9
 GIB = 1 << 30
 
+# Qwen/Qwen1.5-MoE-A2.7B's config.json, but the number of layers
+QWEN = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
+    num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+    moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+    max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, norm_topk_prob=False, decoder_sparse_step=1,
+)  # fmt: skip
 SHAPES = {
-    # Qwen/Qwen1.5-MoE-A2.7B's config.json, but the number of layers
-    "qwen1.5-moe": dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
-        moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
-        max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, norm_topk_prob=False, decoder_sparse_step=1,
-    ),
+    "qwen1.5-moe": QWEN,
     # the same structure, small enough for the whole-model path on a shared machine
-    "small": dict(
-        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
-        moe_intermediate_size=704, shared_expert_intermediate_size=2816,
-        max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, norm_topk_prob=False, decoder_sparse_step=1,
-    ),
+    "small": {
+        **QWEN, "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+        "moe_intermediate_size": 704, "shared_expert_intermediate_size": 2816,
+    },
 }  # fmt: skip
 
 
