@@ -36,7 +36,7 @@ def _transformers_routing(hf_model, ids: list[int]) -> list[tuple[np.ndarray, np
     return seen
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"])
 def test_router_outputs_route_as_transformers(tmp_path, kind):
     if kind.startswith("deepseek"):
         hf_model = make_mla_folder(kind, tmp_path / "ckpt", seed=5)
