@@ -150,20 +150,25 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def byte_level_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def train_byte_level(texts: list[str], size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE vocabulary and merges trained on ``texts`` without any pre-split."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False, use_regex=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=1200,
+        vocab_size=size,
         special_tokens=SPECIALS,
         initial_alphabet=pre.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(texts, trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges
+
+
+@pytest.fixture(scope="module")
+def byte_level_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    return train_byte_level(CORPUS * 4, 1200)
 
 
 def _writer(path: Path, arch: str, model: str, tokens: list[str], types: list[int]):

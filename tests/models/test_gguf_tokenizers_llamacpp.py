@@ -22,7 +22,6 @@ changed gives other ids), so a wrong regex fails.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -31,9 +30,8 @@ pytest.importorskip("gguf")
 pytest.importorskip("regex")
 
 from bpe_reference import PATTERNS, ReferenceBPE  # noqa: E402
-from test_gguf_tokenizers import CORPUS, SPECIALS, gpt2, write_bpe_gguf  # noqa: E402
-from tokenizers import Tokenizer, models, trainers  # noqa: E402
-from tokenizers import pre_tokenizers as pre  # noqa: E402
+from test_gguf_tokenizers import CORPUS, gpt2, train_byte_level, write_bpe_gguf  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 from moechat.models.gguf import open_gguf, write_tokenizer_files  # noqa: E402
 from moechat.models.gguf_tokenizer import field  # noqa: E402
@@ -66,18 +64,7 @@ NAMES = {"deepseek-v3": "deepseek-v3", "joyai-llm": "deepseek-v3", "glm4": "glm4
 def vocab_tokenizer() -> Tokenizer:
     """Byte-level BPE trained on the texts too, so that merges cross every boundary the
     regexes draw (combining marks, kana, digit runs, newlines)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False, use_regex=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=1500,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((CORPUS + TEXTS) * 4, trainer)
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return gpt2(model["vocab"], merges)
+    return gpt2(*train_byte_level((CORPUS + TEXTS) * 4, 1500))
 
 
 @pytest.fixture(scope="module")
