@@ -1,8 +1,11 @@
 """Quantisation quality of moechat packages against llama.cpp files made from the same weights.
 
     python benchmarks/int4_quality.py --fp32 PKG_FP32 --gguf SOURCE.gguf \\
-        --package int8=PKG_INT8 --package int4=PKG_INT4 [--llama Q8_0 Q4_0 Q4_K_M] \\
-        [--work DIR] [--tokens 4096] [--threads 2]
+        --package int8=PKG_INT8 --package int4=PKG_INT4 [--variant int4-gptq-down8 ...] \\
+        [--llama Q8_0 Q4_0 Q4_K_M] [--work DIR] [--tokens 4096] [--threads 2]
+
+``--variant`` quantises the fp32 package's graph itself (into ``--work``, kept for
+``moechat bench``) with one of :data:`VARIANTS`, calibrated as ``moechat export`` does.
 
 Every level is compared with the fp32 package's graph on the same token ids: moechat's
 held-out text (export/data/heldout.txt) encoded by the fp32 package's tokenizer, in
@@ -21,15 +24,51 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 WINDOW = 512
 Logits = Callable[[np.ndarray], np.ndarray]  # one window's ids -> [n, vocab] logits
+
+
+def _variants() -> dict:
+    from moechat.export.int8.quantize import QuantizeOptions
+
+    int4 = QuantizeOptions(block=32, expert_bits=4, dense_bits=4)
+    return {
+        "int4-rtn": replace(int4, int4_method="rtn"),
+        "int4-gptq": int4,  # what --int4 writes
+        "int4-rtn-down8": replace(int4, int4_method="rtn", int4_down8=True),
+        "int4-gptq-down8": replace(int4, int4_down8=True),
+    }
+
+
+VARIANTS = ("int4-rtn", "int4-gptq", "int4-rtn-down8", "int4-gptq-down8")
+
+
+def quantize_variant(fp32: Path, name: str, work: Path) -> Path:
+    """The fp32 package's graph quantised as variant ``name``, as a package in ``work``."""
+    from moechat.export.int8.quantize import quantize_decoder
+    from moechat.export.int8.step import CALIBRATION_MAX_TOKENS, calibration_text
+    from moechat.runtime.tokenizer import TextTokenizer
+
+    out = work / name
+    if (out / "model.onnx").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("moechat.json", "tokenizer.json"):
+        shutil.copy(fp32 / f, out / f)
+    tokenizer = TextTokenizer.from_file(fp32 / "tokenizer.json")
+    ids = tokenizer.encode_text(calibration_text())[:CALIBRATION_MAX_TOKENS]
+    start = time.perf_counter()
+    info = quantize_decoder(fp32 / "model.onnx", out / "model.onnx", _variants()[name], ids)
+    print(f"{name}: {info['matmuls']} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return out
 
 
 @dataclass
@@ -107,7 +146,9 @@ def spans(n: int) -> Iterator[tuple[int, int]]:
 
 def reference(ids: np.ndarray, logits: Logits) -> list[np.ndarray]:
     """fp32 log-probabilities per window (positions with a target only), as float32."""
-    return [log_softmax(logits(ids[a:b]))[: b - a - 1].astype(np.float32) for a, b in spans(len(ids))]
+    return [
+        log_softmax(logits(ids[a:b]))[: b - a - 1].astype(np.float32) for a, b in spans(len(ids))
+    ]
 
 
 def compare(
@@ -129,7 +170,9 @@ def compare(
 
 
 def package_weights(pkg: Path) -> int:
-    return sum(f.stat().st_size for f in (pkg / "model.onnx", pkg / "model.onnx.data") if f.is_file())
+    return sum(
+        f.stat().st_size for f in (pkg / "model.onnx", pkg / "model.onnx.data") if f.is_file()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp32", type=Path, required=True, help="fp32 moechat package")
     parser.add_argument("--gguf", type=Path, help="the GGUF the packages were exported from")
     parser.add_argument("--package", action="append", default=[], help="NAME=PACKAGE")
+    parser.add_argument("--variant", action="append", default=[], choices=VARIANTS)
     parser.add_argument("--llama", nargs="*", default=["Q8_0", "Q4_0", "Q4_K_M"])
     parser.add_argument("--work", type=Path, default=Path("int4-quality-work"))
     parser.add_argument("--tokens", type=int, default=4096)
@@ -155,16 +199,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 reference: {time.perf_counter() - start:.0f} s", flush=True)
 
     levels: list[tuple[str, str, Callable[[], Logits], int]] = []
-    for item in args.package:
-        name, _, path = item.partition("=")
+    packages = [item.partition("=")[::2] for item in args.package]
+    packages += [(v, str(quantize_variant(args.fp32, v, args.work))) for v in args.variant]
+    for name, path in packages:
         pkg = Path(path)
-        levels.append((name, "moechat", lambda p=pkg: moechat_logits(p, args.threads), package_weights(pkg)))
+        levels.append(
+            (name, "moechat", lambda p=pkg: moechat_logits(p, args.threads), package_weights(pkg))
+        )
     if args.gguf is not None:
         args.work.mkdir(parents=True, exist_ok=True)
         f32 = quantize_gguf(args.gguf, args.work / "model-F32.gguf", "F32", args.threads)
         for ftype in ["F32", *args.llama]:
             path = quantize_gguf(f32, args.work / f"model-{ftype}.gguf", ftype, args.threads)
-            levels.append((ftype, "llama.cpp", lambda p=path: llama_logits(p, args.threads), path.stat().st_size))
+            levels.append(
+                (
+                    ftype,
+                    "llama.cpp",
+                    lambda p=path: llama_logits(p, args.threads),
+                    path.stat().st_size,
+                )
+            )
 
     rows = []
     print("| level | engine | top-1 | mean KL | ppl (ratio) | weights MB |")

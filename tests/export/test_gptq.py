@@ -8,6 +8,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from moechat.export.int8.gptq import block_scales, pack_nbits, quantize_gptq
+from moechat.export.int8.quantize import more_bits_layers
 
 BLOCK = 32
 
@@ -78,3 +79,9 @@ def test_pack_nbits_is_the_matmulnbits_layout():
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {"x": x})
     np.testing.assert_allclose(y, x @ _dequant(q, scale).T, rtol=1e-4, atol=1e-4)
+
+
+def test_more_bits_layers_are_llama_cpp_q4_k_m_choice():
+    # the layers whose ffn_down llama.cpp 0.3.36's Q4_K_M wrote as q6_K for SmolLM2 (30)
+    assert more_bits_layers(30) == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert more_bits_layers(8) == [0, 3, 6, 7]
