@@ -79,10 +79,10 @@ def add_expert_tools(experts: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibration",
         metavar="TEXTFILE",
-        help="text that scores the experts (default: the built-in held-out text)",
+        help="text that scores the experts (default: built-in calibration text)",
     )
     p.add_argument(
-        "--text", metavar="TEXTFILE", help="perplexity text (default: the calibration text)"
+        "--text", metavar="TEXTFILE", help="perplexity text (default: the built-in held-out text)"
     )
     p.add_argument("--force", action="store_true", help="replace OUT (a moechat package)")
     p.set_defaults(func=cmd_prune)

@@ -26,6 +26,8 @@ from moechat.runtime.model import load_model
 from moechat.runtime.package import ModelPackage, load_package, package_bytes
 
 HELDOUT = Path(__file__).resolve().parents[1] / "data" / "heldout.txt"
+# prune scores experts on other text than the perplexity is measured on
+CALIBRATION = Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
 EVAL_CONTEXT = 512  # tokens per perplexity window: enough context, fast on a laptop
 
 
@@ -69,10 +71,10 @@ def perplexity(folder: Path, text: str, max_context: int = EVAL_CONTEXT) -> Perp
     return Perplexity(result.perplexity, result.tokens)
 
 
-def eval_text(textfile: str | None) -> tuple[str, str]:
-    """(text, its name for moechat.json): the user's file or the built-in held-out text."""
-    path = Path(textfile) if textfile else HELDOUT
-    return read_text_file(path), (str(path) if textfile else "export/data/heldout.txt")
+def eval_text(textfile: str | None, default: Path = HELDOUT) -> tuple[str, str]:
+    """(text, its name for moechat.json): the user's file or a built-in text."""
+    path = Path(textfile) if textfile else default
+    return read_text_file(path), (str(path) if textfile else f"export/data/{default.name}")
 
 
 def write_package(

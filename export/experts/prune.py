@@ -1,6 +1,7 @@
 """``moechat experts prune``: keep the N most useful routed experts of every MoE layer.
 
-Usefulness is REAP-style, measured on calibration text: for each expert, how often it is
+Usefulness is REAP-style, measured on calibration text (default
+export/data/calibration.txt; perplexity is measured on export/data/heldout.txt): for each expert, how often it is
 chosen (share of tokens) x its mean routing weight when chosen x the mean norm of its
 output on those tokens. The routing comes from the graph's router logits through the
 family's own rule (runtime/routing.py); the outputs from the expert weights (contrib
@@ -38,6 +39,7 @@ from moechat.export.experts.moe_graph import (
     slice_router,
 )
 from moechat.export.experts.package_io import (
+    CALIBRATION,
     check_outdir,
     eval_text,
     open_moe_package,
@@ -226,8 +228,8 @@ def run_prune(
     """Write the pruned package; returns its moechat.json ``experts`` record."""
     out = Path(out_dir)
     check_outdir(Path(model_dir), out, force)
-    calib_text, calib_name = eval_text(calibration)
-    text, text_name = eval_text(textfile) if textfile else (calib_text, calib_name)
+    calib_text, calib_name = eval_text(calibration, CALIBRATION)
+    text, text_name = eval_text(textfile)
     package, model = open_moe_package(model_dir)
     arch = package.architecture
     num, top_k = int(arch["n_routed_experts"]), int(arch["num_experts_per_tok"])

@@ -81,6 +81,7 @@ def check_pruned(package: Path, tmp_path: Path) -> None:
         str(tmp_path / "p"),
         keep,
         calibration=short_text(tmp_path),
+        textfile=short_text(tmp_path),
         progress=lambda _: None,
     )
     prune = record["prune"]
@@ -127,6 +128,7 @@ def test_prune_to_all_experts_is_exact(which, family_packages, int8_package, tmp
         str(tmp_path / "all"),
         num,
         calibration=short_text(tmp_path),
+        textfile=short_text(tmp_path),
         progress=lambda _: None,
     )
     a = load_model(package, "cpu").decoder.forward(IDS, logits_for="all")
