@@ -114,7 +114,8 @@ def _routing_engine(host: RoutingHost) -> RoutingEngine | None:
     if not isinstance(engine, RoutingEngine) or not engine.routing_layers:
         host.notify(
             "This model does not expose its routing: a dense model, or a package exported "
-            "before routing left the graph (re-export it with `moechat export`).",
+            "before routing left the graph (re-export it with `moechat export`; the demo: "
+            "`moechat demo build --force`).",
             severity="warning",
         )
         return None

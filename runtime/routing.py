@@ -213,7 +213,8 @@ def require_routing(model: LoadedModel) -> PackageRouting:
         raise MoechatError(f"{model.name} is a dense model: it has no experts to look inside")
     raise MoechatError(
         f"{model.package.path} was exported before moechat exposed routing: re-export it "
-        "with `moechat export` to look inside its experts"
+        "with `moechat export` (the demo: `moechat demo build --force`) to look inside its "
+        "experts"
     )
 
 

@@ -98,3 +98,22 @@ async def test_routing_view_colours_tokens_by_their_experts(rigged_package, tmp_
         fetched = calls["routed"]
         block = await reply_to("and now?")
         assert calls["routed"] == fetched and not block.query(RoutingView)
+
+
+@pilot_test
+async def test_routing_view_on_a_model_without_routing_says_why(tmp_path):
+    from fake_engine import FakeEngine
+
+    app = ChatApp(FakeEngine(), ConversationStore(tmp_path / "c.sqlite3"), export_dir=tmp_path)
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("f2")
+        await wait_until(
+            pilot,
+            lambda: any("does not expose its routing" in n.message for n in app._notifications),
+        )
+        assert not app.show_routing
+        app.prompt.load_text("/routing banana")
+        await pilot.press("enter")
+        await wait_until(
+            pilot, lambda: any("takes on, off or a layer" in n.message for n in app._notifications)
+        )
