@@ -102,8 +102,15 @@ def write_checkpoint(folder: Path, shape: str, layers: int) -> int:
     cfg = transformers.Qwen2MoeConfig(num_hidden_layers=layers, **SHAPES[shape])
     (folder / "config.json").write_text(cfg.to_json_string())
     gen = torch.Generator().manual_seed(0)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    shard: dict[str, torch.Tensor] = {}
+    files: list[list[str]] = []
+    total = 0
+
+    def flush() -> None:  # one shard in memory at a time
+        save_file(shard, str(folder / f"shard-{len(files)}.safetensors"), metadata={"format": "pt"})
+        files.append(list(shard))
+        shard.clear()
+
     for name, dims in hub_tensors(cfg):
         if "norm" in name:
             t = 1.0 + 0.1 * torch.randn(dims, generator=gen)
@@ -113,18 +120,16 @@ def write_checkpoint(folder: Path, shape: str, layers: int) -> int:
             t = torch.randn(dims, generator=gen) * (
                 1.0 if "embed" in name else 0.5 / dims[-1] ** 0.5
             )
-        t = t.to(torch.bfloat16)
-        if size + 2 * t.numel() > SHARD_BYTES and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += 2 * t.numel()
-    weight_map, total = {}, 0
-    for n, shard in enumerate(shards):
-        file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
-        total += sum(2 * t.numel() for t in shard.values())
+        if shard and 2 * (sum(x.numel() for x in shard.values()) + t.numel()) > SHARD_BYTES:
+            flush()
+        shard[name] = t.to(torch.bfloat16)
+        total += 2 * t.numel()
+    flush()
+    weight_map = {}
+    for n, names in enumerate(files):  # the Hub's names: model-00001-of-0000N.safetensors
+        file = f"model-{n + 1:05d}-of-{len(files):05d}.safetensors"
+        (folder / f"shard-{n}.safetensors").rename(folder / file)
+        weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     write_tokenizer_files(folder, 400)  # a small real tokenizer: ids below the vocabulary
