@@ -5,7 +5,6 @@ import filecmp
 import onnx
 import pytest
 import torch
-from family_factory import make_family_folder
 from safetensors.torch import load_file, save_file
 
 from moechat.export.int8.lazy_nbits import lazy_nbits
@@ -46,14 +45,28 @@ def test_bf16_tiny_moe_same_bytes(tmp_path):
 @pytest.mark.slow
 def test_qwen2_moe_same_bytes(tmp_path):
     # sigmoid-gated shared expert, a dense layer (mlp_only_layers), untied lm_head
+    from family_factory import make_family_folder
+
     make_family_folder("qwen2_moe", tmp_path / "src")
     _same_graph_files(tmp_path / "src", tmp_path)
 
 
 def test_stacked_experts_are_refused(tmp_path):
-    make_family_folder("granitemoe", tmp_path / "src")
+    # transformers' packed layout (and Granite's): all experts of a layer in one tensor
+    src = make_hf_folder(tmp_path / "src", TINY_MOE)
+    path = src / "model.safetensors"
+    state = load_file(str(path))
+    prefix = "model.layers.0.mlp.experts"
+    gate_up = [
+        torch.cat(
+            [state.pop(f"{prefix}.{e}.gate_proj.weight"), state.pop(f"{prefix}.{e}.up_proj.weight")]
+        )
+        for e in range(TINY_MOE.n_routed_experts)
+    ]
+    state[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+    save_file(state, str(path))
     with pytest.raises(MoechatError, match="stacks the experts"):
-        open_streamed(tmp_path / "src")
+        open_streamed(src)
 
 
 def test_int8_same_bytes_as_quantising_the_whole_graph(tmp_path):
