@@ -15,7 +15,8 @@ Prefill only: the cache path is the whole-model path's, whose graph bytes are eq
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def _embed(ckpt: StreamedCheckpoint, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def torch_probes(
-    ckpt: StreamedCheckpoint, prompts: list[list[int]], presents: bool = True
+    ckpt: StreamedCheckpoint,
+    prompts: list[list[int]],
+    presents: bool = True,
+    progress: Callable[[str], None] = lambda msg: None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Per prompt: every layer's present key/value (``presents``), router logits, and the
     logits (computed one prompt at a time: a vocabulary of logits per token is large)."""
@@ -99,7 +103,12 @@ def torch_probes(
     empty = [
         torch.zeros(1, cfg.num_key_value_heads, 0, d) for d in (cfg.head_dim, cfg.value_head_dim)
     ]
+    start = time.perf_counter()
     for i in range(cfg.num_hidden_layers):
+        if i:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / i * (cfg.num_hidden_layers - i)
+            progress(f"PyTorch reference: layer {i + 1}/{cfg.num_hidden_layers}, ETA {eta:.0f}s")
         layer = _layer(ckpt, i)
         routed: list[torch.Tensor] = []
         if isinstance(layer.mlp, MoEFeedForward):
@@ -159,7 +168,11 @@ def _blame(probe: str, layers: int) -> str:
 
 
 def check_layers(
-    ckpt: StreamedCheckpoint, graph: Path, prompts: list[list[int]], tolerance: float
+    ckpt: StreamedCheckpoint,
+    graph: Path,
+    prompts: list[list[int]],
+    tolerance: float,
+    progress: Callable[[str], None] = lambda msg: None,
 ) -> LayerParity:
     """Compare layer by layer; raise naming the first layer that differs."""
     cfg = ckpt.config
@@ -168,7 +181,7 @@ def check_layers(
         order += [f"present.{i}.key", f"present.{i}.value"]
         order += [output_name(i)] if i in moe_layers(cfg.to_dict()) else []
     order.append("logits")
-    ref = list(torch_probes(ckpt, prompts))  # small prompts: their logits may be held
+    ref = list(torch_probes(ckpt, prompts, progress=progress))  # small prompts: logits held
     got = list(graph_probes(graph, ckpt, prompts, order))
     diffs: dict[str, float] = {}
     for name in order:
@@ -201,6 +214,7 @@ def measure_fidelity_layerwise(
     token_ids: list[int],
     text_name: str,
     window: int,
+    progress: Callable[[str], None] = lambda msg: None,
 ) -> FidelityReport:
     """The quantised graph against PyTorch fp32 (layer by layer) on held-out text: each
     window of ``window`` tokens is one prefill in both; the metrics of
@@ -218,7 +232,7 @@ def measure_fidelity_layerwise(
     route_tokens = 0
     names = ["logits", *routers]
     pairs = zip(
-        torch_probes(ckpt, windows, presents=False),
+        torch_probes(ckpt, windows, presents=False, progress=progress),
         graph_probes(graph, ckpt, windows, names),
         windows,
         strict=True,

@@ -81,7 +81,7 @@ def export_streamed(
     del proto
     tolerance = INT8_LAYER_TOLERANCE if options.int8 else PARITY_TOLERANCE
     progress("checking parity layer by layer: PyTorch (one layer in memory) vs onnxruntime")
-    parity = check_layers(ckpt, work / "model.onnx", prompts, tolerance)
+    parity = check_layers(ckpt, work / "model.onnx", prompts, tolerance, progress)
     manifest["parity"] = {"reference": "pytorch-fp32", **parity.to_dict(), "tolerance": tolerance}
     if not options.int8:
         return
@@ -96,7 +96,7 @@ def export_streamed(
     ids = tokenizer.encode_text(text)[:HELDOUT_MAX_TOKENS]
     progress(f"measuring int8 fidelity against PyTorch fp32, layer by layer, on {len(ids)} tokens")
     report = measure_fidelity_layerwise(
-        ckpt, work / "model.onnx", ids, name, min(WINDOW, max_context)
+        ckpt, work / "model.onnx", ids, name, min(WINDOW, max_context), progress
     )
     manifest["fidelity"] = {"reference": "pytorch-fp32, layer by layer", **report.to_dict()}
     size = sum(f.stat().st_size for f in (work / "model.onnx", work / "model.onnx.data"))
