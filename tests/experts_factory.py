@@ -12,6 +12,17 @@ from family_factory import make_family_folder
 from model_factory import export_tiny_package
 
 FAMILIES = ["mixtral", "qwen2_moe"]
+IDS = [5, 17, 99, 3, 250, 42, 7, 311, 64, 128, 9, 200]  # token ids the logits are compared on
+HELDOUT = Path(__file__).resolve().parents[1] / "export" / "data" / "heldout.txt"
+
+
+def short_text(folder: Path) -> str:
+    """A short text file (the start of the held-out text): keeps perplexity runs fast."""
+    path = folder / "short.txt"
+    path.write_text(HELDOUT.read_text(encoding="utf-8")[:1200], encoding="utf-8")
+    return str(path)
+
+
 LOWERING = {"mixtral": "contrib", "qwen2_moe": "ops"}  # one of each MoE lowering
 TOP_K = 3
 

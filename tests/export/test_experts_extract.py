@@ -4,27 +4,14 @@ routers rigged to send every token to the expert with weight 1 (issue 19)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import experts_factory
 import numpy as np
 import pytest
 import torch
-from experts_factory import FAMILIES, transformers_model
+from experts_factory import FAMILIES, IDS, short_text, transformers_model
 
 family_packages = experts_factory.family_packages  # session fixture (tests/experts_factory.py)
-
-# a short text keeps the perplexity runs fast (the held-out text is the default)
-SHORT_TEXT = Path(__file__).resolve().parents[2] / "export" / "data" / "heldout.txt"
-
-
-def short_text(folder: Path) -> str:
-    path = folder / "short.txt"
-    path.write_text(SHORT_TEXT.read_text(encoding="utf-8")[:1200], encoding="utf-8")
-    return str(path)
-
-
-IDS = [5, 17, 99, 3, 250, 42, 7, 311, 64, 128, 9, 200]
 
 
 class RiggedRouter(torch.nn.Module):

@@ -11,23 +11,10 @@ import experts_factory
 import numpy as np
 import onnx
 import pytest
-from experts_factory import FAMILIES
+from experts_factory import FAMILIES, IDS, short_text
 
 family_packages = experts_factory.family_packages  # session fixture (tests/experts_factory.py)
 int8_package = experts_factory.int8_package  # session fixture (tests/experts_factory.py)
-
-
-# a short text keeps the perplexity runs fast (the held-out text is the default)
-SHORT_TEXT = Path(__file__).resolve().parents[2] / "export" / "data" / "heldout.txt"
-
-
-def short_text(folder: Path) -> str:
-    path = folder / "short.txt"
-    path.write_text(SHORT_TEXT.read_text(encoding="utf-8")[:1200], encoding="utf-8")
-    return str(path)
-
-
-IDS = [5, 17, 99, 3, 250, 42, 7, 311, 64, 128, 9, 200]
 
 
 def initializer_bytes(pkg) -> int:
@@ -62,6 +49,14 @@ def expected_saving(pkg, dropped: dict[str, list[int]]) -> int:
     return sum(per * len(d) for per, d in zip(per_layer, dropped.values(), strict=True))
 
 
+def prune(package: Path, out: Path, keep: int) -> dict:
+    from moechat.export.experts.prune import run_prune
+
+    text = short_text(out.parent)
+    return run_prune(str(package), str(out), keep, calibration=text, textfile=text,
+                     progress=lambda _: None)  # fmt: skip
+
+
 def routed(pkg, ids=IDS):
     from moechat.runtime.model import load_model
 
@@ -71,23 +66,14 @@ def routed(pkg, ids=IDS):
 
 
 def check_pruned(package: Path, tmp_path: Path) -> None:
-    from moechat.export.experts.prune import run_prune
-
     src = json.loads((package / "moechat.json").read_text())["architecture"]
     num = src["n_routed_experts"]
     keep = max(src["num_experts_per_tok"], num - 2)
-    record = run_prune(
-        str(package),
-        str(tmp_path / "p"),
-        keep,
-        calibration=short_text(tmp_path),
-        textfile=short_text(tmp_path),
-        progress=lambda _: None,
-    )
-    prune = record["prune"]
-    kept = {int(k): v for k, v in prune["kept"].items()}
+    record = prune(package, tmp_path / "p", keep)
+    done = record["prune"]
+    kept = {int(k): v for k, v in done["kept"].items()}
     assert all(len(v) == keep and len(set(v)) == keep for v in kept.values())
-    assert all(len(d) == num - keep for d in prune["dropped"].values())
+    assert all(len(d) == num - keep for d in done["dropped"].values())
     model, logits, routers = routed(tmp_path / "p")
     assert np.isfinite(logits).all()
     assert model.package.spec.architecture.fields["n_routed_experts"] == keep
@@ -102,7 +88,7 @@ def check_pruned(package: Path, tmp_path: Path) -> None:
     first = model.routing.layers[0]
     np.testing.assert_allclose(routers[0], source_routers[0][:, kept[first]], atol=1e-6)
     saved = initializer_bytes(package) - initializer_bytes(tmp_path / "p")
-    assert saved == expected_saving(package, prune["dropped"])
+    assert saved == expected_saving(package, done["dropped"])
     assert record["bytes"]["before"] - record["bytes"]["after"] >= saved * 0.95
     assert record["perplexity"]["new"]["perplexity"] > 0
 
@@ -119,18 +105,10 @@ def test_prune_int8_qmoe(int8_package, tmp_path):
 @pytest.mark.parametrize("which", ["mixtral", "int8"])
 def test_prune_to_all_experts_is_exact(which, family_packages, int8_package, tmp_path):
     package = family_packages.get(which)[1] if which != "int8" else int8_package
-    from moechat.export.experts.prune import run_prune
     from moechat.runtime.model import load_model
 
     num = json.loads((package / "moechat.json").read_text())["architecture"]["n_routed_experts"]
-    run_prune(
-        str(package),
-        str(tmp_path / "all"),
-        num,
-        calibration=short_text(tmp_path),
-        textfile=short_text(tmp_path),
-        progress=lambda _: None,
-    )
+    prune(package, tmp_path / "all", num)
     a = load_model(package, "cpu").decoder.forward(IDS, logits_for="all")
     b = load_model(tmp_path / "all", "cpu").decoder.forward(IDS, logits_for="all")
     np.testing.assert_array_equal(a, b)

@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from experts_factory import IDS
 from test_deepseek_mla import make_mla_folder, reference_logits
 
 from model_factory import export_tiny_package
-
-IDS = [5, 17, 99, 3, 250, 42, 7, 311, 64, 128, 9, 200]
 
 
 class RiggedRouter(torch.nn.Module):

@@ -7,12 +7,10 @@ import experts_factory
 import numpy as np
 import pytest
 import torch
-from experts_factory import FAMILIES, transformers_model
+from experts_factory import FAMILIES, IDS, transformers_model
 
 family_packages = experts_factory.family_packages  # session fixture (tests/experts_factory.py)
 int8_package = experts_factory.int8_package  # session fixture (tests/experts_factory.py)
-
-IDS = [5, 17, 99, 3, 250, 42, 7, 311, 64, 128, 9, 200]
 
 
 def logits(path, k=None) -> np.ndarray:
