@@ -16,9 +16,10 @@ it ~30x slower).
 Shapes (random weights, vocab 6400 untied, 8 layers, hidden 1024, 16 heads / 4 KV heads
 of 64):
 - qwen3_moe: 64 experts of 256, top-8 (437M parameters, ~78M active per token);
-- mixtral: 8 experts of 1408, top-2 (290M, ~78M active): the same active size as
-  the Qwen3 shape, so the two differ only in expert granularity (and it exports in a
-  few minutes on 2 cores).
+- mixtral: 8 experts of 1408, top-2 (311M, ~97M active): active expert weights per
+  layer near the Qwen3 shape's (8.7M vs 6.3M), so the two differ mostly in expert
+  granularity; half of Mixtral's real 2816 ratio, to export in minutes on 2 cores.
+``--layers`` fewer than 8 when the export does not fit in memory.
 
 Memory bandwidth is measured in the same run (numpy: a copy of a 512 MiB array, bytes
 read + written, 1 and N threads); "% of limit" is decode tok/s x bytes of the weights
