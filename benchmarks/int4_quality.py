@@ -39,12 +39,12 @@ Logits = Callable[[np.ndarray], np.ndarray]  # one window's ids -> [n, vocab] lo
 def _variants() -> dict:
     from moechat.export.int8.quantize import QuantizeOptions
 
-    int4 = QuantizeOptions(block=32, expert_bits=4, dense_bits=4)
+    int4 = QuantizeOptions(block=32, expert_bits=4, dense_bits=4, int4_down8=False)
     return {
         "int4-rtn": replace(int4, int4_method="rtn"),
-        "int4-gptq": int4,  # what --int4 writes
+        "int4-gptq": int4,
         "int4-rtn-down8": replace(int4, int4_method="rtn", int4_down8=True),
-        "int4-gptq-down8": replace(int4, int4_down8=True),
+        "int4-gptq-down8": replace(int4, int4_down8=True),  # what --int4 writes
     }
 
 
@@ -114,22 +114,13 @@ def llama_logits(gguf: Path, threads: int) -> Logits:
 
 
 def quantize_gguf(src: Path, dst: Path, ftype_name: str, threads: int) -> Path:
-    """``llama_model_quantize`` src -> dst at LLAMA_FTYPE_<ftype_name> (cached by name)."""
-    import llama_cpp
+    """llama.cpp's quantiser (the bench anchor's), src -> dst as ``ftype_name``; cached."""
+    from moechat.export.bench_anchors.llama_cpp import quantize_gguf as llama_quantize
 
     if dst.is_file():
         return dst
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = threads
-    name = "ALL_F32" if ftype_name == "F32" else f"MOSTLY_{ftype_name}"
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{name}")
-    params.allow_requantize = True  # the source may itself be quantised (the demo's Q4_1)
-    tmp = dst.with_name(dst.name + ".tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    if rc != 0 or not tmp.is_file():
-        raise RuntimeError(f"llama_model_quantize {src} -> {ftype_name} failed ({rc})")
-    tmp.replace(dst)
-    return dst
+    # the source may itself be quantised (the demo's Q4_1): it is dequantised to F32 first
+    return llama_quantize(src, dst, ftype_name, threads, allow_requantize=True)  # type: ignore[arg-type]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from moechat.export.graph_rewrites import MSFT_DOMAIN, drop_unused_initializers, initializers
 from moechat.export.int8.quantize import pack_uint4
@@ -121,11 +122,14 @@ def gptq_matmuls(
     if not targets:
         return 0
     with tempfile.TemporaryDirectory(prefix="moechat-gptq-") as tmp:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving with external data empties the saved proto's tensors
-        save_model(copy, Path(tmp) / "model.onnx")
-        del copy
-        h = hessians(Path(tmp) / "model.onnx", sorted({n.input[0] for n in targets}), token_ids)
+        # saving moves the weights out of the proto into the data file (no second copy in
+        # memory while onnxruntime holds one); they are read back afterwards
+        save_model(model, Path(tmp) / "model.onnx")
+        try:
+            h = hessians(Path(tmp) / "model.onnx", sorted({n.input[0] for n in targets}), token_ids)
+        finally:
+            load_external_data_for_model(model, tmp)
+        inits = initializers(graph)
     for node in targets:
         w = numpy_helper.to_array(inits[node.input[1]])  # [K, N]
         k, n = w.shape

@@ -33,6 +33,10 @@ them per block on the fly).
   (Gather -> Cast -> Mul by the gathered scales; standard ops only). With a tied
   lm_head, the 32 best int8 logits are recomputed from float activations and that
   table (``add_lm_head_rescoring``).
+- 4-bit levels (``dense_bits`` 4): GPTQ chooses the 4-bit MatMulNBits values from the
+  calibration tokens (``moechat.export.int8.gptq``; the kernel and layout stay those of
+  round-to-nearest), the lm_head and, as llama.cpp's Q4_K_M does, the FFN down projections
+  of :func:`more_bits_layers` stay 8-bit (docs/decisions/0014-int4-levels.md).
 - Optionally (``residual_pass``) each MatMulNBits but the lm_head also runs over its
   activations' int8 rounding error (``moechat.export.int8.residual_pass``).
 
@@ -104,7 +108,7 @@ class QuantizeOptions:
     expert_bits: int = 8  # routed experts (QMoE, or the per-expert MatMuls of "ops")
     dense_bits: int = 8  # the other MatMulNBits; the lm_head stays 8-bit at 4
     int4_method: str = "gptq"  # 4-bit matmuls: "gptq" (needs calibration tokens) or "rtn"
-    int4_down8: bool = False  # 4-bit: keep the down projections of Q4_K_M's layers at 8 bits
+    int4_down8: bool = True  # 4-bit: the down projections of Q4_K_M's wider layers at 8 bits
 
     def __post_init__(self) -> None:
         if self.expert_bits not in WEIGHT_BITS or self.dense_bits not in WEIGHT_BITS:

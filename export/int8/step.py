@@ -65,9 +65,11 @@ def quantize_package_graph(
     fp32_bytes = package_bytes(work)
     qdir = work / "int8"
     qdir.mkdir()
+    bits = f"{options.expert_bits}-bit experts, {options.dense_bits}-bit matmuls"
+    gptq = options.dense_bits == 4 and options.int4_method == "gptq"
     progress(
-        f"quantising to int8 (routed experts: {options.moe}, matmuls: {options.dense}, "
-        f"block {options.block})"
+        f"quantising ({bits}{', GPTQ' if gptq else ''}; routed experts: {options.moe}, "
+        f"matmuls: {options.dense}, block {options.block})"
     )
     calibration = tokenizer.encode_text(calibration_text())[:CALIBRATION_MAX_TOKENS]
     info = quantize_decoder(work / GRAPH, qdir / GRAPH, options, calibration)

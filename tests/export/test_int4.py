@@ -87,6 +87,8 @@ def test_int4_packages_export_and_run(tmp_path, capsys, moe_source, flag, bits, 
     assert quant["weights"] == weights and quant["method"] == "int4"
     assert "QMoE 4-bit" in quant["routed_experts"]
     assert ("by GPTQ" in quant["matmuls"]) == (bits == 4)  # the calibrated 4-bit matmuls
+    # Q4_K_M's choice: layer 1 of 2 keeps its (shared expert's) down projection at 8 bits
+    assert ("1 down projections 8-bit" in quant["matmuls"]) == (bits == 4)
     assert manifest["fidelity"]["tokens"] > 100
     assert f"{weights} package" in capsys.readouterr().out
     assert main(["run", str(pkg), "Hello", "-n", "4", "--json", "--seed", "1"]) == 0
