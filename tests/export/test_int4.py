@@ -115,3 +115,18 @@ def test_int4_is_smaller_than_int8(tmp_path, moe_source):
 def test_int4_option_errors(tmp_path, capsys, moe_source, args, message):
     assert main(["export", str(moe_source), str(tmp_path / "pkg"), *args]) != 0
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "weights,precision",
+    [("int4", "int4"), ("int4 experts, int8", "int8"), ("int8", "int8"), (None, "int8")],
+)
+def test_genai_anchor_precision_follows_the_package(tmp_path, weights, precision):
+    from moechat.export.bench_anchors import genai
+
+    graph = {"quantization": {"weights": weights}} if weights else {}
+    assert genai.precision({"graph": graph}) == precision
+    cmd = genai.builder_command(tmp_path / "hf", tmp_path / "out", tmp_path / "cache", precision)
+    assert cmd[cmd.index("-p") + 1] == precision
+    # a 4-bit anchor at moechat's 4-bit granularity: block 32, int8 compute
+    assert ("int4_block_size=32" in cmd and "int4_accuracy_level=4" in cmd) == (precision == "int4")
