@@ -304,6 +304,11 @@ def format_compare(result: BenchResult) -> str:
         if r.get("status") != "ok":
             notes.append(f"{name}: {r.get('status')}: {r.get('reason')}")
             continue
+        if r.get("build"):  # llama.cpp: which build, how it was run
+            missing = r["build"].get("cpu_features_not_built") or []
+            native = "native" if r["build"].get("native") else f"not built for {', '.join(missing)}"
+            extra = f"; {r['fallback']}" if r.get("fallback") else ""
+            notes.append(f"{name}: {native} build, n_batch {r.get('n_batch')}{extra}")
         speed, paired = r.get("moechat_decode_speedup"), r.get("moechat_decode_speedup_paired")
         rows.append(
             f"| {name} {r.get('version', '')} | {r.get('weights', '')} | "

@@ -122,3 +122,5 @@ def test_llama_cpp_falls_back_to_n_batch_1(qwen3_int8, cache_dir, monkeypatch, c
     assert lc["status"] == "ok", lc
     assert lc["n_batch"] == 1 and "killed by SIGSEGV" in lc["fallback"], lc
     assert len(lc["token_ids"]) == 3
+    result.compare = out
+    assert "build, n_batch 1; n_batch=1 after a failed load" in compare.format_compare(result)
