@@ -238,8 +238,9 @@ class LlamaCpp:
         return {"gguf": str(dst), "weights": f"{qtype} GGUF (llama.cpp quantiser) of {origin}"}
 
     def fallback_spec(self, spec: Spec, reason: str) -> Spec | None:
-        """After a worker died loading: once more at ``n_batch=1`` (the AMX workaround)."""
-        if _n_batch(spec) == 1:
+        """After a worker died loading: once more at ``n_batch=1`` (the AMX workaround).
+        Runs in moechat's process: decided without importing llama_cpp."""
+        if int(spec.get("n_batch") or os.environ.get(N_BATCH_ENV) or 0) == 1:
             return None
         return {**spec, "n_batch": 1, "fallback": f"n_batch=1 after a failed load ({reason})"}
 
