@@ -130,3 +130,24 @@ def test_genai_anchor_precision_follows_the_package(tmp_path, weights, precision
     assert cmd[cmd.index("-p") + 1] == precision
     # a 4-bit anchor at moechat's 4-bit granularity: block 32, int8 compute
     assert ("int4_block_size=32" in cmd and "int4_accuracy_level=4" in cmd) == (precision == "int4")
+
+
+def test_int4_summary_points_to_int8_not_the_residual_pass(capsys):
+    from moechat.export.cli import print_int8_summary
+
+    fidelity = {
+        "tokens": 100, "top1_agreement": 0.7, "mean_kl": 0.2, "perplexity_ratio": 1.2,
+        "routing_agreement": None, "thresholds": {"perplexity_ratio_max": 1.02, "top1_agreement_min": 0.97},
+    }  # fmt: skip
+    quantization = {
+        "weights": "int4", "fp32_package_bytes": 100, "int8_package_bytes": 21, "size_ratio": 0.21,
+        "matmuls": "MatMulNBits 4-bit, accuracy_level 4, block 32; lm_head 8-bit",
+    }  # fmt: skip
+    print_int8_summary({"graph": {"quantization": quantization}, "fidelity": fidelity})
+    err = capsys.readouterr().err
+    assert "--int8 stays closer to fp32" in err and "--int8-residual-pass" not in err
+    print_int8_summary(
+        {"graph": {"quantization": {**quantization, "weights": "int8"}}, "fidelity": fidelity}
+    )
+    err = capsys.readouterr().err
+    assert "--int8-residual-pass" in err and "--int8 stays closer" not in err
