@@ -423,8 +423,9 @@ def eight_bit_matmuls(model: onnx.ModelProto, options: QuantizeOptions) -> list[
 
 
 def _quantize_matmuls(
-    model: onnx.ModelProto, options: QuantizeOptions, exclude: list[str], wide: list[str]
+    model: onnx.ModelProto, options: QuantizeOptions, exclude: list[str], wide: Sequence[str] = ()
 ) -> onnx.ModelProto:
+    """Quantise the MatMuls (but ``exclude``); at 4 bits, ``wide`` ones get 8 bits."""
     if options.dense == "nbits":
         if not wide:
             return _nbits(model, options, options.dense_bits, exclude)
