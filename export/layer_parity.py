@@ -34,6 +34,8 @@ from moechat.runtime.evaluate import log_softmax
 from moechat.runtime.providers import create_session
 from moechat.runtime.routing import moe_layers, output_name
 
+METRIC_ROWS = 32
+
 
 @dataclass
 class LayerParity:
@@ -59,19 +61,22 @@ def _layer(ckpt: StreamedCheckpoint, index: int) -> DecoderLayer:
         raise MoechatError(f"layer {index}: weights do not match ({(missing + unexpected)[:3]})")
     if isinstance(layer.mlp, MoEFeedForward):
         layer.mlp.packed = tuple(
-            torch.from_numpy(_filled(packed_experts(ckpt, index, fc))) for fc in ("fc1", "fc2")
+            torch.from_numpy(_filled(packed_experts(ckpt, index, fc), ckpt.release))
+            for fc in ("fc1", "fc2")
         )
     ckpt.release()
     return layer.eval()
 
 
-def _filled(recipe: Recipe) -> np.ndarray:
-    """The recipe's values in one array, filled block by block (never twice in memory)."""
+def _filled(recipe: Recipe, release: Callable[[], None]) -> np.ndarray:
+    """The recipe's values in one array, filled block by block (never twice in memory;
+    the shards' pages released after each block)."""
     out = np.empty(recipe.shape, recipe.dtype)
     start = 0
     for block in row_blocks(recipe):
         out[start : start + len(block)] = block
         start += len(block)
+        release()
     return out
 
 
@@ -129,9 +134,12 @@ def torch_probes(
     head = Source("lm_head.weight", ckpt.shapes["lm_head.weight"], ckpt.read)
     for x, found in zip(hidden, probes, strict=True):
         h = norm(x)[0]
-        blocks = [h @ torch.from_numpy(w).T for w in row_blocks(head)]
-        logits = (torch.cat(blocks, dim=1) / cfg.logits_scaling).numpy()[None]
-        yield {**found, "logits": logits}
+        logits = torch.empty(h.shape[0], cfg.vocab_size)  # filled a block of the head at a time
+        start = 0
+        for w in row_blocks(head):
+            logits[:, start : start + len(w)] = h @ torch.from_numpy(w).T
+            start += len(w)
+        yield {**found, "logits": (logits / cfg.logits_scaling).numpy()[None]}
         found.clear()
 
 
@@ -242,12 +250,14 @@ def measure_fidelity_layerwise(
             if not np.isfinite(logits).all():
                 raise MoechatError(f"the {name} model computed non-finite logits")
         n = len(ids) - 1
-        pr, pq = log_softmax(ref["logits"][0, :n]), log_softmax(got["logits"][0, :n])
-        target, rows = np.asarray(ids[1:]), np.arange(n)
-        nll_ref -= float(pr[rows, target].sum())
-        nll_q -= float(pq[rows, target].sum())
-        kl += float((np.exp(pr) * (pr - pq)).sum())
-        agree += int((pr.argmax(-1) == pq.argmax(-1)).sum())
+        for a in range(0, n, METRIC_ROWS):  # a vocabulary per position: a few rows at a time
+            b = min(a + METRIC_ROWS, n)
+            pr, pq = log_softmax(ref["logits"][0, a:b]), log_softmax(got["logits"][0, a:b])
+            target, rows = np.asarray(ids[a + 1 : b + 1]), np.arange(b - a)
+            nll_ref -= float(pr[rows, target].sum())
+            nll_q -= float(pq[rows, target].sum())
+            kl += float((np.exp(pr) * (pr - pq)).sum())
+            agree += int((pr.argmax(-1) == pq.argmax(-1)).sum())
         scored += n
         for i, name in enumerate(routers):
             route_same[i] += same_topk(ref[name], got[name].reshape(len(ids), -1), top_k).sum()

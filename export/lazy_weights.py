@@ -174,6 +174,11 @@ def row_blocks(recipe: Recipe) -> Iterator[np.ndarray]:
     of float32 input per block (quantisers write fewer bytes than they read)."""
     shape = recipe.shape
     row_bytes = max(recipe.dtype.itemsize, 4) * int(np.prod(shape[1:], dtype=np.int64))
+    if isinstance(recipe, Mapped):  # what a row costs is the float32 input it reads
+        child = recipe.child.shape
+        row_bytes = 4 * (
+            int(np.prod(child[1:], dtype=np.int64)) if recipe.by == "rows" else child[0]
+        )
     step = max(1, BLOCK_BYTES // max(row_bytes, 1))
     for start in range(0, shape[0] if shape else 1, step):
         block = recipe.rows(start, min(start + step, shape[0]))
