@@ -108,3 +108,20 @@ def test_extract_cli_errors(tiny_package, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["experts", "extract", str(tiny_package), str(tiny_package), "--expert", "0"]) == 1
     assert "differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_qmoe_weights_round_trip(bits):
+    """--merge on int8/int4 QMoE packages dequantises export/int8/quantize.py's layouts."""
+    from moechat.export.experts.qmoe_weights import dequantize_qmoe, quantize_qmoe, unpack_uint4
+    from moechat.export.int8.quantize import pack_uint4, quantize_rows
+
+    w = np.random.default_rng(0).standard_normal((3, 8, 64)).astype(np.float32)
+    q, scale = quantize_rows(w, 32, bits)
+    if bits == 4:
+        np.testing.assert_array_equal(unpack_uint4(pack_uint4(q)), q)
+    stored, s = quantize_qmoe(w, bits, 32, np.dtype(np.float32))
+    back = dequantize_qmoe(stored, s, bits, 32)
+    want = (q.astype(np.float32).reshape(3, 8, 2, 32) * scale[..., None]).reshape(3, 8, 64)
+    np.testing.assert_array_equal(back, want)
+    assert np.abs(back - w).max() <= np.abs(w).max() / (7 if bits == 4 else 127)
