@@ -14,7 +14,9 @@ The rewrite (export/experts/moe_graph.py): the router keeps the kept experts' co
 MoE / QMoE nodes keep their rows of every expert tensor; standard-op graphs lose the
 dropped experts' branches and the kept ones read their new column. ``k`` stays: N must be
 at least the trained top-k. DeepSeek's group-limited and noaux_tc routers choose within
-fixed groups of experts, which pruning would break: they are refused.
+contiguous groups of experts: N must then be a multiple of ``n_group``, each group keeps
+its best N / n_group, and the group shapes and noaux_tc's correction bias (graph and
+moechat.json) follow (export/experts/grouped.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
+from moechat.export.experts.grouped import keep_per_group, prune_grouped_router, valid_keeps
 from moechat.export.experts.moe_graph import (
     MoeLayer,
     find_moe_layers,
@@ -196,10 +199,21 @@ def _bias(bias: dict, moe_ids: list[int], index: int) -> np.ndarray | None:
     return None if values is None else np.asarray(values, dtype=np.float32)
 
 
-def prune_graph(model: onnx.ModelProto, layers: list[MoeLayer], keep: list[list[int]]) -> None:
-    """Keep experts ``keep[i]`` (ascending) in layer i, in place."""
+def prune_graph(
+    model: onnx.ModelProto,
+    layers: list[MoeLayer],
+    keep: list[list[int]],
+    arch: dict[str, Any] | None = None,
+) -> None:
+    """Keep experts ``keep[i]`` (ascending) in layer i, in place; ``arch``: the source's
+    architecture (grouped routers need their group shapes rewritten)."""
     graph = model.graph
+    method = (arch or {}).get("topk_method", "greedy")
     for layer, kept in zip(layers, keep, strict=True):
+        if method != "greedy":
+            assert arch is not None
+            n_group = int(arch["n_group"])
+            prune_grouped_router(graph, layer, kept, n_group, bias=method == "noaux_tc")
         if layer.node is not None:
             slice_contrib_experts(graph, layer, kept)
         else:
@@ -238,23 +252,34 @@ def run_prune(
             f"--keep must be between the experts per token ({top_k}) and the routed experts "
             f"({num}); got {keep}"
         )
-    if arch.get("topk_method", "greedy") != "greedy":
+    grouped = arch.get("topk_method", "greedy") != "greedy"
+    if grouped and keep not in valid_keeps(arch):
         raise MoechatError(
-            f"cannot prune {arch['topk_method']} routing: it chooses experts within fixed "
-            "groups, which dropping experts would break"
+            f"--keep must keep as many experts in each of the {arch['n_group']} expert groups "
+            f"of {arch['topk_method']} routing (at least "
+            f"{2 if arch['topk_method'] == 'noaux_tc' else 1} per group, top-{top_k} within "
+            f"{arch['topk_group']} groups): one of {valid_keeps(arch)}; got {keep}"
         )
     layers = find_moe_layers(model)
     progress(f"scoring {num} experts in {len(layers)} MoE layers on {calib_name}")
     scores, tokens = score_experts(package, model, layers, calib_text)
     keep_sets = []
     for s in scores:
+        if grouped:
+            keep_sets.append(keep_per_group(s.score, int(arch["n_group"]), keep))
+            continue
         order = np.argsort(-s.score, kind="stable")  # ties: the lower index stays
         keep_sets.append(sorted(int(e) for e in order[:keep]))
     moe_ids = moe_layers(arch)
-    prune_graph(model, layers, keep_sets)
+    prune_graph(model, layers, keep_sets, arch)
 
     def edit(manifest: dict[str, Any]) -> None:
         manifest["architecture"] = {**arch, "n_routed_experts": keep}
+        bias = (manifest.get("routing") or {}).get("correction_bias")
+        if bias:  # noaux_tc: each layer's recorded bias loses the dropped experts
+            kept_by_layer = {str(i): k for i, k in zip(moe_ids, keep_sets, strict=True)}
+            for layer, values in bias.items():
+                bias[layer] = [values[e] for e in kept_by_layer[layer]]
         manifest["name"] = f"{package.name}-keep{keep}"
         params = manifest.get("parameters")
         if isinstance(params, dict):
