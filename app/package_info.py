@@ -17,7 +17,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
 
-def ffn_text(arch: dict[str, Any], parameters: dict[str, int] | None) -> str:
+def ffn_text(arch: dict[str, Any], parameters: Any) -> str:
     """'MoE: 8 routed experts, 2 active per token, 1 shared; 1.2M parameters, 0.5M active'."""
     text = "dense"
     if arch.get("use_moe"):
@@ -25,15 +25,19 @@ def ffn_text(arch: dict[str, Any], parameters: dict[str, int] | None) -> str:
         moe_layers = layers - len(arch.get("dense_layers") or ())
         shared = arch.get("n_shared_experts") or 0
         text = (
-            f"MoE: {arch['n_routed_experts']} routed experts, {arch['num_experts_per_tok']} active "
-            f"per token, {shared} shared{' (gated)' if arch.get('shared_expert_gate') else ''}"
+            f"MoE: {arch.get('n_routed_experts', '?')} routed experts, "
+            f"{arch.get('num_experts_per_tok', '?')} active per token, "
+            f"{shared} shared{' (gated)' if arch.get('shared_expert_gate') else ''}"
         )
         if moe_layers != layers:
             text += f"; {moe_layers} of {layers} layers MoE"
-    if parameters:
-        text += f"; {_count(parameters['total'])} parameters"
-        if parameters["active_per_token"] != parameters["total"]:
-            text += f", {_count(parameters['active_per_token'])} active per token"
+    # An informational record: shown when it is well-formed, never trusted to be.
+    total = parameters.get("total") if isinstance(parameters, dict) else None
+    if isinstance(total, int) and not isinstance(total, bool):
+        text += f"; {_count(total)} parameters"
+        active = parameters.get("active_per_token") if isinstance(parameters, dict) else None
+        if isinstance(active, int) and not isinstance(active, bool) and active != total:
+            text += f", {_count(active)} active per token"
     return text
 
 
@@ -132,10 +136,10 @@ def package_facts(manifest: dict[str, Any]) -> list[str]:
         lines.append(f"fidelity      {fidelity_text(manifest['fidelity'])}")
     demo = manifest.get("demo") if isinstance(manifest.get("demo"), dict) else None
     ppl = (demo or {}).get("perplexity") or {}
-    if "moe" in ppl and "dense" in ppl:
+    if isinstance(ppl, dict) and "moe" in ppl and "dense" in ppl:
         limit = ppl.get("limit_ratio")
         lines.append(
-            f"perplexity    {ppl['moe']:.2f} as a MoE vs {ppl['dense']:.2f} dense before the "
+            f"perplexity    {_num(ppl['moe'], '.2f')} as a MoE vs {_num(ppl['dense'], '.2f')} dense before the "
             f"conversion (ratio {_num(ppl.get('ratio'), '.3f')}"
             + (f", limit {limit}" if limit else "")
             + ") on held-out English text"
@@ -162,8 +166,12 @@ def experts_text(experts: dict[str, Any]) -> str:
         )
     else:
         text = "rewritten"
-    ppl = experts.get("perplexity") or {}
-    before, after = (ppl.get(k, {}).get("perplexity") for k in ("source", "new"))
+    ppl = experts.get("perplexity")
+    ppl = ppl if isinstance(ppl, dict) else {}
+    before, after = (
+        run.get("perplexity") if isinstance(run := ppl.get(k), dict) else None
+        for k in ("source", "new")
+    )
     if isinstance(before, float) and isinstance(after, float):
         text += f"; perplexity {before:.2f} -> {after:.2f} on {experts.get('text', '?')}"
     return text
