@@ -230,6 +230,8 @@ def test_moechat_chat_in_tmux(slow_package, tmp_path):
 
         # Ctrl+C during a reply stops it (kept, marked stopped); the app keeps running
         type_line("/set max_new_tokens 1500")
+        # one line at a time, as a person types: the next line only once this one took
+        wait_for(lambda s: "max_new_tokens = 1500" in s, 10, "the /set notice")
         type_line("tell me a very long story")
         wait_for(lambda s: "generating" in s, 30, "the long reply to start", every=0.05)
         _tmux(socket, "send-keys", "-t", "chat", "C-c")
