@@ -25,7 +25,7 @@ def _to_bf16(folder):
     return folder
 
 
-def _same_graph_files(src, tmp_path, **kwargs):
+def assert_same_graph_files(src, tmp_path, **kwargs):
     whole, streamed = tmp_path / "whole", tmp_path / "streamed"
     whole.mkdir()
     streamed.mkdir()
@@ -39,7 +39,7 @@ def _same_graph_files(src, tmp_path, **kwargs):
 
 def test_bf16_tiny_moe_same_bytes(tmp_path):
     src = _to_bf16(make_hf_folder(tmp_path / "src", TINY_MOE))
-    _same_graph_files(src, tmp_path)
+    assert_same_graph_files(src, tmp_path)
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_qwen2_moe_same_bytes(tmp_path):
     from family_factory import make_family_folder
 
     make_family_folder("qwen2_moe", tmp_path / "src")
-    _same_graph_files(tmp_path / "src", tmp_path)
+    assert_same_graph_files(tmp_path / "src", tmp_path)
 
 
 def test_stacked_experts_are_refused(tmp_path):
