@@ -135,8 +135,32 @@ def package_facts(manifest: dict[str, Any]) -> list[str]:
     if manifest.get("fidelity"):
         lines.append(f"fidelity      {fidelity_text(manifest['fidelity'])}")
     demo = manifest.get("demo") if isinstance(manifest.get("demo"), dict) else None
-    ppl = (demo or {}).get("perplexity") or {}
-    if isinstance(ppl, dict) and "moe" in ppl and "dense" in ppl:
+    if demo:
+        lines += demo_lines(demo, manifest.get("architecture") or {})
+    if isinstance(manifest.get("experts"), dict):
+        lines.append(f"experts       {experts_text(manifest['experts'])}")
+    lines.append(f"source        {source_text(manifest.get('provenance') or {}, demo)}")
+    return lines
+
+
+def demo_lines(demo: dict[str, Any], arch: dict[str, Any]) -> list[str]:
+    """What the demo is: its dense parent, its experts and the share of the FFN neurons a
+    token runs, and the perplexity it measured against the parent, per held-out text."""
+    lines = []
+    source = demo.get("source") if isinstance(demo.get("source"), dict) else {}
+    conv = demo.get("conversion") if isinstance(demo.get("conversion"), dict) else {}
+    if arch.get("n_routed_experts"):
+        share = conv.get("active_share")
+        lines.append(
+            f"demo          converted from the dense {source.get('model', '?')}: "
+            f"{arch.get('n_shared_experts', 0)} shared expert of "
+            f"{arch.get('shared_intermediate_size', '?')} neurons + "
+            f"{arch['n_routed_experts']} routed experts of {arch.get('intermediate_size', '?')}, "
+            f"top-{arch.get('num_experts_per_tok', '?')}"
+            + (f"; a token runs {_num(share, '.0%')} of the FFN neurons" if share else "")
+        )
+    ppl = demo.get("perplexity") if isinstance(demo.get("perplexity"), dict) else {}
+    if "moe" in ppl and "dense" in ppl:
         limit = ppl.get("limit_ratio")
         lines.append(
             f"perplexity    {_num(ppl['moe'], '.2f')} as a MoE vs {_num(ppl['dense'], '.2f')} dense before the "
@@ -144,9 +168,14 @@ def package_facts(manifest: dict[str, Any]) -> list[str]:
             + (f", limit {limit}" if limit else "")
             + ") on held-out English text"
         )
-    if isinstance(manifest.get("experts"), dict):
-        lines.append(f"experts       {experts_text(manifest['experts'])}")
-    lines.append(f"source        {source_text(manifest.get('provenance') or {}, demo)}")
+    by_text = ppl.get("by_text") if isinstance(ppl.get("by_text"), dict) else {}
+    ratios = [
+        f"{name} {_num(row.get('ratio'), '.2f')}x"
+        for name, row in by_text.items()
+        if isinstance(row, dict)
+    ]
+    if ratios:
+        lines.append(f"  per text    {', '.join(ratios)}")
     return lines
 
 

@@ -35,6 +35,7 @@ import torch
 
 from moechat.export.demo import source as demo_source
 from moechat.export.demo.calibration import load_text, paragraphs, token_sequences
+from moechat.export.demo.heldout import heldout_kinds
 from moechat.export.demo.moefy import MoefyOptions, moefy, perplexity
 from moechat.export.int8.fidelity import heldout_text, threshold_misses
 from moechat.export.int8.step import calibration_text
@@ -63,6 +64,10 @@ PROSE_TOKENS = 1280  # cap for calibration.txt (evenly spread paragraphs: 512 co
 HELDOUT_WINDOW = 512
 FIDELITY_TEXT = "heldout-english-and-python-docs.txt"  # int8 fidelity text (written at build)
 HELDOUT_DOC_TOKENS = 1024
+# The build's perplexity limit applies to these held-out texts together; the four kinds
+# of export/data/heldout/ are measured and recorded beside them (the 1280-neuron
+# conversion is 1.15-1.26x the dense model there: docs/decisions/0018).
+GATED_TEXTS = ("heldout.txt (English)", "python-docs (held out)")
 
 
 def _sequences(ids: list[int], window: int) -> list[list[int]]:
@@ -192,6 +197,42 @@ def _fidelity_line(f: dict) -> str:
     )
 
 
+def calibration_ids(
+    ckpt: LoadedCheckpoint, tokenizer: TextTokenizer, system: str,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> tuple[torch.Tensor, list[str]]:  # fmt: skip
+    """[sequences, SEQ_LEN] calibration ids and where they came from: chats the dense
+    model writes itself, Python's documentation and moechat's calibration.txt."""
+    progress(f"calibration: the dense model writes {CHATS} chats of {SEQ_LEN} tokens")
+    chats = generate_chats(ckpt, tokenizer, system, CHATS, SEQ_LEN)
+    text = load_text()
+    encode = tokenizer.encode_text
+    docs = token_sequences(encode, text.calibration, SEQ_LEN, DOC_TOKENS)
+    prose = token_sequences(encode, paragraphs(calibration_text()), SEQ_LEN, PROSE_TOKENS)
+    sources = [
+        f"{CHATS} chats of {SEQ_LEN} tokens written by the dense model itself "
+        f"(temperature {GENERATION_TEMPERATURE}, seed 0) after the ChatML system prompt",
+        f"{len(docs) * SEQ_LEN} tokens of {text.source} (calibration split)",
+        f"{len(prose) * SEQ_LEN} tokens of moechat's calibration.txt (English prose, "
+        "package data, also used for int8 smoothing)",
+    ]
+    return torch.cat([chats, torch.tensor(docs + prose, dtype=torch.long)]), sources
+
+
+def heldout_sequences(encode: Callable[[str], list[int]]) -> dict[str, list[list[int]]]:
+    """Held-out texts by name, in windows of HELDOUT_WINDOW tokens: the English half of
+    heldout.txt, held-out Python documentation, and the four kinds of
+    export/data/heldout/ (demo.heldout); none is used for calibration."""
+    english, docs = GATED_TEXTS
+    held_out = {
+        english: _sequences(encode(english_heldout()), HELDOUT_WINDOW),
+        docs: token_sequences(encode, load_text().held_out, HELDOUT_WINDOW, HELDOUT_DOC_TOKENS),
+    }
+    for kind, text in heldout_kinds().items():
+        held_out[kind] = _sequences(encode(text), HELDOUT_WINDOW)
+    return held_out
+
+
 def _convert_and_export(
     ckpt: LoadedCheckpoint,
     outdir: Path,
@@ -208,17 +249,8 @@ def _convert_and_export(
     _, system = _chat_template(tokenizer_dir)
     torch.manual_seed(0)
 
-    progress(f"calibration: the dense model writes {CHATS} chats of {SEQ_LEN} tokens")
-    chats = generate_chats(ckpt, tokenizer, system, CHATS, SEQ_LEN)
-    text = load_text()
-    encode = tokenizer.encode_text
-    docs = token_sequences(encode, text.calibration, SEQ_LEN, DOC_TOKENS)
-    prose = token_sequences(encode, paragraphs(calibration_text()), SEQ_LEN, PROSE_TOKENS)
-    calibration = torch.cat([chats, torch.tensor(docs + prose, dtype=torch.long)])
-
-    english = _sequences(encode(english_heldout()), HELDOUT_WINDOW)
-    docs_held = token_sequences(encode, text.held_out, HELDOUT_WINDOW, HELDOUT_DOC_TOKENS)
-    held_out = {"heldout.txt (English)": english, "python-docs (held out)": docs_held}
+    calibration, calibration_sources = calibration_ids(ckpt, tokenizer, system, progress)
+    held_out = heldout_sequences(tokenizer.encode_text)
     progress("perplexity of the dense model on held-out text")
     dense_nll = {name: perplexity(ckpt.model, seqs, nll=True) for name, seqs in held_out.items()}
 
@@ -257,6 +289,7 @@ def _convert_and_export(
         },
         "conversion": {
             **options.to_dict(),
+            "active_share": round(active_share(ckpt.config.intermediate_size, options), 4),
             "method": "neuron partition of each dense FFN (importance -> shared expert, "
             "balanced k-means on co-activation -> routed experts), least-squares router "
             "onto each expert's error reduction, ridge least-squares refit of the down "
@@ -266,17 +299,12 @@ def _convert_and_export(
         },
         "calibration": {
             "tokens": calibration.numel(),
-            "sources": [
-                f"{CHATS} chats of {SEQ_LEN} tokens written by the dense model itself "
-                f"(temperature {GENERATION_TEMPERATURE}, seed 0) after the ChatML system prompt",
-                f"{len(docs) * SEQ_LEN} tokens of {text.source} (calibration split)",
-                f"{len(prose) * SEQ_LEN} tokens of moechat's calibration.txt (English prose, "
-                "package data, also used for int8 smoothing)",
-            ],
+            "sources": calibration_sources,
         },
         "perplexity": {
             "text": "English paragraphs of moechat's heldout.txt and held-out Python "
-            "documentation topics (neither used for calibration)",
+            "documentation topics (neither used for calibration); by_text also has "
+            "export/data/heldout/ (prose, dialogue, instructions, code comments)",
             **main,
             "limit_ratio": PERPLEXITY_RATIO_MAX,
             "by_text": ppl,
@@ -287,7 +315,9 @@ def _convert_and_export(
     # int8 fidelity on the same English held-out text as the perplexity: two thirds of
     # the shipped heldout.txt's SmolLM2 tokens are Chinese, which this model cannot read.
     fidelity_text = work / FIDELITY_TEXT
-    fidelity_text.write_text(english_heldout() + "\n\n" + "\n\n".join(text.held_out), "utf-8")
+    fidelity_text.write_text(
+        english_heldout() + "\n\n" + "\n\n".join(load_text().held_out), "utf-8"
+    )
     export_options = ExportOptions(
         name=outdir.name, force=True, max_context=CONTEXT, int8=int8, quick_parity=True,
         heldout=fidelity_text if int8 else None, extra_manifest={"demo": demo},
@@ -297,8 +327,15 @@ def _convert_and_export(
     return manifest
 
 
+def active_share(intermediate: int, options: MoefyOptions) -> float:
+    """The share of the dense FFN's neurons that one token runs after the conversion."""
+    routed = (intermediate - options.shared_size) // options.n_experts
+    return (options.shared_size + options.top_k * routed) / intermediate
+
+
 def _perplexities(held_out: dict, dense_nll: dict, moe_nll: dict) -> tuple[dict, dict]:
-    """(combined, per text) perplexities from summed negative log-likelihoods."""
+    """(combined, per text) perplexities from summed negative log-likelihoods; the
+    combined one, which the build's limit applies to, over GATED_TEXTS."""
     ppl: dict[str, dict[str, float]] = {}
     for name, seqs in held_out.items():
         tokens = sum(len(s) - 1 for s in seqs)
@@ -307,20 +344,26 @@ def _perplexities(held_out: dict, dense_nll: dict, moe_nll: dict) -> tuple[dict,
             "dense": round(dense, 3), "moe": round(moe, 3), "ratio": round(moe / dense, 4),
             "tokens": tokens,
         }  # fmt: skip
-    total = sum(int(p["tokens"]) for p in ppl.values())
-    dense = math.exp(sum(dense_nll.values()) / total)
-    moe = math.exp(sum(moe_nll.values()) / total)
+    total = sum(int(ppl[name]["tokens"]) for name in GATED_TEXTS)
+    dense = math.exp(sum(dense_nll[name] for name in GATED_TEXTS) / total)
+    moe = math.exp(sum(moe_nll[name] for name in GATED_TEXTS) / total)
     main = {"dense": round(dense, 3), "moe": round(moe, 3), "ratio": round(moe / dense, 4)}
     return {**main, "tokens": total}, ppl
 
 
-def _layer_progress(progress: Callable[[str], None], layers: int) -> Callable[[str], None]:
+def _layer_progress(
+    progress: Callable[[str], None], layers: int, clock: Callable[[], float] = time.perf_counter
+) -> Callable[[str], None]:
+    """Reports every sixth of the layers with the time so far and an ETA for the rest."""
     every = max(1, math.ceil(layers / 6))
-    state = {"n": 0}
+    state = {"n": 0, "start": clock()}
 
     def report(message: str) -> None:
         state["n"] += 1
-        if state["n"] % every == 0 or state["n"] == layers:
-            progress(f"  {message}")
+        done = state["n"]
+        if done % every == 0 or done == layers:
+            elapsed = clock() - state["start"]
+            eta = elapsed / done * (layers - done)
+            progress(f"  {message} ({elapsed:.0f} s, about {eta:.0f} s left)")
 
     return report

@@ -269,3 +269,23 @@ def test_chat_passes_threads_and_context_cap_to_the_model(tiny_package, tmp_path
     model = seen["engine"].model
     assert model.max_context == 32
     assert model.decoder.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_info_says_what_the_demo_is():
+    from moechat.app.package_info import demo_lines
+
+    arch = {"n_routed_experts": 4, "n_shared_experts": 1, "shared_intermediate_size": 1280,
+            "intermediate_size": 64, "num_experts_per_tok": 2}  # fmt: skip
+    demo = {
+        "source": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)"},
+        "conversion": {"active_share": 0.9167},
+        "perplexity": {"moe": 21.72, "dense": 19.35, "ratio": 1.12, "by_text": {
+            "prose": {"ratio": 1.1}, "dialogue": {"ratio": 1.2}, "broken": "x"}},
+    }  # fmt: skip
+    text = "\n".join(demo_lines(demo, arch))
+    assert "converted from the dense HuggingFaceTB/SmolLM2-135M-Instruct" in text
+    assert "1 shared expert of 1280 neurons + 4 routed experts of 64, top-2" in text
+    assert "a token runs 92% of the FFN neurons" in text
+    assert "prose 1.10x, dialogue 1.20x" in text and "broken" not in text
+    # a malformed record still prints, with '?' for what is missing
+    assert demo_lines({"perplexity": {"moe": "x", "dense": None}}, {"n_routed_experts": 2})

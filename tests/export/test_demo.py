@@ -255,3 +255,50 @@ def test_cli_demo_build(monkeypatch, capsys):
     assert main(["demo", "build", "--force", "--wheel", "w.whl"]) == 0
     assert calls == [(True, Path("w.whl"))]
     assert "/demo" in capsys.readouterr().out
+
+
+def test_heldout_kinds_are_independent_of_the_calibration_text():
+    """The four held-out kinds exist, are English text of some length, and share no
+    paragraph with any calibration source."""
+    from moechat.export.demo.calibration import load_text, paragraphs
+    from moechat.export.demo.heldout import KINDS, heldout_kinds
+    from moechat.export.int8.step import calibration_text
+
+    kinds = heldout_kinds()
+    assert tuple(kinds) == KINDS
+    calibration = {p.strip() for p in load_text().calibration + paragraphs(calibration_text())}
+    for kind, text in kinds.items():
+        assert len(text) > 3000, kind
+        assert not {p.strip() for p in paragraphs(text)} & calibration, kind
+
+
+def test_active_share_counts_the_shared_and_the_chosen_experts():
+    from moechat.export.demo.build import active_share
+
+    assert active_share(1536, MoefyOptions(shared_size=1280, n_experts=4, top_k=2)) == 1408 / 1536
+    assert active_share(1536, MoefyOptions(shared_size=0, n_experts=8, top_k=8)) == 1.0
+
+
+def test_the_perplexity_limit_applies_to_the_gated_texts_and_every_text_is_recorded():
+    import math
+
+    from moechat.export.demo.build import GATED_TEXTS, _perplexities
+
+    held_out = {GATED_TEXTS[0]: [[1] * 11], GATED_TEXTS[1]: [[1] * 11], "prose": [[1] * 11]}
+    dense = {name: 10 * math.log(10.0) for name in held_out}  # perplexity 10 each
+    moe = {**dense, "prose": 10 * math.log(20.0)}  # only prose is worse
+    main, by_text = _perplexities(held_out, dense, moe)
+    assert main["ratio"] == 1.0 and main["tokens"] == 20
+    assert by_text["prose"] == {"dense": 10.0, "moe": 20.0, "ratio": 2.0, "tokens": 10}
+
+
+def test_layer_progress_reports_elapsed_time_and_an_eta():
+    from moechat.export.demo.build import _layer_progress
+
+    seen: list[str] = []
+    now = iter(range(0, 100, 10))  # start, then 10 s per layer
+    report = _layer_progress(seen.append, 4, clock=lambda: float(next(now)))
+    for i in range(4):
+        report(f"layer {i + 1}/4")
+    assert seen[0] == "  layer 1/4 (10 s, about 30 s left)"
+    assert seen[-1] == "  layer 4/4 (40 s, about 0 s left)"

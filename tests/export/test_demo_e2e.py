@@ -110,6 +110,16 @@ def test_demo_perplexity_is_close_to_the_dense_model(demo_build):
     assert arch["shared_intermediate_size"] == SHARED, arch
     assert arch["intermediate_size"] * 4 == 1536 - SHARED
     assert manifest["demo"]["calibration"]["sources"]
+    # every kind of held-out text is scored on its own (export/data/heldout/)
+    from moechat.export.demo.heldout import KINDS
+
+    for kind in KINDS:
+        row = ppl["by_text"][kind]
+        assert row["tokens"] > 500 and row["moe"] / row["dense"] == pytest.approx(
+            row["ratio"], rel=1e-3
+        )
+    share = manifest["demo"]["conversion"]["active_share"]
+    assert share == pytest.approx((SHARED + 2 * (1536 - SHARED) / 4) / 1536, abs=1e-4)
     assert manifest["parity"]["prompts"] == 2 and manifest["parity"]["decode_steps"] == 8
 
 
