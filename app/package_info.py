@@ -143,12 +143,16 @@ def package_facts(manifest: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _record(value: Any) -> dict[str, Any]:
+    """A record of moechat.json, or an empty one where the file has something else."""
+    return value if isinstance(value, dict) else {}
+
+
 def demo_lines(demo: dict[str, Any], arch: dict[str, Any]) -> list[str]:
     """What the demo is: its dense parent, its experts and the share of the FFN neurons a
     token runs, and the perplexity it measured against the parent, per held-out text."""
     lines = []
-    source = demo.get("source") if isinstance(demo.get("source"), dict) else {}
-    conv = demo.get("conversion") if isinstance(demo.get("conversion"), dict) else {}
+    source, conv = _record(demo.get("source")), _record(demo.get("conversion"))
     if arch.get("n_routed_experts"):
         share = conv.get("active_share")
         lines.append(
@@ -159,7 +163,7 @@ def demo_lines(demo: dict[str, Any], arch: dict[str, Any]) -> list[str]:
             f"top-{arch.get('num_experts_per_tok', '?')}"
             + (f"; a token runs {_num(share, '.0%')} of the FFN neurons" if share else "")
         )
-    ppl = demo.get("perplexity") if isinstance(demo.get("perplexity"), dict) else {}
+    ppl = _record(demo.get("perplexity"))
     if "moe" in ppl and "dense" in ppl:
         limit = ppl.get("limit_ratio")
         lines.append(
@@ -168,7 +172,7 @@ def demo_lines(demo: dict[str, Any], arch: dict[str, Any]) -> list[str]:
             + (f", limit {limit}" if limit else "")
             + ") on held-out English text"
         )
-    by_text = ppl.get("by_text") if isinstance(ppl.get("by_text"), dict) else {}
+    by_text = _record(ppl.get("by_text"))
     ratios = [
         f"{name} {_num(row.get('ratio'), '.2f')}x"
         for name, row in by_text.items()

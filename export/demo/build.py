@@ -9,12 +9,13 @@ Steps (each reported through ``progress``):
    moechat's own ``calibration.txt``;
 4. convert every FFN to 1 shared + 4 routed experts, top-2 (``demo.moefy``);
 5. perplexity of the dense and the MoE model on held-out text (the project's
-   ``heldout.txt`` and held-out Python documentation, neither used for calibration);
-6. export through the normal path (``export_package``, int8 with the residual pass
-   (``export.int8.residual_pass``: the demo is where answers matter more than the
-   27% of decode speed it costs), a shorter parity check: 2 prompts x 8 decode steps; int8
-   fidelity on the same English held-out text as step 5), recording the numbers under
-   ``"demo"`` in moechat.json.
+   ``heldout.txt``, held-out Python documentation and the four kinds of
+   ``export/data/heldout/``; none used for calibration);
+6. export through the normal path (``export_package``, plain int8: the residual pass
+   would cost a quarter of the decode speed for a perplexity change far below the
+   conversion's own (docs/decisions/0018); a shorter parity check: 2 prompts x 8 decode
+   steps; int8 fidelity on the English held-out text of step 5), recording the numbers
+   under ``"demo"`` in moechat.json.
 PyTorch runs on the idle cores only (:func:`torch_threads`).
 Everything happens in a temporary folder; the package appears only when complete.
 """
@@ -321,7 +322,6 @@ def _convert_and_export(
     export_options = ExportOptions(
         name=outdir.name, force=True, max_context=CONTEXT, int8=int8, quick_parity=True,
         heldout=fidelity_text if int8 else None, extra_manifest={"demo": demo},
-        int8_residual_pass=int8,
     )  # fmt: skip
     manifest = export_package(export_ckpt, outdir, export_options, tokenizer_dir, progress)
     return manifest
