@@ -117,8 +117,9 @@ def convert(dense, calibration, shared, experts, top_k, distil_steps, progress):
         flat = x.reshape(-1, x.shape[-1])
         mlp = moe.model.layers[i].mlp
         load_layer(mlp, layer.mlp, fit_layer(layer.mlp, flat, options), top_k)
+        target = layer.mlp(flat)  # under no_grad: a constant for the distillation
         with torch.enable_grad():
-            distil_layer(mlp, flat, layer.mlp(flat), distil_steps)
+            distil_layer(mlp, flat, target, distil_steps)
         h += mlp(x)
         progress(f"layer {i + 1}/{len(dense.model.layers)}")
     return moe
