@@ -76,6 +76,12 @@ class PromptInput(TextArea):
         menu = self.menu
         if menu is None or not menu.display:
             return False
+        # The list follows the text through Changed messages, which the app handles
+        # after keys already queued (fast typing, tmux, a paste): bring it up to date, or
+        # Enter would complete a prefix typed earlier and drop what followed.
+        menu.update_for(self.text)
+        if not menu.display:
+            return False
         if key in ("up", "down"):
             menu.move(-1 if key == "up" else 1)
             return True

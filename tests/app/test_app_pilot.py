@@ -1003,3 +1003,20 @@ async def test_model_command_shows_info_and_switches_packages(db_path, tmp_path)
         assert "other-moe" in app.status.text
         await send_and_wait(pilot, "and now?")
         assert app.last_reply().text == "from the second model"
+
+
+@pilot_test
+async def test_enter_after_fast_typing_runs_what_was_typed(db_path):
+    """Keys typed faster than the app redraws the slash list (tmux, a paste): the list
+    still shows what an earlier prefix matched when Enter arrives. Enter must act on
+    the text, not on that stale list (it used to replace '/set max_new_tokens 7' with
+    '/set ' and drop the argument, and the next line typed joined it)."""
+    app = make_app(db_path, FakeEngine("ok"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("slash", "s", "e")
+        await wait_until(pilot, lambda: menu_items(app) == ["set"])
+        # the rest arrives before the app has handled the prompt's Changed messages
+        app.prompt.insert("t max_new_tokens 7")
+        await app.prompt._on_key(events.Key("enter", None))
+        await wait_until(pilot, lambda: app.params.max_new_tokens == 7)
+        assert app.prompt.text == ""
