@@ -21,17 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
+from moechat.export.graph_pieces import run_by_layer
 from moechat.export.int8.fidelity import FidelityReport, same_topk
-from moechat.export.lazy_weights import Recipe, Source, row_blocks
+from moechat.export.lazy_weights import PackedExperts, Recipe, Source, row_blocks
 from moechat.export.parity import ParityReport, check_finite
 from moechat.export.streamed import packed_experts
 from moechat.models.modeling import DecoderLayer, MoEFeedForward, RMSNorm, rope_caches
 from moechat.models.streaming import StreamedCheckpoint
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.evaluate import log_softmax
-from moechat.runtime.providers import create_session
 from moechat.runtime.routing import moe_layers, output_name
 
 METRIC_ROWS = 32
@@ -52,7 +53,7 @@ class LayerParity:
 
 
 def _layer(ckpt: StreamedCheckpoint, index: int) -> DecoderLayer:
-    """Layer ``index`` with its weights; routed experts straight into the packed layout."""
+    """Layer ``index`` with its weights; routed experts read from the shards when they run."""
     with torch.device("meta"):
         layer = DecoderLayer(ckpt.config, index)
     state = {k: torch.from_numpy(v) for k, v in _layer_state(ckpt, index) if ".experts." not in k}
@@ -60,12 +61,36 @@ def _layer(ckpt: StreamedCheckpoint, index: int) -> DecoderLayer:
     if unexpected or any(".experts." not in k for k in missing):
         raise MoechatError(f"layer {index}: weights do not match ({(missing + unexpected)[:3]})")
     if isinstance(layer.mlp, MoEFeedForward):
-        layer.mlp.packed = tuple(
-            torch.from_numpy(_filled(packed_experts(ckpt, index, fc), ckpt.release))
-            for fc in ("fc1", "fc2")
+        fc1, fc2 = (
+            _ShardExperts(packed_experts(ckpt, index, fc), ckpt.release) for fc in ("fc1", "fc2")
         )
+        if layer.mlp.grouped_routing:  # DeepSeek's router op takes whole tensors
+            layer.mlp.packed = (fc1.stacked(), fc2.stacked())
+        else:
+            layer.mlp.streamed = (fc1, fc2)
     ckpt.release()
     return layer.eval()
+
+
+@dataclass
+class _ShardExperts:
+    """One layer's packed routed experts (fc1 or fc2), one expert at a time from the shards:
+    a layer's experts in float32 are 2.1 GB at Qwen1.5-MoE's shape, one expert 35 MB.
+    The values are the packed layout's (bf16/fp16 -> float32 is exact)."""
+
+    recipe: PackedExperts
+    release: Callable[[], None]
+
+    def __len__(self) -> int:
+        return self.recipe.shape[0]
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        weight = torch.from_numpy(self.recipe.rows(expert, expert + 1)[0])
+        self.release()  # the shard's pages leave the resident set
+        return weight
+
+    def stacked(self) -> torch.Tensor:
+        return torch.from_numpy(_filled(self.recipe, self.release))
 
 
 def _filled(recipe: Recipe, release: Callable[[], None]) -> np.ndarray:
@@ -144,23 +169,26 @@ def torch_probes(
 
 
 def graph_probes(graph: Path, ckpt: StreamedCheckpoint, prompts: list[list[int]], names: list[str]):
+    """Per prompt, ``names`` (those the graph outputs) from onnxruntime, the graph run one
+    layer at a time (export/graph_pieces.py: one layer's weights loaded at once)."""
     cfg = ckpt.config
-    session = create_session(graph, "CPUExecutionProvider")
-    outputs = {o.name for o in session.get_outputs()}
+    outputs = {o.name for o in onnx.load(str(graph), load_external_data=False).graph.output}
     names = [n for n in names if n in outputs]
+    feeds = []
     for prompt in prompts:
         n = len(prompt)
-        feeds = {
+        feed = {
             "input_ids": np.array([prompt], np.int64),
             "attention_mask": np.ones((1, n), np.int64),
             "logits_positions": np.arange(n, dtype=np.int64),
         }
         for i in range(cfg.num_hidden_layers):
             for kind, d in (("key", cfg.head_dim), ("value", cfg.value_head_dim)):
-                feeds[f"past_key_values.{i}.{kind}"] = np.zeros(
+                feed[f"past_key_values.{i}.{kind}"] = np.zeros(
                     (1, cfg.num_key_value_heads, 0, d), np.float32
                 )
-        yield dict(zip(names, session.run(names, feeds), strict=True))
+        feeds.append(feed)
+    return run_by_layer(graph, cfg.num_hidden_layers, feeds, names)
 
 
 def _blame(probe: str, layers: int) -> str:

@@ -136,6 +136,9 @@ class MoEFeedForward(nn.Module):
             nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
         )
         self.packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        # routed experts read one at a time instead (eager only): the streamed export's
+        # reference layer never holds a layer's experts in float32 (export/layer_parity.py)
+        self.streamed: tuple[ops.ExpertWeights, ops.ExpertWeights] | None = None
         self._pack_key: tuple | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -163,8 +166,11 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        fc1, fc2 = self._packed_weights()
-        if self.grouped_routing:
+        if self.streamed is not None:
+            weights, experts = ops.route(self.gate(flat), self.top_k, self.normalize)
+            y = ops.run_experts(flat, weights, experts, *self.streamed)
+        elif self.grouped_routing:
+            fc1, fc2 = self._packed_weights()
             bias = getattr(self.gate, "e_score_correction_bias", None)
             if bias is None:
                 bias = flat.new_zeros(fc1.shape[0])
@@ -173,6 +179,7 @@ class MoEFeedForward(nn.Module):
                 self.normalize, self.routed_scaling_factor,
             )  # fmt: skip
         else:
+            fc1, fc2 = self._packed_weights()
             y = ops.moe_routed(flat, self.gate(flat), fc1, fc2, self.top_k, self.normalize)
         if self.shared_experts:
             shared = sum(expert(flat) for expert in self.shared_experts)

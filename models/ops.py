@@ -13,8 +13,18 @@ and a KV cache, with the semantics of ``com.microsoft.GroupQueryAttention``
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
+
+
+class ExpertWeights(Protocol):
+    """Per-expert weight matrices: a stacked tensor [E, ...], or a reader that gives one
+    expert's matrix at a time (the streamed export's reference layer, export/layer_parity.py)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, expert: int) -> torch.Tensor: ...
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool):
@@ -49,12 +59,12 @@ def run_experts(
     x: torch.Tensor,
     weights: torch.Tensor,
     experts: torch.Tensor,
-    fc1: torch.Tensor,
-    fc2: torch.Tensor,
+    fc1: ExpertWeights,
+    fc2: ExpertWeights,
 ) -> torch.Tensor:
     """Each expert over the tokens routed to it, weighted: only chosen experts run."""
     out = torch.zeros_like(x)
-    for e in range(fc1.shape[0]):
+    for e in range(len(fc1)):
         token, slot = torch.where(experts == e)
         if token.numel() == 0:
             continue
