@@ -63,3 +63,35 @@ def test_stream_refuses_options_it_cannot_honour(tmp_path, capsys):
         capsys.readouterr().err
     )
     assert not (tmp_path / "pkg").exists()
+
+
+def test_graph_run_by_layer_equals_the_whole_graph(tmp_path):
+    from moechat.export.graph_pieces import pieces
+    from moechat.export.layer_parity import graph_probes
+    from moechat.runtime.providers import create_session
+
+    src = make_hf_folder(tmp_path / "src", TINY_MOE.with_changes(num_hidden_layers=3))
+    ckpt = open_streamed(src)
+    graph = tmp_path / "model.onnx"
+    write_streamed(trace_streamed(ckpt), graph, 3)
+    parts = pieces(onnx.load(str(graph), load_external_data=False).graph, 3)
+    assert parts is not None and len(parts) == 5  # embedding, 3 layers, final norm + head
+    names = [o.name for o in create_session(graph, "CPUExecutionProvider").get_outputs()]
+    prompts = parity_prompts(ckpt.config.vocab_size)[:2]
+    whole = create_session(graph, "CPUExecutionProvider")
+    for prompt, got in zip(prompts, graph_probes(graph, ckpt, prompts, names), strict=True):
+        cfg, n = ckpt.config, len(prompt)
+        feed = {
+            "input_ids": np.array([prompt], np.int64),
+            "attention_mask": np.ones((1, n), np.int64),
+            "logits_positions": np.arange(n, dtype=np.int64),
+        }
+        for i in range(3):
+            for kind, d in (("key", cfg.head_dim), ("value", cfg.value_head_dim)):
+                feed[f"past_key_values.{i}.{kind}"] = np.zeros(
+                    (1, cfg.num_key_value_heads, 0, d), np.float32
+                )
+        want = dict(zip(names, whole.run(names, feed), strict=True))
+        assert set(got) == set(names)
+        for name in names:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
