@@ -180,6 +180,16 @@ def demo_lines(demo: dict[str, Any], arch: dict[str, Any]) -> list[str]:
     ]
     if ratios:
         lines.append(f"  per text    {', '.join(ratios)}")
+    speed = _record(demo.get("speed"))
+    if "error" in speed:
+        lines.append(f"speed         not measured at build: {speed['error']}")
+    elif "ratio" in speed:
+        demo_rate = _record(speed.get("demo")).get("decode_tokens_per_s")
+        dense_rate = _record(speed.get("dense")).get("decode_tokens_per_s")
+        lines.append(
+            f"speed         decode {_num(demo_rate, '.1f')} tok/s vs {_num(dense_rate, '.1f')} for "
+            f"the dense parent at int8 ({_num(speed['ratio'], '.2f')}x), measured at build"
+        )
     return lines
 
 

@@ -176,12 +176,11 @@ def oracle(dense, calibration, share: float, shared: int, experts: int) -> list[
 
 def decode_ratios(work: Path, dense_ckpt, configs, threads: int, rounds: int) -> dict:
     from moechat.export.demo.moefy import MoefyOptions, moe_config
+    from moechat.export.demo.speed import decode_rates, speed_against
     from moechat.export.options import ExportOptions
     from moechat.export.package import export_package
     from moechat.models.loading import LoadedCheckpoint
     from moechat.models.modeling import CausalLM
-    from moechat.runtime.bench import measure_generation, prompt_ids
-    from moechat.runtime.model import load_model
 
     dense = dense_ckpt.model
     packages = {"dense": work / "dense"}
@@ -207,19 +206,7 @@ def decode_ratios(work: Path, dense_ckpt, configs, threads: int, rounds: int) ->
             options = ExportOptions(name=packages[name].name, force=True, max_context=2048,
                                     int8=True, quick_parity=True)  # fmt: skip
             export_package(ckpt, packages[name], options, dense_ckpt.tokenizer_dir, lambda m: None)
-    loaded = {name: load_model(path, "cpu", threads=threads) for name, path in packages.items()}
-    ids = prompt_ids(loaded["dense"].tokenizer, 128)
-    rates: dict[str, list[float]] = {name: [] for name in loaded}
-    for r in range(rounds):
-        order = list(loaded) if r % 2 == 0 else list(reversed(loaded))
-        for name in order:
-            rates[name].append(measure_generation(loaded[name], ids, 64, 1).decode_tokens_per_s)
-    base = statistics.median(rates["dense"])
-    return {
-        name: {"decode_tok_s": statistics.median(v), "ratio": round(statistics.median(v) / base, 3),
-               "runs": v}
-        for name, v in rates.items()
-    }  # fmt: skip
+    return speed_against("dense", decode_rates(packages, threads, rounds))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed:
         results["speed"] = decode_ratios(args.work, ckpt, args.config, args.threads, args.rounds)
         for name, row in results["speed"].items():
-            print(f"decode {name}: {row['decode_tok_s']} tok/s, {row['ratio']}x dense")
+            print(f"decode {name}: {row['decode_tokens_per_s']} tok/s, {row['ratio']}x dense")
     print(f"load average {os.getloadavg()}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

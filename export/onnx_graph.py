@@ -79,6 +79,9 @@ def _dynamic_shapes(num_layers: int) -> dict:
 def _quiet():
     """torch.onnx prints progress and warnings meant for its developers; keep ours clean."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # onnxscript's optimizer logs every skipped fold at INFO once torch.onnx has given
+    # it a handler (the demo build's second export printed 220 such lines)
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
@@ -103,7 +106,10 @@ def export_decoder(
     proto = program.model_proto
     # Fold per-expert weight slices/transposes of the standard-op lowering into plain
     # initializers, so MatMuls read constant weights (and the int8 quantizer finds them).
-    onnxscript.optimizer.fold_constants(proto, input_size_limit=1 << 30, output_size_limit=1 << 30)
+    with _quiet():
+        onnxscript.optimizer.fold_constants(
+            proto, input_size_limit=1 << 30, output_size_limit=1 << 30
+        )
     rewrite_graph(proto, cfg, attention, residual_norms)
     save_model(proto, path)
 

@@ -15,7 +15,9 @@ Steps (each reported through ``progress``):
    would cost a quarter of the decode speed for a perplexity change far below the
    conversion's own (docs/decisions/0018); a shorter parity check: 2 prompts x 8 decode
    steps; int8 fidelity on the English held-out text of step 5), recording the numbers
-   under ``"demo"`` in moechat.json.
+   under ``"demo"`` in moechat.json;
+7. export the dense parent as plain int8 into the temporary folder and decode with both
+   side by side (``demo.speed``): the ratio goes into ``"demo"`` too.
 PyTorch runs on the idle cores only (:func:`torch_threads`).
 Everything happens in a temporary folder; the package appears only when complete.
 """
@@ -38,10 +40,11 @@ from moechat.export.demo import source as demo_source
 from moechat.export.demo.calibration import load_text, paragraphs, token_sequences
 from moechat.export.demo.heldout import heldout_kinds
 from moechat.export.demo.moefy import MoefyOptions, moefy, perplexity
+from moechat.export.demo.speed import NEW_TOKENS, PROMPT_TOKENS, decode_rates, speed_against
 from moechat.export.int8.fidelity import heldout_text, threshold_misses
 from moechat.export.int8.step import calibration_text
 from moechat.export.options import ExportOptions
-from moechat.export.package import export_package
+from moechat.export.package import export_package, write_manifest
 from moechat.models.gguf import load_gguf
 from moechat.models.loading import LoadedCheckpoint
 from moechat.runtime.errors import MoechatError
@@ -65,6 +68,7 @@ PROSE_TOKENS = 1280  # cap for calibration.txt (evenly spread paragraphs: 512 co
 HELDOUT_WINDOW = 512
 FIDELITY_TEXT = "heldout-english-and-python-docs.txt"  # int8 fidelity text (written at build)
 HELDOUT_DOC_TOKENS = 1024
+SPEED_ROUNDS = 5  # decode rounds per package against the dense parent
 # The build's perplexity limit applies to these held-out texts together; the four kinds
 # of export/data/heldout/ are measured and recorded beside them (the 1280-neuron
 # conversion is 1.15-1.26x the dense model there: docs/decisions/0018).
@@ -324,7 +328,57 @@ def _convert_and_export(
         heldout=fidelity_text if int8 else None, extra_manifest={"demo": demo},
     )  # fmt: skip
     manifest = export_package(export_ckpt, outdir, export_options, tokenizer_dir, progress)
+    if int8:  # the same level as the dense package it is compared with
+        manifest["demo"]["speed"] = _speed_against_parent(ckpt, outdir, work, progress)
+        write_manifest(outdir, manifest)  # moechat.json only: the checksums stay
     return manifest
+
+
+def _speed_against_parent(
+    ckpt: LoadedCheckpoint, demo: Path, work: Path, progress: Callable[[str], None]
+) -> dict:
+    """Export the dense parent as a plain int8 package (thrown away after) and decode
+    with both side by side. A failure is recorded and reported, not fatal: the demo
+    package is complete and verified by then."""
+    dense = work / "dense-parent"
+    progress("exporting the dense parent (int8) to compare decode speed")
+    try:
+        options = ExportOptions(
+            name=dense.name, force=True, max_context=CONTEXT, int8=True, quick_parity=True,
+            heldout=work / FIDELITY_TEXT,
+        )  # fmt: skip
+        assert ckpt.tokenizer_dir is not None
+        # the GGUF is deleted by now: no source files to hash (as for the demo itself)
+        parent = LoadedCheckpoint(ckpt.config, ckpt.model, ckpt.source, [], ckpt.tokenizer_dir)
+        export_package(parent, dense, options, ckpt.tokenizer_dir, lambda message: None)
+        progress(f"decode speed: the demo and its dense parent, {SPEED_ROUNDS} rounds each")
+        rates = decode_rates({"demo": demo, "dense": dense}, None, SPEED_ROUNDS)
+    except (MoechatError, OSError, RuntimeError) as err:
+        progress(f"could not measure the speed against the dense parent: {err}")
+        return {"error": str(err)}
+    finally:
+        shutil.rmtree(dense, ignore_errors=True)
+    speed = speed_against("dense", rates)
+    ratio = speed["demo"]["ratio"]
+    progress(
+        f"decode {speed['demo']['decode_tokens_per_s']:.1f} tok/s vs "
+        f"{speed['dense']['decode_tokens_per_s']:.1f} for the dense parent ({ratio:.2f}x)"
+    )
+    return {
+        "dense_parent": "the same GGUF exported with --int8 (plain int8, dense FFNs)",
+        "method": f"{NEW_TOKENS} greedy tokens after {PROMPT_TOKENS}, {SPEED_ROUNDS} rounds "
+        "alternating the order; ratio of the medians",
+        "ratio": ratio,
+        **speed,
+        "load_average": [round(x, 2) for x in _load_average()],
+    }
+
+
+def _load_average() -> tuple[float, ...]:
+    try:
+        return os.getloadavg()
+    except (AttributeError, OSError):  # Windows
+        return ()
 
 
 def active_share(intermediate: int, options: MoefyOptions) -> float:

@@ -281,11 +281,16 @@ def test_info_says_what_the_demo_is():
         "conversion": {"active_share": 0.9167},
         "perplexity": {"moe": 21.72, "dense": 19.35, "ratio": 1.12, "by_text": {
             "prose": {"ratio": 1.1}, "dialogue": {"ratio": 1.2}, "broken": "x"}},
+        "speed": {"ratio": 0.84, "demo": {"decode_tokens_per_s": 118.8},
+                  "dense": {"decode_tokens_per_s": 141.5}},
     }  # fmt: skip
     text = "\n".join(demo_lines(demo, arch))
     assert "converted from the dense HuggingFaceTB/SmolLM2-135M-Instruct" in text
     assert "1 shared expert of 1280 neurons + 4 routed experts of 64, top-2" in text
     assert "a token runs 92% of the FFN neurons" in text
     assert "prose 1.10x, dialogue 1.20x" in text and "broken" not in text
+    assert "decode 118.8 tok/s vs 141.5 for the dense parent at int8 (0.84x)" in text
+    failed = demo_lines({"speed": {"error": "no memory"}}, {})
+    assert failed == ["speed         not measured at build: no memory"]
     # a malformed record still prints, with '?' for what is missing
     assert demo_lines({"perplexity": {"moe": "x", "dense": None}}, {"n_routed_experts": 2})

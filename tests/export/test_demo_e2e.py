@@ -118,6 +118,13 @@ def test_demo_perplexity_is_close_to_the_dense_model(demo_build):
         assert row["tokens"] > 500 and row["moe"] / row["dense"] == pytest.approx(
             row["ratio"], rel=1e-3
         )
+    # decode speed against the dense parent, measured side by side at build
+    speed = manifest["demo"]["speed"]
+    assert "error" not in speed, speed
+    assert len(speed["demo"]["rounds"]) == len(speed["dense"]["rounds"]) >= 3
+    assert speed["ratio"] == pytest.approx(
+        speed["demo"]["decode_tokens_per_s"] / speed["dense"]["decode_tokens_per_s"], rel=1e-2
+    )
     share = manifest["demo"]["conversion"]["active_share"]
     assert share == pytest.approx((SHARED + 2 * (1536 - SHARED) / 4) / 1536, abs=1e-4)
     assert manifest["parity"]["prompts"] == 2 and manifest["parity"]["decode_steps"] == 8
