@@ -163,6 +163,8 @@ def main() -> int:
                         help="fidelity on the first N characters of the held-out text (0: all)")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="moechat-export-scale-", dir=args.workdir))
     moechat = [sys.executable, "-m", "moechat"]
     rows = []

@@ -3,19 +3,22 @@
 An onnxruntime session over a whole package holds every layer's weights (about the
 package's size, more than a streamed export may use at scale: issue 17). The streamed
 export's checks cut model.onnx where each layer begins (the first node that reads
-``model.layers.{i}.input_layernorm.weight``) and where the final norm begins
-(``model.norm.weight``): the embedding, each layer, the final norm and lm_head. Each
-piece is a model of those nodes (in graph order, so the cuts cannot reorder anything)
-whose initializers point into the same model.onnx.data, run in its own session, one
-session at a time; what crosses a cut (the residual stream, the mask's lengths, shapes)
-is kept per prompt between pieces. The nodes, weights and kernels are the package's;
-only fusions onnxruntime might make across a cut are not made. A graph without these
-names (norm weights merged as equal constants) runs whole, as before.
+``model.layers.{i}.input_layernorm.weight``) and where the logits begin (the first node
+that reads ``logits_positions``): the embedding, each layer, then the positions'
+selection, the final norm and lm_head. Each piece is a model of those nodes (in graph
+order, so the cuts cannot reorder anything) whose initializers point into the same
+model.onnx.data, run in its own session, one session at a time; what crosses a cut (the
+residual stream, the mask's lengths, shapes) is kept per prompt between pieces. The
+last piece is run on demand for a few positions at a time: a vocabulary of logits per
+position (151,936 floats at Qwen's size) is more than the rest of a prompt's outputs.
+The nodes, weights and kernels are the package's; only fusions onnxruntime might make
+across a cut are not made. A graph without these names (norm weights merged as equal
+constants) runs whole, as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,14 +37,24 @@ class Piece:
     outputs: list[str]  # graph outputs and tensors later pieces read
 
 
+@dataclass
+class PromptOutputs:
+    """One prompt's outputs: those asked for, and its logits at the positions given (the
+    last piece run again; call it before moving to the next prompt)."""
+
+    values: dict[str, np.ndarray]
+    logits: Callable[[np.ndarray], np.ndarray]  # positions -> [len(positions), vocab]
+
+
 def cut_points(graph: onnx.GraphProto, layers: int) -> list[int] | None:
-    """Index of the node where each layer begins, then the final norm (None: not found)."""
+    """Index of the node where each layer begins, then where the logits begin (None: not
+    found)."""
     first: dict[str, int] = {}
     for n, node in enumerate(graph.node):
         for name in node.input:
             first.setdefault(name, n)
     names = [f"model.layers.{i}.input_layernorm.weight" for i in range(layers)]
-    points = [first.get(name) for name in [*names, "model.norm.weight"]]
+    points = [first.get(name) for name in [*names, "logits_positions"]]
     if any(p is None for p in points):
         return None
     found = [int(p) for p in points if p is not None]
@@ -94,38 +107,46 @@ def _piece_model(model: onnx.ModelProto, piece: Piece, dtypes: dict[str, np.dtyp
 
 def run_by_layer(
     graph: Path, layers: int, feeds: list[dict[str, np.ndarray]], names: list[str]
-) -> Iterator[dict[str, np.ndarray]]:
-    """Per feed (one prompt each), ``names`` of the graph's outputs; the graph run piece by
-    piece (the last piece one prompt at a time, as each result is taken)."""
+) -> Iterator[PromptOutputs]:
+    """Per feed (one prompt each), ``names`` of the graph's outputs other than the logits,
+    and the logits on demand; the graph run piece by piece."""
+    names = [x for x in names if x != "logits"]
     model = onnx.load(str(graph), load_external_data=False)
     parts = pieces(model.graph, layers)
     if parts is None:  # one session over the whole graph
         session = create_session(graph, CPU)
         for feed in feeds:
-            yield dict(zip(names, session.run(names, feed), strict=True))
+            values = dict(zip(names, session.run(names, feed), strict=True))
+            yield PromptOutputs(values, _logits(session, feed))
         return
     kept: list[dict[str, np.ndarray]] = [dict(f) for f in feeds]
     found: list[dict[str, np.ndarray]] = [{} for _ in feeds]
-    for k, piece in enumerate(parts):
+    for k, piece in enumerate(parts[:-1]):
         dtypes = {x: kept[0][x].dtype for x in piece.inputs}
         session = create_session(graph, CPU, model_bytes=_piece_model(model, piece, dtypes))
         later = {x for p in parts[k + 1 :] for x in p.inputs}
-        if k < len(parts) - 1:
-            for values, probes in zip(kept, found, strict=True):
-                results = session.run(piece.outputs, {x: values[x] for x in piece.inputs})
-                for x, value in zip(piece.outputs, results, strict=True):
-                    if x in names:
-                        probes[x] = value
-                    if x in later:
-                        values[x] = value
-                for x in [x for x in values if x not in later]:
-                    del values[x]
-        else:
-            last = [x for x in names if x in piece.outputs]
-            for values, probes in zip(kept, found, strict=True):
-                results = session.run(last, {x: values[x] for x in piece.inputs})
-                probes.update(zip(last, results, strict=True))
-                values.clear()
-                yield {x: probes[x] for x in names if x in probes}
-                probes.clear()
+        for values, probes in zip(kept, found, strict=True):
+            results = session.run(piece.outputs, {x: values[x] for x in piece.inputs})
+            for x, value in zip(piece.outputs, results, strict=True):
+                if x in names:
+                    probes[x] = value
+                if x in later:
+                    values[x] = value
+            for x in [x for x in values if x not in later]:
+                del values[x]
         del session
+    last = parts[-1]
+    dtypes = {x: kept[0][x].dtype for x in last.inputs}
+    session = create_session(graph, CPU, model_bytes=_piece_model(model, last, dtypes))
+    for values, probes in zip(kept, found, strict=True):
+        yield PromptOutputs(dict(probes), _logits(session, dict(values)))
+        values.clear()
+        probes.clear()
+
+
+def _logits(session, feed: dict[str, np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    def at(positions: np.ndarray) -> np.ndarray:
+        (logits,) = session.run(["logits"], {**feed, "logits_positions": positions})
+        return logits[0]
+
+    return at

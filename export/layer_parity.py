@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import torch
 
-from moechat.export.graph_pieces import run_by_layer
+from moechat.export.graph_pieces import PromptOutputs, run_by_layer
 from moechat.export.int8.fidelity import FidelityReport, same_topk
 from moechat.export.lazy_weights import PackedExperts, Recipe, Source, row_blocks
 from moechat.export.parity import ParityReport, check_finite
@@ -35,7 +35,8 @@ from moechat.runtime.errors import MoechatError
 from moechat.runtime.evaluate import log_softmax
 from moechat.runtime.routing import moe_layers, output_name
 
-METRIC_ROWS = 32
+METRIC_ROWS = 32  # positions whose log-softmax is computed at once
+LOGIT_ROWS = 128  # positions whose logits are held at once (both sides)
 
 
 @dataclass
@@ -123,9 +124,10 @@ def torch_probes(
     prompts: list[list[int]],
     presents: bool = True,
     progress: Callable[[str], None] = lambda msg: None,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Per prompt: every layer's present key/value (``presents``), router logits, and the
-    logits (computed one prompt at a time: a vocabulary of logits per token is large)."""
+) -> Iterator[PromptOutputs]:
+    """Per prompt: every layer's present key/value (``presents``) and router logits, and
+    its logits on demand (the final norm's output kept, the lm_head read block by block
+    from the shards at each call)."""
     cfg = ckpt.config
     cos, sin = rope_caches(cfg.rope_dim, ckpt.model.cos_cache.shape[0], cfg.rope_theta)
     hidden = [_embed(ckpt, p) for p in prompts]
@@ -157,18 +159,41 @@ def torch_probes(
     norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     norm.weight.data = ckpt.tensor("model.norm.weight")
     head = Source("lm_head.weight", ckpt.shapes["lm_head.weight"], ckpt.read)
-    for x, found in zip(hidden, probes, strict=True):
-        h = norm(x)[0]
-        logits = torch.empty(h.shape[0], cfg.vocab_size)  # filled a block of the head at a time
-        start = 0
-        for w in row_blocks(head):
-            logits[:, start : start + len(w)] = h @ torch.from_numpy(w).T
-            start += len(w)
-        yield {**found, "logits": (logits / cfg.logits_scaling).numpy()[None]}
+
+    def logits_of(h: torch.Tensor) -> Callable[[np.ndarray], np.ndarray]:
+        @torch.no_grad()
+        def at(positions: np.ndarray) -> np.ndarray:
+            rows = h[torch.from_numpy(positions)]
+            out = np.empty((len(rows), cfg.vocab_size), np.float32)
+            start = 0
+            for w in row_blocks(head):
+                out[:, start : start + len(w)] = (rows @ torch.from_numpy(w).T).numpy()
+                start += len(w)
+                ckpt.release()  # the head's pages leave the resident set
+            out /= cfg.logits_scaling
+            return out
+
+        return at
+
+    for n, found in enumerate(probes):
+        yield PromptOutputs(dict(found), logits_of(norm(hidden[n])[0]))
         found.clear()
+        hidden[n] = torch.empty(0)
 
 
-def graph_probes(graph: Path, ckpt: StreamedCheckpoint, prompts: list[list[int]], names: list[str]):
+def logit_blocks(
+    ref: PromptOutputs, got: PromptOutputs, count: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first position, reference logits, graph logits) for positions 0..count-1,
+    LOGIT_ROWS positions at a time."""
+    for a in range(0, count, LOGIT_ROWS):
+        positions = np.arange(a, min(a + LOGIT_ROWS, count), dtype=np.int64)
+        yield a, ref.logits(positions), got.logits(positions)
+
+
+def graph_probes(
+    graph: Path, ckpt: StreamedCheckpoint, prompts: list[list[int]], names: list[str]
+) -> Iterator[PromptOutputs]:
     """Per prompt, ``names`` (those the graph outputs) from onnxruntime, the graph run one
     layer at a time (export/graph_pieces.py: one layer's weights loaded at once)."""
     cfg = ckpt.config
@@ -217,17 +242,32 @@ def check_layers(
         order += [f"present.{i}.key", f"present.{i}.value"]
         order += [output_name(i)] if i in moe_layers(cfg.to_dict()) else []
     order.append("logits")
-    ref = list(torch_probes(ckpt, prompts, progress=progress))  # small prompts: logits held
-    got = list(graph_probes(graph, ckpt, prompts, order))
+    diff_of: dict[str, float] = {}
+    scale_of: dict[str, float] = {}
+
+    def seen(name: str, r: np.ndarray, g: np.ndarray) -> None:
+        check_finite(r, g)
+        diff_of[name] = max(diff_of.get(name, 0.0), float(np.abs(r - g).max()))
+        scale_of[name] = max(scale_of.get(name, 0.0), float(np.abs(r).max()))
+
+    greedy = True
+    pairs = zip(
+        torch_probes(ckpt, prompts, progress=progress),
+        graph_probes(graph, ckpt, prompts, order),
+        prompts,
+        strict=True,
+    )
+    for ref, got, prompt in pairs:
+        for name in order[:-1]:
+            if name in got.values:
+                seen(name, ref.values[name], got.values[name])
+        for first, r, g in logit_blocks(ref, got, len(prompt)):
+            seen("logits", r, g)
+            if first + len(r) == len(prompt):
+                greedy = greedy and int(r[-1].argmax()) == int(g[-1].argmax())
     diffs: dict[str, float] = {}
-    for name in order:
-        pairs = [(r[name], g[name]) for r, g in zip(ref, got, strict=True) if name in g]
-        if not pairs:
-            continue
-        for r, g in pairs:
-            check_finite(r, g)
-        diff = max(float(np.abs(r - g).max()) for r, g in pairs)
-        scale = max(float(np.abs(r).max()) for r, _ in pairs)
+    for name in [x for x in order if x in diff_of]:
+        diff, scale = diff_of[name], scale_of[name]
         diffs[name] = diff / max(scale, 1e-9)
         if diffs[name] > tolerance:
             raise MoechatError(
@@ -235,10 +275,7 @@ def check_layers(
                 f"scale {scale:.3g} (limit {tolerance}); the weights of "
                 f"{_blame(name, cfg.num_hidden_layers)} differ from the checkpoint"
             )
-    logits = [(r["logits"], g["logits"]) for r, g in zip(ref, got, strict=True)]
-    diff = max(float(np.abs(r - g).max()) for r, g in logits)
-    scale = max(float(np.abs(r).max()) for r, _ in logits)
-    greedy = all(int(r[0, -1].argmax()) == int(g[0, -1].argmax()) for r, g in logits)
+    diff, scale = diff_of["logits"], scale_of["logits"]
     tokens = sum(len(p) for p in prompts)
     report = ParityReport(diff, scale, diff / max(scale, 1e-9), greedy, len(prompts), tokens, 0)
     return LayerParity(report, diffs)
@@ -266,29 +303,32 @@ def measure_fidelity_layerwise(
     kl = nll_ref = nll_q = 0.0
     route_same = np.zeros(len(routers))
     route_tokens = 0
-    names = ["logits", *routers]
     pairs = zip(
         torch_probes(ckpt, windows, presents=False, progress=progress),
-        graph_probes(graph, ckpt, windows, names),
+        graph_probes(graph, ckpt, windows, routers),
         windows,
         strict=True,
     )
     for ref, got, ids in pairs:
-        for name, logits in (("fp32", ref["logits"]), ("quantised", got["logits"])):
-            if not np.isfinite(logits).all():
-                raise MoechatError(f"the {name} model computed non-finite logits")
         n = len(ids) - 1
-        for a in range(0, n, METRIC_ROWS):  # a vocabulary per position: a few rows at a time
-            b = min(a + METRIC_ROWS, n)
-            pr, pq = log_softmax(ref["logits"][0, a:b]), log_softmax(got["logits"][0, a:b])
-            target, rows = np.asarray(ids[a + 1 : b + 1]), np.arange(b - a)
-            nll_ref -= float(pr[rows, target].sum())
-            nll_q -= float(pq[rows, target].sum())
-            kl += float((np.exp(pr) * (pr - pq)).sum())
-            agree += int((pr.argmax(-1) == pq.argmax(-1)).sum())
+        for first, ref_rows, got_rows in logit_blocks(ref, got, n):
+            for name, logits in (("fp32", ref_rows), ("quantised", got_rows)):
+                if not np.isfinite(logits).all():
+                    raise MoechatError(f"the {name} model computed non-finite logits")
+            for a in range(0, len(ref_rows), METRIC_ROWS):  # log-softmax: a few rows at a time
+                b = min(a + METRIC_ROWS, len(ref_rows))
+                pr, pq = log_softmax(ref_rows[a:b]), log_softmax(got_rows[a:b])
+                target = np.asarray(ids[first + a + 1 : first + b + 1])
+                rows = np.arange(b - a)
+                nll_ref -= float(pr[rows, target].sum())
+                nll_q -= float(pq[rows, target].sum())
+                kl += float((np.exp(pr) * (pr - pq)).sum())
+                agree += int((pr.argmax(-1) == pq.argmax(-1)).sum())
         scored += n
         for i, name in enumerate(routers):
-            route_same[i] += same_topk(ref[name], got[name].reshape(len(ids), -1), top_k).sum()
+            route_same[i] += same_topk(
+                ref.values[name], got.values[name].reshape(len(ids), -1), top_k
+            ).sum()
         route_tokens += len(ids)
     per_layer = (route_same / max(route_tokens, 1)).tolist()
     ppl_ref, ppl_q = math.exp(nll_ref / scored), math.exp(nll_q / scored)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -412,28 +413,64 @@ _STACKED = re.compile(
 )
 
 
-def _split_stacked(key: str, tensor: torch.Tensor, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class ExpertView:
+    """One expert's matrix ([rows, cols], as :class:`CausalLM` names it) inside a stacked
+    tensor: ``stored[expert, offset : offset + rows]`` of a ``[E, rows_total, cols]``
+    tensor, or, ``transposed`` (``[E, cols, rows_total]``), the same rows as columns."""
+
+    expert: int
+    offset: int
+    rows: int
+    cols: int
+    transposed: bool
+
+    def of(self, stacked: torch.Tensor) -> torch.Tensor:
+        rows = slice(self.offset, self.offset + self.rows)
+        return stacked[self.expert, :, rows].T if self.transposed else stacked[self.expert, rows]
+
+    def stored_index(self, index: tuple | slice) -> tuple[slice, slice, slice]:
+        """Where ``matrix[index]`` (a slice of rows, and of columns) lies in the stacked
+        tensor: read it there and transpose if :attr:`transposed`."""
+        parts = index if isinstance(index, tuple) else (index,)
+        rows, cols = (*parts, slice(None), slice(None))[:2]
+        if rows.step not in (None, 1) or cols.step not in (None, 1):
+            raise ValueError(f"an expert view reads contiguous slices, not {index}")
+        r0, r1, _ = rows.indices(self.rows)
+        c0, c1, _ = cols.indices(self.cols)
+        expert = slice(self.expert, self.expert + 1)
+        rows = slice(self.offset + r0, self.offset + max(r0, r1))
+        cols = slice(c0, max(c0, c1))
+        return (expert, cols, rows) if self.transposed else (expert, rows, cols)
+
+
+def stacked_views(key: str, shape: tuple[int, ...], cfg: ModelConfig) -> dict[str, ExpertView]:
+    """The per-expert matrices (internal names) a stacked expert tensor holds."""
     match = _STACKED.match(key)
     assert match is not None
     part = match["granite"] or match["packed"]
     prefix = f"{match['layer']}.mlp.experts"
     n, inter, hidden = cfg.n_routed_experts, cfg.intermediate_size, cfg.hidden_size
-    if tensor.dim() != 3 or tensor.shape[0] != n:
-        raise MoechatError(f"{key} has shape {tuple(tensor.shape)}, expected [{n}, ...]")
-    out: dict[str, torch.Tensor] = {}
-    if part in ("input_linear", "gate_up_proj"):
-        if tuple(tensor.shape[1:]) == (hidden, 2 * inter) and hidden != 2 * inter:
-            tensor = tensor.transpose(1, 2)  # [E, H, 2I] (older packed layout)
-        gate, up = tensor[:, :inter], tensor[:, inter:]
+    fused = part in ("input_linear", "gate_up_proj")
+    rows, cols = (2 * inter, hidden) if fused else (hidden, inter)
+    if len(shape) != 3 or shape[0] != n or tuple(shape[1:]) not in ((rows, cols), (cols, rows)):
+        raise MoechatError(f"{key} has shape {tuple(shape)}, expected [{n}, {rows}, {cols}]")
+    out: dict[str, ExpertView] = {}
+    if fused:
+        # [E, 2I, H]; the older packed layout is [E, H, 2I]
+        flipped = tuple(shape[1:]) == (hidden, 2 * inter) and hidden != 2 * inter
         for e in range(n):
-            out[f"{prefix}.{e}.gate_proj.weight"] = gate[e]
-            out[f"{prefix}.{e}.up_proj.weight"] = up[e]
+            out[f"{prefix}.{e}.gate_proj.weight"] = ExpertView(e, 0, inter, hidden, flipped)
+            out[f"{prefix}.{e}.up_proj.weight"] = ExpertView(e, inter, inter, hidden, flipped)
     else:
-        if tuple(tensor.shape[1:]) == (inter, hidden) and inter != hidden:
-            tensor = tensor.transpose(1, 2)
+        flipped = tuple(shape[1:]) == (inter, hidden) and inter != hidden
         for e in range(n):
-            out[f"{prefix}.{e}.down_proj.weight"] = tensor[e]
+            out[f"{prefix}.{e}.down_proj.weight"] = ExpertView(e, 0, hidden, inter, flipped)
     return out
+
+
+def is_stacked(key: str) -> bool:
+    return _STACKED.match(key) is not None
 
 
 def to_internal_keys(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -441,7 +478,8 @@ def to_internal_keys(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if _STACKED.match(key):
-            out.update(_split_stacked(key, tensor, cfg))
+            views = stacked_views(key, tuple(tensor.shape), cfg)
+            out.update({name: view.of(tensor) for name, view in views.items()})
             continue
         for pattern, replacement in _RENAMES:
             key = pattern.sub(replacement, key)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moechat.models.config import ModelConfig
-from moechat.models.families import _STACKED, to_internal_keys
+from moechat.models.families import ExpertView, is_stacked, stacked_views, to_internal_keys
 from moechat.models.loading import check_names_and_shapes, check_sizes, clean_key, weight_files
 from moechat.models.modeling import CausalLM
 from moechat.runtime.errors import MoechatError
@@ -51,6 +51,7 @@ class StreamedCheckpoint:
     keys: dict[str, tuple[int, str]]  # internal name -> (index in weight_files, key)
     shapes: dict[str, tuple[int, ...]]
     model: CausalLM  # on the meta device: the structure to trace, no weights
+    views: dict[str, ExpertView] = field(default_factory=dict)  # experts in stacked tensors
     _files: ExitStack = field(default_factory=ExitStack, repr=False)
     _handles: list = field(default_factory=list, repr=False)
 
@@ -65,7 +66,12 @@ class StreamedCheckpoint:
     def read(self, name: str, index: tuple | slice = slice(None)) -> torch.Tensor:
         """``tensor[name][index]`` as float32 (a copy), read from the memory-mapped shard."""
         shard, key = self.keys[name]
-        return self._handle(shard).get_slice(key)[index].to(torch.float32, copy=True)
+        stored = self._handle(shard).get_slice(key)
+        view = self.views.get(name)
+        if view is None:
+            return stored[index].to(torch.float32, copy=True)
+        part = stored[view.stored_index(index)][0]
+        return (part.T if view.transposed else part).to(torch.float32, copy=True).contiguous()
 
     def release(self) -> None:
         """Unmap the shards: the pages read so far leave this process's resident set
@@ -110,6 +116,8 @@ def open_streamed(folder: Path, max_positions: int = 4096) -> StreamedCheckpoint
     # name leads back to its shard and key
     origin: dict[int, tuple[int, str]] = {}
     state: dict[str, torch.Tensor] = {}
+    stacked: dict[str, torch.Tensor] = {}  # internal name -> meta tensor of one expert
+    views: dict[str, ExpertView] = {}
     for shard, path in enumerate(files):
         try:
             with safe_open(str(path), "pt") as f:
@@ -117,22 +125,25 @@ def open_streamed(folder: Path, max_positions: int = 4096) -> StreamedCheckpoint
                     name = clean_key(key)
                     if name is None:
                         continue
-                    if _STACKED.match(name):
-                        raise MoechatError(
-                            f"{folder} cannot be exported streamed: {key} stacks the experts"
-                        )
-                    meta = torch.empty(f.get_slice(key).get_shape(), device="meta")
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if is_stacked(name):  # each expert read from its place in the stack
+                        for internal, view in stacked_views(name, shape, cfg).items():
+                            meta = torch.empty(view.rows, view.cols, device="meta")
+                            origin[id(meta)], views[internal] = (shard, key), view
+                            stacked[internal] = meta
+                        continue
+                    meta = torch.empty(shape, device="meta")
                     origin[id(meta)] = (shard, key)
                     state[name] = meta
         except MoechatError:
             raise
         except Exception as err:
             raise MoechatError(f"cannot read {path}: {err}") from None
-    state = to_internal_keys(state, cfg)
+    state = {**to_internal_keys(state, cfg), **stacked}
     keys = {name: origin[id(t)] for name, t in state.items()}
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     check_sizes(cfg, state)
-    ckpt = StreamedCheckpoint(cfg, folder, files, folder, keys, shapes, meta_model(cfg))
+    ckpt = StreamedCheckpoint(cfg, folder, files, folder, keys, shapes, meta_model(cfg), views)
     # tied embeddings as build_model decides them: one table, or an lm_head of its own
     if cfg.tie_word_embeddings or "lm_head.weight" not in keys:
         if "lm_head.weight" in keys and "model.embed_tokens.weight" not in keys:

@@ -51,22 +51,55 @@ def test_qwen2_moe_same_bytes(tmp_path):
     assert_same_graph_files(tmp_path / "src", tmp_path)
 
 
-def test_stacked_experts_are_refused(tmp_path):
-    # transformers' packed layout (and Granite's): all experts of a layer in one tensor
+@pytest.mark.parametrize("layout", ["gate_up_proj", "gate_up_proj transposed"])
+def test_stacked_experts_same_bytes(tmp_path, layout):
+    # transformers' packed layout: all experts of a layer in one tensor, each read from
+    # its place in the stack (the older layout stores them transposed)
+    src = _to_bf16(make_hf_folder(tmp_path / "src", TINY_MOE))
+    path = src / "model.safetensors"
+    state = load_file(str(path))
+    for layer in range(TINY_MOE.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp.experts"
+        gate_up = torch.stack(
+            [
+                torch.cat(
+                    [
+                        state.pop(f"{prefix}.{e}.gate_proj.weight"),
+                        state.pop(f"{prefix}.{e}.up_proj.weight"),
+                    ]
+                )
+                for e in range(TINY_MOE.n_routed_experts)
+            ]
+        )
+        down = torch.stack(
+            [state.pop(f"{prefix}.{e}.down_proj.weight") for e in range(TINY_MOE.n_routed_experts)]
+        )
+        if layout.endswith("transposed"):
+            gate_up, down = gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+        state[f"{prefix}.gate_up_proj"], state[f"{prefix}.down_proj"] = gate_up, down
+    save_file(state, str(path), metadata={"format": "pt"})
+    assert_same_graph_files(src, tmp_path)
+
+
+def test_stacked_experts_of_the_wrong_shape_are_a_clear_error(tmp_path):
     src = make_hf_folder(tmp_path / "src", TINY_MOE)
     path = src / "model.safetensors"
     state = load_file(str(path))
-    prefix = "model.layers.0.mlp.experts"
-    gate_up = [
-        torch.cat(
-            [state.pop(f"{prefix}.{e}.gate_proj.weight"), state.pop(f"{prefix}.{e}.up_proj.weight")]
-        )
-        for e in range(TINY_MOE.n_routed_experts)
-    ]
-    state[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+    state["model.layers.0.mlp.experts.down_proj"] = torch.zeros(TINY_MOE.n_routed_experts, 64, 95)
     save_file(state, str(path))
-    with pytest.raises(MoechatError, match="stacks the experts"):
+    with pytest.raises(
+        MoechatError, match=r"down_proj has shape \(4, 64, 95\), expected \[4, 64, 96\]"
+    ):
         open_streamed(src)
+
+
+@pytest.mark.slow
+def test_granite_moe_same_bytes(tmp_path):
+    # Granite ships its experts stacked (block_sparse_moe.input_linear / output_linear)
+    from family_factory import make_family_folder
+
+    make_family_folder("granitemoe", tmp_path / "src")
+    assert_same_graph_files(tmp_path / "src", tmp_path)
 
 
 def test_int8_same_bytes_as_quantising_the_whole_graph(tmp_path):

@@ -75,7 +75,7 @@ def test_graph_run_by_layer_equals_the_whole_graph(tmp_path):
     graph = tmp_path / "model.onnx"
     write_streamed(trace_streamed(ckpt), graph, 3)
     parts = pieces(onnx.load(str(graph), load_external_data=False).graph, 3)
-    assert parts is not None and len(parts) == 5  # embedding, 3 layers, final norm + head
+    assert parts is not None and len(parts) == 5  # embedding, 3 layers, logits
     names = [o.name for o in create_session(graph, "CPUExecutionProvider").get_outputs()]
     prompts = parity_prompts(ckpt.config.vocab_size)[:2]
     whole = create_session(graph, "CPUExecutionProvider")
@@ -92,6 +92,30 @@ def test_graph_run_by_layer_equals_the_whole_graph(tmp_path):
                     (1, cfg.num_key_value_heads, 0, d), np.float32
                 )
         want = dict(zip(names, whole.run(names, feed), strict=True))
-        assert set(got) == set(names)
-        for name in names:
-            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+        assert set(got.values) | {"logits"} == set(names)
+        for name in got.values:
+            np.testing.assert_allclose(got.values[name], want[name], rtol=1e-5, atol=1e-5)
+        some = np.array([n - 1, 0], np.int64)  # any positions, in any order
+        np.testing.assert_allclose(got.logits(some), want["logits"][0, some], rtol=1e-5, atol=1e-5)
+
+
+def test_layerwise_fidelity_is_the_same_whatever_the_logit_block(tmp_path, monkeypatch):
+    """The logits are fetched a block of positions at a time on both sides (a vocabulary
+    per position is large): the metrics must not depend on the block, and the fp32 graph
+    against its own PyTorch reference must agree."""
+    import moechat.export.layer_parity as layer_parity
+
+    src = make_hf_folder(tmp_path / "src", TINY_MOE.with_changes(num_hidden_layers=2))
+    ckpt = open_streamed(src)
+    graph = tmp_path / "model.onnx"
+    write_streamed(trace_streamed(ckpt), graph, 2)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, ckpt.config.vocab_size, 40).tolist()
+    whole = layer_parity.measure_fidelity_layerwise(ckpt, graph, ids, "random", 25)
+    monkeypatch.setattr(layer_parity, "LOGIT_ROWS", 7)  # blocks straddle the windows' ends
+    blocked = layer_parity.measure_fidelity_layerwise(ckpt, graph, ids, "random", 25)
+    assert whole.tokens == blocked.tokens == 24 + 14
+    assert whole.top1_agreement == blocked.top1_agreement == 1.0
+    assert blocked.mean_kl == pytest.approx(whole.mean_kl, abs=1e-9) and whole.mean_kl < 1e-6
+    assert blocked.perplexity_fp32 == pytest.approx(whole.perplexity_fp32, rel=1e-6)
+    assert blocked.perplexity_ratio == pytest.approx(1.0, abs=1e-4)
