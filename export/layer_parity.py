@@ -29,7 +29,7 @@ from moechat.export.int8.fidelity import FidelityReport, same_topk
 from moechat.export.lazy_weights import PackedExperts, Recipe, Source, row_blocks
 from moechat.export.parity import ParityReport, check_finite
 from moechat.export.streamed import packed_experts
-from moechat.models.modeling import DecoderLayer, MoEFeedForward, RMSNorm, rope_caches
+from moechat.models.modeling import DecoderLayer, MoEFeedForward, RMSNorm, model_rope_caches
 from moechat.models.streaming import StreamedCheckpoint
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.evaluate import log_softmax
@@ -129,7 +129,7 @@ def torch_probes(
     its logits on demand (the final norm's output kept, the lm_head read block by block
     from the shards at each call)."""
     cfg = ckpt.config
-    cos, sin = rope_caches(cfg.rope_dim, ckpt.model.cos_cache.shape[0], cfg.rope_theta)
+    cos, sin = model_rope_caches(cfg, ckpt.model.cos_cache.shape[0])
     hidden = [_embed(ckpt, p) for p in prompts]
     probes: list[dict[str, np.ndarray]] = [{} for _ in prompts]
     empty = [

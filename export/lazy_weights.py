@@ -211,9 +211,22 @@ class LazyFoldError(RuntimeError):
     pass
 
 
+# A fold with no lazy form (MLA's kv_b_proj reshaped and split per head) reads weights of
+# up to this size and folds their values, as the whole-model path does; larger ones fail.
+READ_TO_FOLD_BYTES = 256 << 20
+
+
+def _values(array: np.ndarray) -> np.ndarray:
+    if not isinstance(array, LazyArray) or array.recipe is None:
+        return array
+    recipe = array.recipe
+    return np.concatenate(list(row_blocks(recipe))).reshape(recipe.shape)
+
+
 @contextlib.contextmanager
 def lazy_folding() -> Iterator[None]:
-    """onnxscript's constant folding, with Transposes of lazy weights kept lazy."""
+    """onnxscript's constant folding, with Transposes of lazy weights kept lazy and other
+    folds of small weights computed from their values."""
     from onnxscript.optimizer import _constant_folding as folding
 
     evaluator = folding._reference_evaluator
@@ -233,6 +246,8 @@ def lazy_folding() -> Iterator[None]:
         ):
             child = args[0].recipe
             return lazy_array(Transposed(child, child.shape[::-1]))
+        if all(a.recipe is not None and nbytes(a.recipe) <= READ_TO_FOLD_BYTES for a in lazy):
+            return original(domain, op, version, *map(_values, args), **kwargs)
         raise LazyFoldError(
             f"constant folding of a {op} over checkpoint weights has no streamed form"
         )

@@ -178,6 +178,18 @@ def rewrite_graph(
         fuse_residual_norms(proto)
     # last: the rewrites above find routers by structure, not by name
     expose_router_logits(proto, moe_layers(cfg.to_dict()))
+    drop_trace_metadata(proto)
+
+
+def drop_trace_metadata(proto: onnx.ModelProto) -> None:
+    """torch.onnx's per-node notes (stack traces with the exporting machine's paths, FX
+    node text naming the device it traced on): nothing reads them, and a package should
+    not depend on where or how it was traced (the streamed export traces on meta)."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    for function in proto.functions:
+        for node in function.node:
+            del node.metadata_props[:]
 
 
 def save_model(proto: onnx.ModelProto, path: Path) -> None:

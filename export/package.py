@@ -387,6 +387,15 @@ def _quantize(work, manifest, tokenizer, options, max_context, progress) -> None
     manifest["fidelity"] = {"reference": "fp32 graph", **result.fidelity.to_dict()}
 
 
+def checkpoint_weight(
+    ckpt: LoadedCheckpoint | StreamedCheckpoint,
+) -> Callable[[str], torch.Tensor | None]:
+    """A weight by its internal name: the loaded model's, or read from the shards."""
+    if isinstance(ckpt, StreamedCheckpoint):
+        return lambda name: ckpt.tensor(name) if name in ckpt.keys else None
+    return ckpt.model.state_dict().get
+
+
 def build_manifest(
     ckpt: LoadedCheckpoint | StreamedCheckpoint, options: ExportOptions, tokenizer_meta: dict, chat: dict,
     max_context: int,
@@ -412,7 +421,7 @@ def build_manifest(
             "inputs": "input_ids, attention_mask, logits_positions, past_key_values.{i}.{key,value}",
             "outputs": "logits, present.{i}.{key,value}, router_logits.{moe layer}",
         },
-        "routing": routing_section(ckpt.model),
+        "routing": routing_section(cfg, checkpoint_weight(ckpt)),
         "tokenizer": tokenizer_meta,
         "chat_template": chat,
         "defaults": {

@@ -12,13 +12,15 @@ cannot read without onnx.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import onnx
+import torch
 
 from moechat.export.graph_rewrites import find_routers
-from moechat.models.modeling import CausalLM, MoEFeedForward
+from moechat.models.config import ModelConfig
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.routing import RoutedGraph, moe_layers, output_name
 
@@ -55,19 +57,19 @@ def expose_router_logits(model: onnx.ModelProto, layers: list[int]) -> list[str]
     return names
 
 
-def routing_section(model: CausalLM) -> dict[str, Any] | None:
+def routing_section(
+    cfg: ModelConfig, weight: Callable[[str], torch.Tensor | None]
+) -> dict[str, Any] | None:
     """moechat.json ``routing``: the outputs per MoE layer and noaux_tc's correction bias
-    (float32 values written as exact decimals; JSON round-trips them)."""
-    cfg = model.config
+    (float32 values written as exact decimals; JSON round-trips them). ``weight``: a
+    tensor of the checkpoint by its internal name (None: absent)."""
     layers = moe_layers(cfg.to_dict())
     if not layers:
         return None
     bias: dict[str, list[float]] = {}
     if cfg.topk_method == "noaux_tc":
         for i in layers:
-            mlp = model.model.layers[i].mlp
-            assert isinstance(mlp, MoEFeedForward)
-            value = getattr(mlp.gate, "e_score_correction_bias", None)
+            value = weight(f"model.layers.{i}.mlp.gate.e_score_correction_bias")
             values = value.float().tolist() if value is not None else [0.0] * cfg.n_routed_experts
             bias[str(i)] = values
     return {

@@ -40,7 +40,7 @@ from moechat.export.lazy_weights import (
     set_external,
 )
 from moechat.export.onnx_graph import rewrite_graph, trace_program
-from moechat.models.modeling import rope_caches
+from moechat.models.modeling import model_rope_caches
 from moechat.models.streaming import StreamedCheckpoint
 
 SIZE_THRESHOLD = 1024  # onnx.save_model's size_threshold in export/onnx_graph.py
@@ -76,7 +76,7 @@ def _recipes(
         if name in ckpt.shapes:
             return Source(name, ckpt.shapes[name], ckpt.read)
         if name in ("cos_cache", "sin_cache"):  # computed, not read: real values
-            tables = rope_caches(cfg.rope_dim, max_positions, cfg.rope_theta)
+            tables = model_rope_caches(cfg, max_positions)
             return Computed(tables[name == "sin_cache"].numpy())
         found = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.lifted_tensor_\d+", name)
         if found and len(shape) == 3 and shape[0] == cfg.n_routed_experts:

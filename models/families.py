@@ -473,8 +473,12 @@ def is_stacked(key: str) -> bool:
     return _STACKED.match(key) is not None
 
 
-def to_internal_keys(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename a family's checkpoint keys to :class:`CausalLM`'s (and split stacked experts)."""
+def to_internal_keys(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, rearrange: bool = True
+) -> dict[str, torch.Tensor]:
+    """Rename a family's checkpoint keys to :class:`CausalLM`'s (and split stacked experts);
+    ``rearrange``: also MLA's rows (False: names only, for a checkpoint read lazily, which
+    applies :func:`moechat.models.mla.rope_row_order` as it reads)."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if _STACKED.match(key):
@@ -484,6 +488,6 @@ def to_internal_keys(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         for pattern, replacement in _RENAMES:
             key = pattern.sub(replacement, key)
         out[key] = tensor
-    if cfg.is_mla:
+    if cfg.is_mla and rearrange:
         out = prepare_mla_state(out, cfg)
     return out

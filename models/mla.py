@@ -117,35 +117,44 @@ def rope_permutation(dim: int) -> torch.Tensor:
     return torch.cat((torch.arange(0, dim, 2), torch.arange(1, dim, 2)))
 
 
+def rope_row_order(key: str, cfg: ModelConfig) -> torch.Tensor | None:
+    """The rows of weight ``key`` in the rotate-half layout (None: it keeps its rows):
+    q_proj / q_b_proj have their rope rows permuted per head, kv_a_proj_with_mqa after the
+    latent's."""
+    rope, nope, lora = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    perm = rope_permutation(rope)
+    if key.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+        head = nope + rope
+        return torch.cat(
+            [torch.cat((torch.arange(h * head, h * head + nope), h * head + nope + perm))
+             for h in range(cfg.num_attention_heads)]
+        )  # fmt: skip
+    if key.endswith(("self_attn.kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias")):
+        return torch.cat((torch.arange(lora), lora + perm))
+    return None
+
+
 def deinterleave_rope_rows(
     state: dict[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Permute the rope rows of q_proj / q_b_proj (per head) and kv_a_proj_with_mqa."""
-    rope, nope, lora = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.kv_lora_rank
-    perm = rope_permutation(rope)
-    head = nope + rope
-    q_rows = torch.cat(
-        [torch.cat((torch.arange(h * head, h * head + nope), h * head + nope + perm))
-         for h in range(cfg.num_attention_heads)]
-    )  # fmt: skip
-    kv_rows = torch.cat((torch.arange(lora), lora + perm))
     out = dict(state)
     for key, tensor in state.items():
-        if key.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
-            out[key] = tensor[q_rows].contiguous()
-        elif key.endswith(("self_attn.kv_a_proj_with_mqa.weight", "kv_a_proj_with_mqa.bias")):
-            out[key] = tensor[kv_rows].contiguous()
+        order = rope_row_order(key, cfg)
+        if order is not None:
+            out[key] = tensor[order].contiguous()
     return out
+
+
+def beyond_last_layer(key: str, cfg: ModelConfig) -> bool:
+    """A weight of a layer past num_hidden_layers (V3's multi-token-prediction layer)."""
+    return bool((m := _LAYER.match(key)) and int(m[1]) >= cfg.num_hidden_layers)
 
 
 def prepare_mla_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Drop layers past num_hidden_layers (V3's multi-token-prediction layer, which a chat
     never runs) and bring interleaved rope rows to the rotate-half layout."""
-    n = cfg.num_hidden_layers
-    state = {
-        k: v for k, v in state.items()
-        if not ((m := _LAYER.match(k)) and int(m[1]) >= n)
-    }  # fmt: skip
+    state = {k: v for k, v in state.items() if not beyond_last_layer(k, cfg)}
     return deinterleave_rope_rows(state, cfg) if cfg.rope_interleave else state
 
 

@@ -41,6 +41,13 @@ def rope_caches(
     return torch.cos(angles), torch.sin(angles)
 
 
+def model_rope_caches(cfg: ModelConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's cos/sin tables: YaRN's (DeepSeek-V2/V3) or plain RoPE's."""
+    if cfg.yarn_factor:
+        return mla.yarn_rope_caches(cfg, max_positions)
+    return rope_caches(cfg.rope_dim, max_positions, cfg.rope_theta)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -233,10 +240,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        if cfg.yarn_factor:
-            cos, sin = mla.yarn_rope_caches(cfg, max_positions)
-        else:
-            cos, sin = rope_caches(cfg.rope_dim, max_positions, cfg.rope_theta)
+        cos, sin = model_rope_caches(cfg, max_positions)
         self.register_buffer("cos_cache", cos, persistent=False)
         self.register_buffer("sin_cache", sin, persistent=False)
 

@@ -20,6 +20,7 @@ import torch
 from moechat.models.config import ModelConfig
 from moechat.models.families import ExpertView, is_stacked, stacked_views, to_internal_keys
 from moechat.models.loading import check_names_and_shapes, check_sizes, clean_key, weight_files
+from moechat.models.mla import beyond_last_layer, rope_row_order
 from moechat.models.modeling import CausalLM
 from moechat.runtime.errors import MoechatError
 
@@ -34,9 +35,6 @@ def not_streamable(folder: Path) -> str | None:
     files = weight_files(folder)
     if any(f.suffix != ".safetensors" for f in files):
         return "its weights are not safetensors"
-    cfg = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text("utf-8")))
-    if cfg.is_mla:
-        return "multi-head latent attention weights are rearranged at load"
     return None
 
 
@@ -52,6 +50,8 @@ class StreamedCheckpoint:
     shapes: dict[str, tuple[int, ...]]
     model: CausalLM  # on the meta device: the structure to trace, no weights
     views: dict[str, ExpertView] = field(default_factory=dict)  # experts in stacked tensors
+    # MLA's interleaved rope rows: the stored rows that make each row (rotate-half layout)
+    row_orders: dict[str, torch.Tensor] = field(default_factory=dict)
     _files: ExitStack = field(default_factory=ExitStack, repr=False)
     _handles: list = field(default_factory=list, repr=False)
 
@@ -67,7 +67,13 @@ class StreamedCheckpoint:
         """``tensor[name][index]`` as float32 (a copy), read from the memory-mapped shard."""
         shard, key = self.keys[name]
         stored = self._handle(shard).get_slice(key)
-        view = self.views.get(name)
+        view, order = self.views.get(name), self.row_orders.get(name)
+        if order is not None:  # rows permuted within a head: read the span they come from
+            parts = index if isinstance(index, tuple) else (index,)
+            rows = order[parts[0] if parts else slice(None)]
+            low = int(rows.min()) if len(rows) else 0
+            span = stored[(slice(low, int(rows.max()) + 1 if len(rows) else 0), *parts[1:])]
+            return span[rows - low].to(torch.float32, copy=True)
         if view is None:
             return stored[index].to(torch.float32, copy=True)
         part = stored[view.stored_index(index)][0]
@@ -123,7 +129,7 @@ def open_streamed(folder: Path, max_positions: int = 4096) -> StreamedCheckpoint
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():
                     name = clean_key(key)
-                    if name is None:
+                    if name is None or (cfg.is_mla and beyond_last_layer(name, cfg)):
                         continue
                     shape = tuple(f.get_slice(key).get_shape())
                     if is_stacked(name):  # each expert read from its place in the stack
@@ -139,11 +145,16 @@ def open_streamed(folder: Path, max_positions: int = 4096) -> StreamedCheckpoint
             raise
         except Exception as err:
             raise MoechatError(f"cannot read {path}: {err}") from None
-    state = {**to_internal_keys(state, cfg), **stacked}
+    state = {**to_internal_keys(state, cfg, rearrange=False), **stacked}
     keys = {name: origin[id(t)] for name, t in state.items()}
+    orders = {}
+    if cfg.is_mla and cfg.rope_interleave:
+        orders = {k: o for k in keys if (o := rope_row_order(k, cfg)) is not None}
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     check_sizes(cfg, state)
-    ckpt = StreamedCheckpoint(cfg, folder, files, folder, keys, shapes, meta_model(cfg), views)
+    ckpt = StreamedCheckpoint(
+        cfg, folder, files, folder, keys, shapes, meta_model(cfg), views, orders
+    )
     # tied embeddings as build_model decides them: one table, or an lm_head of its own
     if cfg.tie_word_embeddings or "lm_head.weight" not in keys:
         if "lm_head.weight" in keys and "model.embed_tokens.weight" not in keys:

@@ -120,3 +120,41 @@ def test_int8_same_bytes_as_quantising_the_whole_graph(tmp_path):
     assert lazy_info == info
     for name in ("model.onnx", "model.onnx.data"):
         assert filecmp.cmp(whole / name, streamed / name, shallow=False), name
+
+
+def _add_prediction_layer(folder, layers: int) -> None:
+    """A copy of the last layer as layer ``layers``: V3's multi-token-prediction layer is
+    in the Hub's checkpoints, never in the chat model."""
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    last = f"model.layers.{layers - 1}."
+    for key in [k for k in state if k.startswith(last)]:
+        state[f"model.layers.{layers}." + key[len(last) :]] = state[key].clone()
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3"])
+def test_mla_same_bytes_and_layer_parity(tmp_path, kind):
+    # rope rows interleaved in the checkpoint (read through their permutation), YaRN
+    # tables, kv_b_proj folded per head from its values, a prediction layer left out
+    from family_factory import MLA, YARN, make_mla_folder
+
+    from moechat.export.layer_parity import check_layers
+    from moechat.export.package import PARITY_TOLERANCE
+    from moechat.export.parity import parity_prompts
+
+    src = tmp_path / "src"
+    make_mla_folder(kind, src, seed=3, rope_scaling=YARN)
+    if kind == "deepseek_v3":
+        _add_prediction_layer(src, MLA["num_hidden_layers"])
+    ckpt = open_streamed(src)
+    assert ckpt.config.rope_interleave and ckpt.row_orders
+    assert not any(k.startswith(f"model.layers.{MLA['num_hidden_layers']}.") for k in ckpt.keys)
+    assert_same_graph_files(src, tmp_path)
+    report = check_layers(
+        ckpt,
+        tmp_path / "streamed" / "model.onnx",
+        parity_prompts(ckpt.config.vocab_size),
+        PARITY_TOLERANCE,
+    )
+    assert report.report.relative < PARITY_TOLERANCE and report.report.greedy_match

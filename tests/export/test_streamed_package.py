@@ -119,3 +119,19 @@ def test_layerwise_fidelity_is_the_same_whatever_the_logit_block(tmp_path, monke
     assert blocked.mean_kl == pytest.approx(whole.mean_kl, abs=1e-9) and whole.mean_kl < 1e-6
     assert blocked.perplexity_fp32 == pytest.approx(whole.perplexity_fp32, rel=1e-6)
     assert blocked.perplexity_ratio == pytest.approx(1.0, abs=1e-4)
+
+
+def test_streamed_deepseek_v3_package_records_the_correction_bias(tmp_path):
+    # noaux_tc's correction bias goes into moechat.json: read from the shards when the
+    # model is never built, the same values as the whole-model export's
+    from family_factory import make_mla_folder
+
+    src = tmp_path / "src"
+    make_mla_folder("deepseek_v3", src, seed=2)
+    manifests = []
+    for mode in ("--stream", "--no-stream"):
+        out = tmp_path / mode.strip("-")
+        assert main(["export", str(src), str(out), mode]) == 0
+        manifests.append(json.loads((out / "moechat.json").read_text()))
+    streamed, whole = (m["routing"] for m in manifests)
+    assert streamed["correction_bias"] and streamed == whole

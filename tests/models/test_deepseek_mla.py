@@ -13,13 +13,11 @@ changes the choice.
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from family_factory import BASE, VOCAB, randomize
+from family_factory import BASE, EXPERTS, GROUPS, KINDS, MLA, YARN, make_mla_folder, randomize
 from test_families import APPEND, DECODE, PROMPT, assert_matches, run_package
 
 from moechat.export.onnx_graph import export_decoder
@@ -29,59 +27,7 @@ from moechat.models.mla import route_grouped
 from moechat.runtime.errors import MoechatError
 from moechat.runtime.model import load_model
 
-from model_factory import export_tiny_package, write_tokenizer_files
-
-EXPERTS, GROUPS = 8, 4
-MLA: dict[str, Any] = dict(
-    kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-    n_routed_experts=EXPERTS, moe_intermediate_size=32, n_shared_experts=1,
-    first_k_dense_replace=1, n_group=GROUPS, topk_group=2,
-    num_hidden_layers=2,  # one dense layer, one MoE layer: export time
-)  # fmt: skip
-KINDS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    # V2: group-limited greedy top-3 of softmax scores (top-3: with top-2 and 2 groups
-    # kept, max-per-group scoring always keeps the greedy pick), scaled, no q LoRA
-    "deepseek_v2": (
-        "DeepseekV2Config", "DeepseekV2ForCausalLM",
-        dict(MLA, q_lora_rank=None, topk_method="group_limited_greedy", num_experts_per_tok=3,
-             routed_scaling_factor=1.5),
-    ),
-    # V3: noaux_tc (sigmoid, correction bias, sum of the top 2 per group), q LoRA
-    "deepseek_v3": (
-        "DeepseekV3Config", "DeepseekV3ForCausalLM",
-        dict(MLA, q_lora_rank=24, num_experts_per_tok=2, norm_topk_prob=True,
-             routed_scaling_factor=2.5),
-    ),
-}  # fmt: skip
-
-
-# max_position_embeddings 512 = factor x original; mscale as in DeepSeek-V2-Lite's config
-YARN = {
-    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
-    "mscale_all_dim": 0.707, "original_max_position_embeddings": 128, "beta_fast": 32,
-    "beta_slow": 1,
-}  # fmt: skip
-
-
-def make_mla_folder(kind: str, folder: Path, seed: int = 0, **overrides: Any):
-    """A tiny ``kind`` checkpoint written by transformers; returns the transformers model."""
-    import transformers
-
-    config_cls, model_cls, extra = KINDS[kind]
-    values = {**BASE, "num_key_value_heads": BASE["num_attention_heads"], **extra, **overrides}
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**values))
-    randomize(model, seed)
-    if kind == "deepseek_v3":  # a correction bias of the scores' scale (sigmoid: 0..1)
-        gen = torch.Generator().manual_seed(seed + 100)
-        with torch.no_grad():
-            for layer in model.model.layers[MLA["first_k_dense_replace"] :]:
-                layer.mlp.gate.e_score_correction_bias.copy_(
-                    0.3 * torch.randn(EXPERTS, generator=gen)
-                )
-    model.eval()
-    model.save_pretrained(folder)
-    write_tokenizer_files(folder, VOCAB)
-    return model
+from model_factory import export_tiny_package
 
 
 def reference_logits(hf_model, ids: list[int]) -> np.ndarray:
