@@ -1,13 +1,15 @@
 """Export memory at scale (issue 17). Not a test.
 
     python benchmarks/export_scale.py [--layers 2 4] [--workdir DIR] [--json]
-                                      [--whole-model] [--shape qwen1.5-moe|small]
+                                      [--whole-model] [--shape qwen1.5-moe|deepseek-v2-lite|small]
 
 For each layer count: writes a random bf16 checkpoint as the Hub ships one
 (safetensors shards of at most 2 GB + model.safetensors.index.json, config.json from
 transformers' Qwen2MoeConfig at Qwen1.5-MoE-A2.7B's layer shape: hidden 2048, 60
 experts of 1408, a shared expert of 5632 with its sigmoid gate, 16 heads, q/k/v bias,
-vocabulary 151936, untied lm_head), exports it with ``moechat export --int8`` in a
+vocabulary 151936, untied lm_head; or ``--shape deepseek-v2-lite``: DeepseekV2Config at
+DeepSeek-V2-Lite's, multi-head latent attention with YaRN, 64 experts of 1408 top-6, two
+shared, the first layer dense, vocabulary 102400), exports it with ``moechat export --int8`` in a
 child process under ``/usr/bin/time -v`` (peak RSS, wall time), then runs
 ``moechat run`` on the package the same way. Prints, per layer count: checkpoint and
 package sizes, export peak RSS and time, run peak RSS, and the targets:
@@ -49,8 +51,21 @@ QWEN = dict(
     max_position_embeddings=8192, rope_theta=1000000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=False, norm_topk_prob=False, decoder_sparse_step=1,
 )  # fmt: skip
+# deepseek-ai/DeepSeek-V2-Lite's config.json, but the number of layers (the first dense)
+V2_LITE = dict(
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_attention_heads=16,
+    num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+    moe_intermediate_size=1408, first_k_dense_replace=1, moe_layer_freq=1, kv_lora_rank=512,
+    q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_group=1, topk_group=1, topk_method="greedy", norm_topk_prob=False,
+    routed_scaling_factor=1.0, scoring_func="softmax", max_position_embeddings=163840,
+    rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_scaling={"type": "yarn", "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                  "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1},
+)  # fmt: skip
 SHAPES = {
     "qwen1.5-moe": QWEN,
+    "deepseek-v2-lite": V2_LITE,
     # the same structure, small enough for the whole-model path on a shared machine
     "small": {
         **QWEN, "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
@@ -60,7 +75,42 @@ SHAPES = {
 
 
 def hub_tensors(cfg) -> list[tuple[str, tuple[int, ...]]]:
-    """Qwen2-MoE's checkpoint keys and shapes as the Hub ships them (per-expert weights)."""
+    """The checkpoint keys and shapes as the Hub ships them (per-expert weights)."""
+    if cfg.model_type == "deepseek_v2":
+        return deepseek_v2_tensors(cfg)
+    return qwen2_moe_tensors(cfg)
+
+
+def deepseek_v2_tensors(cfg) -> list[tuple[str, tuple[int, ...]]]:
+    h, v, e, heads = cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.num_attention_heads
+    lora, nope, rope = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    i, s = cfg.moe_intermediate_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+    mlp = lambda p, width: [  # noqa: E731
+        (p + "gate_proj.weight", (width, h)), (p + "up_proj.weight", (width, h)),
+        (p + "down_proj.weight", (h, width)),
+    ]  # fmt: skip
+    out = [("model.embed_tokens.weight", (v, h))]
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        out += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,))]
+        out += [
+            (p + "self_attn.q_proj.weight", (heads * (nope + rope), h)),
+            (p + "self_attn.kv_a_proj_with_mqa.weight", (lora + rope, h)),
+            (p + "self_attn.kv_a_layernorm.weight", (lora,)),
+            (p + "self_attn.kv_b_proj.weight", (heads * (nope + cfg.v_head_dim), lora)),
+            (p + "self_attn.o_proj.weight", (h, heads * cfg.v_head_dim)),
+        ]
+        if n < cfg.first_k_dense_replace:
+            out += mlp(p + "mlp.", cfg.intermediate_size)
+            continue
+        out.append((p + "mlp.gate.weight", (e, h)))
+        for x in range(e):
+            out += mlp(p + f"mlp.experts.{x}.", i)
+        out += mlp(p + "mlp.shared_experts.", s)
+    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
+
+
+def qwen2_moe_tensors(cfg) -> list[tuple[str, tuple[int, ...]]]:
     h, v, e = cfg.hidden_size, cfg.vocab_size, cfg.num_experts
     i, s = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
     out = [("model.embed_tokens.weight", (v, h))]
@@ -99,7 +149,12 @@ def write_checkpoint(folder: Path, shape: str, layers: int) -> int:
     from model_factory import write_tokenizer_files
 
     folder.mkdir(parents=True)
-    cfg = transformers.Qwen2MoeConfig(num_hidden_layers=layers, **SHAPES[shape])
+    config_class = (
+        transformers.DeepseekV2Config
+        if shape == "deepseek-v2-lite"
+        else (transformers.Qwen2MoeConfig)
+    )
+    cfg = config_class(num_hidden_layers=layers, **SHAPES[shape])
     (folder / "config.json").write_text(cfg.to_json_string())
     gen = torch.Generator().manual_seed(0)
     shard: dict[str, torch.Tensor] = {}

@@ -340,40 +340,66 @@ def dequantize(tensor) -> np.ndarray:
     return out if out.flags.writeable else out.copy()  # F32 tensors are views of the file
 
 
-def block_tensors(rest: str, weight: np.ndarray, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """One ``blk.N.<rest>`` tensor as :class:`CausalLM` layer keys (``rest`` -> keys under
+@dataclass(frozen=True)
+class Place:
+    """Where a :class:`CausalLM` layer weight lies in a ``blk.N.*`` tensor (PyTorch
+    layout): ``tensor[expert]`` if stacked, then rows ``offset : offset + rows``."""
+
+    expert: int | None
+    offset: int
+    rows: int
+
+    def of(self, weight: np.ndarray) -> np.ndarray:
+        whole = weight if self.expert is None else weight[self.expert]
+        return whole[self.offset : self.offset + self.rows]
+
+
+def block_layout(rest: str, shape: tuple[int, ...], cfg: ModelConfig) -> dict[str, Place]:
+    """One ``blk.N.<rest>`` tensor of ``shape`` as :class:`CausalLM` layer keys (under
     ``model.layers.N.``): stacked experts and fused q/k/v are split."""
     if rest in _STACKED_EXPERTS:
-        if weight.ndim != 3 or weight.shape[0] != cfg.n_routed_experts:
+        if len(shape) != 3 or shape[0] != cfg.n_routed_experts:
             raise MoechatError(
-                f"GGUF tensor {rest} has shape {weight.shape}, expected "
+                f"GGUF tensor {rest} has shape {tuple(shape)}, expected "
                 f"[{cfg.n_routed_experts}, ...] (expert_count)"
             )
         proj = _STACKED_EXPERTS[rest]
-        return {f"mlp.experts.{e}.{proj}.weight": weight[e] for e in range(len(weight))}
+        return {f"mlp.experts.{e}.{proj}.weight": Place(e, 0, shape[1]) for e in range(shape[0])}
     if rest in _FUSED_QKV:
         kind = rest.split(".")[1]
         q = cfg.num_attention_heads * cfg.head_dim
         kv = cfg.num_key_value_heads * cfg.head_dim
-        q_rows, k_rows, v_rows = np.split(weight, [q, q + kv])
-        if len(v_rows) != kv:
-            raise MoechatError(f"GGUF tensor {rest} has {len(weight)} rows, expected {q + 2 * kv}")
+        if shape[0] != q + 2 * kv:
+            raise MoechatError(f"GGUF tensor {rest} has {shape[0]} rows, expected {q + 2 * kv}")
         return {
-            f"self_attn.q_proj.{kind}": q_rows,
-            f"self_attn.k_proj.{kind}": k_rows,
-            f"self_attn.v_proj.{kind}": v_rows,
+            f"self_attn.q_proj.{kind}": Place(None, 0, q),
+            f"self_attn.k_proj.{kind}": Place(None, q, kv),
+            f"self_attn.v_proj.{kind}": Place(None, q + kv, kv),
         }
     if rest not in _LAYER_KEYS:
         raise MoechatError(f"unsupported GGUF tensor {rest!r}")
-    return {_LAYER_KEYS[rest]: weight}
+    return {_LAYER_KEYS[rest]: Place(None, 0, shape[0])}
 
 
-def _unpermute(key: str, weight: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def tensor_places(name: str, shape: tuple[int, ...], cfg: ModelConfig) -> dict[str, Place]:
+    """The :class:`CausalLM` weights GGUF tensor ``name`` (of ``shape``) holds."""
+    if name in _GLOBAL_KEYS:
+        return {_GLOBAL_KEYS[name]: Place(None, 0, shape[0])}
+    if name.startswith("blk.") and name.count(".") >= 2 and name.split(".")[1].isdigit():
+        _, idx, rest = name.split(".", 2)
+        layer = block_layout(rest, shape, cfg)
+        return {f"model.layers.{int(idx)}.{key}": place for key, place in layer.items()}
+    raise MoechatError(f"unsupported GGUF tensor {name}")
+
+
+def rope_row_order(key: str, rows: int, cfg: ModelConfig) -> np.ndarray | None:
+    """For q/k of an architecture whose q/k rows llama.cpp permuted: the stored row of
+    each row in Hugging Face's order (None: rows as stored)."""
     if ".q_proj." in key:
-        return unpermute_rope_rows(weight, cfg.num_attention_heads)
+        return unpermute_rope_rows(np.arange(rows), cfg.num_attention_heads)
     if ".k_proj." in key:
-        return unpermute_rope_rows(weight, cfg.num_key_value_heads)
-    return weight
+        return unpermute_rope_rows(np.arange(rows), cfg.num_key_value_heads)
+    return None
 
 
 def gguf_state_dict(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -382,19 +408,15 @@ def gguf_state_dict(reader, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         name = tensor.name
-        if name in _GLOBAL_KEYS:
-            parts = {_GLOBAL_KEYS[name]: dequantize(tensor)}
-        elif name.startswith("blk.") and name.count(".") >= 2 and name.split(".")[1].isdigit():
-            _, idx, rest = name.split(".", 2)
-            layer = block_tensors(rest, dequantize(tensor), cfg)
-            parts = {f"model.layers.{int(idx)}.{key}": w for key, w in layer.items()}
-        else:
-            raise MoechatError(f"unsupported GGUF tensor {name}")
-        if not all(np.isfinite(w).all() for w in parts.values()):
+        weight = dequantize(tensor)
+        places = tensor_places(name, weight.shape, cfg)
+        parts = {key: place.of(weight) for key, place in places.items()}
+        if not np.isfinite(weight).all():
             raise MoechatError(f"GGUF tensor {name} holds NaN or infinite values (corrupt file?)")
         for key, weight in parts.items():
-            if arch.permuted_qk:
-                weight = _unpermute(key, weight, cfg)
+            order = rope_row_order(key, len(weight), cfg) if arch.permuted_qk else None
+            if order is not None:
+                weight = weight[order]
             state[key] = torch.from_numpy(np.ascontiguousarray(weight))
     return join_kv_b(state, cfg) if cfg.is_mla else state
 

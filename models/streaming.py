@@ -10,7 +10,7 @@ time). Names are the checkpoint's keys mapped to :class:`CausalLM`'s exactly as
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch
 
 from moechat.models.config import ModelConfig
 from moechat.models.families import ExpertView, is_stacked, stacked_views, to_internal_keys
+from moechat.models.gguf_streaming import GGUFPart
 from moechat.models.loading import check_names_and_shapes, check_sizes, clean_key, weight_files
 from moechat.models.mla import beyond_last_layer, rope_row_order
 from moechat.models.modeling import CausalLM
@@ -29,9 +30,16 @@ _BLOCK_BYTES = 64 << 20
 
 
 def not_streamable(folder: Path) -> str | None:
-    """Why the checkpoint in ``folder`` cannot be exported streamed (None: it can)."""
+    """Why the checkpoint in ``folder`` (or GGUF file) cannot be exported streamed (None:
+    it can)."""
+    if folder.suffix == ".gguf" and folder.is_file():
+        from moechat.models.gguf_streaming import gguf_not_streamable
+
+        return gguf_not_streamable(folder)
     if not folder.is_dir() or not (folder / "config.json").is_file():
-        return "it is not a Hugging Face folder (config.json + safetensors shards)"
+        return (
+            "it is neither a Hugging Face folder (config.json + safetensors shards) nor a GGUF file"
+        )
     files = weight_files(folder)
     if any(f.suffix != ".safetensors" for f in files):
         return "its weights are not safetensors"
@@ -46,12 +54,14 @@ class StreamedCheckpoint:
     source: Path
     weight_files: list[Path]
     tokenizer_dir: Path | None
-    keys: dict[str, tuple[int, str]]  # internal name -> (index in weight_files, key)
+    # internal name -> (index in weight_files, key), or its place in a GGUF file
+    keys: dict[str, tuple[int, str] | GGUFPart]
     shapes: dict[str, tuple[int, ...]]
     model: CausalLM  # on the meta device: the structure to trace, no weights
     views: dict[str, ExpertView] = field(default_factory=dict)  # experts in stacked tensors
     # MLA's interleaved rope rows: the stored rows that make each row (rotate-half layout)
     row_orders: dict[str, torch.Tensor] = field(default_factory=dict)
+    release_mapped: Callable[[], None] | None = None  # a GGUF file's pages
     _files: ExitStack = field(default_factory=ExitStack, repr=False)
     _handles: list = field(default_factory=list, repr=False)
 
@@ -65,7 +75,10 @@ class StreamedCheckpoint:
 
     def read(self, name: str, index: tuple | slice = slice(None)) -> torch.Tensor:
         """``tensor[name][index]`` as float32 (a copy), read from the memory-mapped shard."""
-        shard, key = self.keys[name]
+        where = self.keys[name]
+        if isinstance(where, GGUFPart):
+            return where.read(index)
+        shard, key = where
         stored = self._handle(shard).get_slice(key)
         view, order = self.views.get(name), self.row_orders.get(name)
         if order is not None:  # rows permuted within a head: read the span they come from
@@ -84,6 +97,8 @@ class StreamedCheckpoint:
         (they are the page cache's to keep); the next read maps them again."""
         self._files.close()
         self._handles.clear()
+        if self.release_mapped is not None:
+            self.release_mapped()
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.read(name)
@@ -109,13 +124,29 @@ def _same_tensor(ckpt: StreamedCheckpoint, a: str, b: str) -> bool:
     return all(torch.equal(x, y) for x, y in blocks)
 
 
-def open_streamed(folder: Path, max_positions: int = 4096) -> StreamedCheckpoint:
-    """Index ``folder``'s safetensors shards; check names and shapes as a load would."""
+def open_streamed(source: Path, max_positions: int = 4096) -> StreamedCheckpoint:
+    """Index ``source``'s tensors (safetensors shards or a GGUF file); check names and
+    shapes as a load would."""
+    reason = not_streamable(source)
+    if reason is not None:
+        raise MoechatError(f"{source} cannot be exported streamed: {reason}")
+    if source.suffix == ".gguf":
+        from moechat.models.gguf_streaming import index_gguf
+
+        index = index_gguf(source)
+        cfg = index.config
+        keys: dict[str, tuple[int, str] | GGUFPart] = dict(index.parts)
+        ckpt = StreamedCheckpoint(
+            cfg, source, [source], index.tokenizer_dir, keys, dict(index.shapes),
+            meta_model(cfg), release_mapped=index.release,
+        )  # fmt: skip
+        return _checked(ckpt, max_positions)
+    return _checked(_index_safetensors(source), max_positions)
+
+
+def _index_safetensors(folder: Path) -> StreamedCheckpoint:
     from safetensors import safe_open
 
-    reason = not_streamable(folder)
-    if reason is not None:
-        raise MoechatError(f"{folder} cannot be exported streamed: {reason}")
     cfg = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text("utf-8")))
     files = weight_files(folder)
     # meta tensors stand in for the weights: renames keep the object, so each internal
@@ -151,10 +182,15 @@ def open_streamed(folder: Path, max_positions: int = 4096) -> StreamedCheckpoint
     if cfg.is_mla and cfg.rope_interleave:
         orders = {k: o for k in keys if (o := rope_row_order(k, cfg)) is not None}
     shapes = {name: tuple(t.shape) for name, t in state.items()}
-    check_sizes(cfg, state)
-    ckpt = StreamedCheckpoint(
-        cfg, folder, files, folder, keys, shapes, meta_model(cfg), views, orders
+    return StreamedCheckpoint(
+        cfg, folder, files, folder, dict(keys), shapes, meta_model(cfg), views, orders
     )
+
+
+def _checked(ckpt: StreamedCheckpoint, max_positions: int) -> StreamedCheckpoint:
+    """Sizes, names and tied embeddings decided as build_model decides them."""
+    cfg, keys, shapes = ckpt.config, ckpt.keys, ckpt.shapes
+    check_sizes(cfg, {k: torch.empty(s, device="meta") for k, s in shapes.items()})
     # tied embeddings as build_model decides them: one table, or an lm_head of its own
     if cfg.tie_word_embeddings or "lm_head.weight" not in keys:
         if "lm_head.weight" in keys and "model.embed_tokens.weight" not in keys:
@@ -183,8 +219,14 @@ def meta_model(cfg: ModelConfig, max_positions: int = 4096) -> CausalLM:
 
 
 def float32_bytes(folder: Path) -> int:
-    """What ``folder``'s weights take as float32 (read from the shards' headers)."""
+    """What ``folder``'s weights (or a GGUF file's) take as float32 (read from the shards'
+    headers)."""
     from safetensors import safe_open
+
+    if folder.suffix == ".gguf" and folder.is_file():
+        from moechat.models.gguf import open_gguf
+
+        return sum(4 * int(t.n_elements) for t in open_gguf(folder).tensors)
 
     total = 0
     for path in weight_files(folder):

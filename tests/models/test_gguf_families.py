@@ -322,3 +322,32 @@ def test_bad_gguf_is_a_one_line_error(tmp_path, arch, values, message):
     with pytest.raises(MoechatError, match=message) as err:
         load_checkpoint(path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_streamed_export_writes_the_whole_model_bytes(converted, family, tmp_path):
+    """A GGUF exported streamed (each block of rows dequantised from the memory-mapped
+    file: Q8_0 blocks, stacked experts, llama.cpp's permuted q/k rows) writes the bytes
+    of the whole-model path, and its layer-by-layer parity holds."""
+    import filecmp
+
+    from moechat.export.layer_parity import check_layers
+    from moechat.export.onnx_graph import export_decoder
+    from moechat.export.package import PARITY_TOLERANCE
+    from moechat.export.parity import parity_prompts
+    from moechat.export.streamed import trace_streamed, write_streamed
+    from moechat.models.streaming import open_streamed
+
+    _, files = converted[family]
+    whole, streamed = tmp_path / "whole", tmp_path / "streamed"
+    whole.mkdir()
+    streamed.mkdir()
+    export_decoder(load_checkpoint(files["q8_0"]).model, whole / "model.onnx")
+    ckpt = open_streamed(files["q8_0"])
+    write_streamed(trace_streamed(ckpt), streamed / "model.onnx", ckpt.config.num_hidden_layers)
+    for name in ("model.onnx", "model.onnx.data"):
+        assert filecmp.cmp(whole / name, streamed / name, shallow=False), name
+    prompts = parity_prompts(ckpt.config.vocab_size)
+    report = check_layers(ckpt, streamed / "model.onnx", prompts, PARITY_TOLERANCE)
+    assert report.report.relative < PARITY_TOLERANCE and report.report.greedy_match
