@@ -191,6 +191,24 @@ def write_checkpoint(folder: Path, shape: str, layers: int) -> int:
     return total
 
 
+def to_gguf(folder: Path, out: Path, outtype: str) -> Path:
+    """``folder`` converted by llama.cpp's own convert_hf_to_gguf.py (the tests' driver)."""
+    import os
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from gguf_factory import convert_with_llamacpp, name_tokenizer_class
+    from llamacpp_sdist import CACHE, LLAMA_CPP_PYTHON
+
+    llama_cpp = Path(
+        os.environ.get("MOECHAT_LLAMA_CPP") or CACHE / LLAMA_CPP_PYTHON.replace("==", "-")
+    )
+    if not (llama_cpp / "convert_hf_to_gguf.py").is_file():
+        raise SystemExit(f"no convert_hf_to_gguf.py in {llama_cpp}: set MOECHAT_LLAMA_CPP")
+    name_tokenizer_class(folder)
+    convert_with_llamacpp(llama_cpp, [(folder, out, outtype)])
+    return out
+
+
 def measured(command: list[str]) -> tuple[float, int, str]:
     """(wall seconds, peak RSS bytes, output) of ``command`` under /usr/bin/time -v."""
     start = time.perf_counter()
@@ -216,6 +234,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--heldout-chars", type=int, default=0,
                         help="fidelity on the first N characters of the held-out text (0: all)")  # fmt: skip
+    parser.add_argument("--gguf", choices=["q8_0", "bf16"], default=None,
+                        help="convert the checkpoint with llama.cpp's convert_hf_to_gguf.py "
+                        "(MOECHAT_LLAMA_CPP, or the tests' cache) and export that file")  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.workdir is not None:
@@ -227,8 +248,9 @@ def main() -> int:
         for layers in args.layers:
             ckpt, pkg = work / f"ckpt{layers}", work / f"pkg{layers}"
             weights = write_checkpoint(ckpt, args.shape, layers)
+            source = to_gguf(ckpt, work / f"ckpt{layers}.gguf", args.gguf) if args.gguf else ckpt
             stream = "--no-stream" if args.whole_model else "--stream"
-            export = [*moechat, "export", str(ckpt), str(pkg), "--int8", stream]
+            export = [*moechat, "export", str(source), str(pkg), "--int8", stream]
             if args.heldout_chars:  # a shorter fidelity text: fidelity is not what is timed
                 heldout = work / "heldout.txt"
                 heldout.write_text(heldout_text()[: args.heldout_chars], encoding="utf-8")
@@ -251,6 +273,7 @@ def main() -> int:
             manifest = json.loads((pkg / "moechat.json").read_text())
             row = {
                 "layers": layers, "checkpoint_bytes": weights, "package_bytes": size,
+                "gguf_bytes": source.stat().st_size if args.gguf else None,
                 "export_seconds": round(wall, 1), "export_peak_rss": peak,
                 "export_target": int(0.4 * weights + GIB),
                 "run_seconds": round(run_wall, 1), "run_peak_rss": run_peak,
@@ -262,6 +285,8 @@ def main() -> int:
             rows.append(row)
             if not args.keep:
                 shutil.rmtree(ckpt)
+                if source != ckpt:
+                    source.unlink()
                 shutil.rmtree(pkg)
             if not args.json:
                 print(_line(row), flush=True)
@@ -283,7 +308,8 @@ def _line(row: dict) -> str:
     ok = lambda got, limit: "ok" if got <= limit else "MISSED"  # noqa: E731
     return (
         f"{row['layers']} layers: checkpoint {row['checkpoint_bytes'] / GIB:.2f} GiB, "
-        f"package {row['package_bytes'] / GIB:.2f} GiB; export {row['export_seconds']:.0f} s, "
+        + (f"GGUF {row['gguf_bytes'] / GIB:.2f} GiB, " if row["gguf_bytes"] else "")
+        + f"package {row['package_bytes'] / GIB:.2f} GiB; export {row['export_seconds']:.0f} s, "
         f"peak RSS {row['export_peak_rss'] / GIB:.2f} GiB (target {row['export_target'] / GIB:.2f}: "
         f"{ok(row['export_peak_rss'], row['export_target'])}); run peak RSS "
         f"{row['run_peak_rss'] / GIB:.2f} GiB (target {row['run_target'] / GIB:.2f}: "
