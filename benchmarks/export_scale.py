@@ -155,6 +155,7 @@ def write_checkpoint(folder: Path, shape: str, layers: int) -> int:
         else (transformers.Qwen2MoeConfig)
     )
     cfg = config_class(num_hidden_layers=layers, **SHAPES[shape])
+    cfg.architectures = [config_class.__name__.replace("Config", "ForCausalLM")]  # as saved
     (folder / "config.json").write_text(cfg.to_json_string())
     gen = torch.Generator().manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
