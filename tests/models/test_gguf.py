@@ -125,3 +125,25 @@ def test_unsupported_tokenizer_is_refused(tiny_gguf):
 
     with pytest.raises(MoechatError, match="unsupported GGUF tokenizer"):
         tokenizer_json(Reader())
+
+
+def test_a_large_gguf_is_exported_streamed_to_the_same_package(
+    tiny_gguf, tmp_path, monkeypatch, capsys
+):
+    """Past STREAM_AUTO_BYTES of float32 weights `moechat export` streams a GGUF without
+    being asked (a Q4_K_M MoE of 8 GB would be 60 GB loaded), and writes the whole-model
+    export's graph byte for byte: Q8_0 blocks, llama.cpp's q/k permutation, a tied table."""
+    import filecmp
+
+    import moechat.export.cli as export_cli
+    from moechat.app.cli import main
+
+    model, _, root = tiny_gguf
+    path = write_llama_gguf(model, root / "tokenizer.json", tmp_path / "q8.gguf", quantize=True)
+    assert main(["export", str(path), str(tmp_path / "whole")]) == 0
+    assert "to stream its weights" not in capsys.readouterr().err
+    monkeypatch.setattr(export_cli, "STREAM_AUTO_BYTES", 0)
+    assert main(["export", str(path), str(tmp_path / "streamed")]) == 0
+    assert "to stream its weights" in capsys.readouterr().err
+    for name in ("model.onnx", "model.onnx.data"):
+        assert filecmp.cmp(tmp_path / "whole" / name, tmp_path / "streamed" / name, shallow=False)
