@@ -399,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="package name")
     p.add_argument("--force", action="store_true", help="replace OUTDIR")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="write the weights tensor by tensor from the safetensors shards, "
-                   "never holding the model (default: for models over 4 GiB in float32)")  # fmt: skip
+                   help="write the weights tensor by tensor from the safetensors shards or "
+                   "the GGUF file, never holding the model (default: for models over 4 GiB "
+                   "in float32)")  # fmt: skip
     p.add_argument("--variant", action="append", choices=["dml"], default=[],
                    help="also write a graph for a provider that needs one (dml: standard "
                    "ONNX ops, float32, for DirectML); repeatable")  # fmt: skip

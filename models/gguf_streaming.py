@@ -14,6 +14,7 @@ import atexit
 import mmap
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moechat.models.config import ModelConfig
 from moechat.models.gguf import (
     Place,
     architecture,
@@ -74,18 +76,17 @@ def gguf_not_streamable(path: Path) -> str | None:
 class GGUFIndex:
     """What :func:`moechat.models.streaming.open_streamed` needs of a GGUF file."""
 
-    config: Any  # ModelConfig
+    config: ModelConfig
     parts: dict[str, GGUFPart]  # internal name -> where its values are
     shapes: dict[str, tuple[int, ...]]
     tokenizer_dir: Path
-    release: Any  # () -> None: the file's pages leave the resident set
+    release: Callable[[], None]  # the file's pages leave the resident set
 
 
-def index_gguf(path: Path) -> GGUFIndex:
-    reader = open_gguf(path)
-    cfg = gguf_config(reader)
-    if cfg.is_mla:
-        raise MoechatError(f"{path} cannot be exported streamed: {gguf_not_streamable(path)}")
+def gguf_parts(
+    reader: Any, cfg: ModelConfig
+) -> tuple[dict[str, GGUFPart], dict[str, tuple[int, ...]]]:
+    """Each :class:`CausalLM` weight's part of the file, and its shape."""
     _, arch = architecture(reader)
     parts: dict[str, GGUFPart] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -95,6 +96,15 @@ def index_gguf(path: Path) -> GGUFIndex:
             order = rope_row_order(key, place.rows, cfg) if arch.permuted_qk else None
             parts[key] = GGUFPart(tensor, place, order)
             shapes[key] = (place.rows, *shape[2 if place.expert is not None else 1 :])
+    return parts, shapes
+
+
+def index_gguf(path: Path) -> GGUFIndex:
+    reader = open_gguf(path)
+    cfg = gguf_config(reader)
+    if cfg.is_mla:
+        raise MoechatError(f"{path} cannot be exported streamed: {gguf_not_streamable(path)}")
+    parts, shapes = gguf_parts(reader, cfg)
     tokenizer_dir = Path(tempfile.mkdtemp(prefix="moechat-gguf-tokenizer-"))
     atexit.register(shutil.rmtree, tokenizer_dir, ignore_errors=True)
     try:

@@ -243,6 +243,27 @@ def test_k_quant_stacked_experts(tmp_path, types):
     assert torch.isfinite(logits).all()
 
 
+def test_k_quant_rows_read_block_by_block_equal_the_load(tmp_path):
+    """The streamed export's reads (models/gguf_streaming.py): any block of rows, or of
+    columns, of any weight equals the whole-model load's, K-quant experts and permuted
+    q/k included."""
+    from moechat.models.gguf_streaming import gguf_parts
+
+    path = write_k_quant_moe_gguf(tmp_path / "k.gguf", Q4_K_M)
+    reader = open_gguf(path)
+    cfg = gguf_config(reader)
+    state = gguf_state_dict(reader, cfg)
+    parts, shapes = gguf_parts(reader, cfg)
+    assert set(parts) == set(state)
+    for key, part in parts.items():
+        want = state[key]
+        assert shapes[key] == tuple(want.shape)
+        rows = [part.read((slice(a, a + 96),)) for a in range(0, len(want), 96)]
+        assert torch.equal(torch.cat(rows), want), key
+        if want.dim() == 2:
+            assert torch.equal(part.read((slice(None), slice(16, 48))), want[:, 16:48]), key
+
+
 @pytest.mark.network
 def test_real_q4_k_m_from_llama_cpp(converted, tmp_path):
     """A Q4_K_M file made by llama.cpp's own quantizer (when llama-cpp-python is
