@@ -135,3 +135,27 @@ def test_streamed_deepseek_v3_package_records_the_correction_bias(tmp_path):
         manifests.append(json.loads((out / "moechat.json").read_text()))
     streamed, whole = (m["routing"] for m in manifests)
     assert streamed["correction_bias"] and streamed == whole
+
+
+def test_ctrl_c_in_a_streamed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """Interrupted after the weights are written (the long part): exit 130, the package
+    being replaced (--force) untouched, no temporary folder left beside it."""
+    import moechat.export.streamed as streamed
+
+    src = make_hf_folder(tmp_path / "src", TINY_MOE)
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "moechat.json").write_text("the user's package")
+    written = []
+    write = streamed.write_streamed
+
+    def write_then_interrupt(*args, **kwargs):
+        write(*args, **kwargs)
+        written.append(True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(streamed, "write_streamed", write_then_interrupt)
+    assert main(["export", str(src), str(out), "--stream", "--int8", "--force"]) == 130
+    assert written
+    assert (out / "moechat.json").read_text() == "the user's package"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg", "src"]
