@@ -429,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--int8-block", type=int, choices=[16, 32, 64, 128],
                    help="MatMulNBits block along the reduction axis (default: 32 for MoE models, "
                    "whose routing amplifies the error; 64 for dense models, the fastest decode)")  # fmt: skip
+    g.add_argument("--expert-block", type=int, choices=[16, 32, 64, 128],
+                   help="the QMoE block of the routed experts along the reduction axis "
+                   "(--int8 / --int4; default 32: llama.cpp's Q8_0/Q4_0 granularity)")  # fmt: skip
     g.add_argument("--int8-residual-pass", action="store_true",
                    help="a second int8 pass over each matmul's activation rounding error: "
                    "answers closer to fp32 for about a quarter less decode speed and half the prefill "

@@ -60,6 +60,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         name=args.name, force=args.force, int8=args.int8, int8_matmuls=args.int8_matmuls,
         int4="all" if args.int4 else "experts" if args.int4_experts else None,
         int8_block=args.int8_block, int8_residual_pass=args.int8_residual_pass,
+        expert_block=args.expert_block,
         heldout=Path(args.heldout) if args.heldout else None, variants=tuple(args.variant),
         fp16=args.fp16,
     )  # fmt: skip

@@ -36,6 +36,7 @@ class ExportOptions:
     int4: Int4Level | None = None  # 4-bit weights (sets int8: the same quantisation step)
     int8_matmuls: Int8Matmuls | None = None  # None: "nbits"
     int8_block: int | None = None  # MatMulNBits block (default: default_nbits_block)
+    expert_block: int | None = None  # QMoE block of the routed experts (default: 32)
     int8_residual_pass: bool = False  # export.int8.residual_pass (slower, more accurate)
     heldout: Path | None = None  # fidelity text (default: the shipped heldout.txt)
     variants: tuple[Variant, ...] = ()
@@ -79,6 +80,17 @@ def validate_options(options: ExportOptions) -> None:
         _check_choice("--variant", variant, Variant)
     if options.int8_block is not None and options.int8_block not in NBITS_BLOCK_SIZES:
         raise MoechatError(f"--int8-block must be one of {', '.join(map(str, NBITS_BLOCK_SIZES))}")
+    if options.expert_block is not None:
+        from moechat.export.int8.quantize import QMOE_BLOCK_CHOICES
+
+        if options.expert_block not in QMOE_BLOCK_CHOICES:
+            raise MoechatError(
+                f"--expert-block must be one of {', '.join(map(str, QMOE_BLOCK_CHOICES))}"
+            )
+        if not (options.int8 or options.int4) or options.moe_impl == "ops":
+            raise MoechatError(
+                "--expert-block sets the QMoE op's blocks: it needs --int8 or --int4"
+            )
     if options.fp16 and options.int8:
         raise MoechatError("--fp16 and --int8 are alternatives: choose one")
     if options.fp16 and options.variants:

@@ -371,6 +371,7 @@ def quantize_options(options: ExportOptions, arch: dict, smooth: bool = True) ->
         expert_bits=4 if options.int4 else 8,
         dense_bits=dense_bits,
         smooth=smooth,
+        expert_block=options.expert_block,
     )
 
 

@@ -71,12 +71,14 @@ from moechat.export.int8.residual_pass import add_residual_passes
 from moechat.export.int8.smoothing import ALPHA, smooth
 from moechat.export.lazy_weights import equal_transposed, map_rows
 from moechat.export.onnx_graph import save_model
+from moechat.runtime.errors import MoechatError
 
 INT8_MOE_IMPLS = ("qmoe", "ops")
 WEIGHT_BITS = (4, 8)
 DENSE_METHODS = ("dynamic", "nbits")
 INT4_METHODS = ("gptq", "rtn")
-QMOE_BLOCK_SIZES = (32, 16)
+QMOE_BLOCK_SIZES = (32, 16)  # the default: the first dividing both reduction sizes
+QMOE_BLOCK_CHOICES = (16, 32, 64, 128)  # what --expert-block may ask
 NBITS_BLOCK_SIZE = 64  # default MatMulNBits block along K for dense models
 MOE_NBITS_BLOCK_SIZE = 32  # ... and for MoE models (their routing amplifies the error)
 NBITS_BLOCK_SIZES = (16, 32, 64, 128)
@@ -109,6 +111,7 @@ class QuantizeOptions:
     dense_bits: int = 8  # the other MatMulNBits; the lm_head stays 8-bit at 4
     int4_method: str = "gptq"  # 4-bit matmuls: "gptq" (needs calibration tokens) or "rtn"
     int4_down8: bool = True  # 4-bit: the down projections of Q4_K_M's wider layers at 8 bits
+    expert_block: int | None = None  # QMoE block along the reduction axis (None: 32, else 16)
 
     def __post_init__(self) -> None:
         if self.expert_bits not in WEIGHT_BITS or self.dense_bits not in WEIGHT_BITS:
@@ -123,6 +126,8 @@ class QuantizeOptions:
             raise ValueError(f"block must be one of {NBITS_BLOCK_SIZES}")
         if self.int4_method not in INT4_METHODS:
             raise ValueError(f"int4_method must be one of {INT4_METHODS}")
+        if self.expert_block is not None and self.expert_block not in QMOE_BLOCK_CHOICES:
+            raise ValueError(f"expert_block must be one of {QMOE_BLOCK_CHOICES}")
         if self.residual_pass and self.dense != "nbits":
             raise ValueError("the residual pass needs MatMulNBits (dense='nbits')")
 
@@ -172,9 +177,11 @@ def _table_part(w: np.ndarray, block: int, part: int) -> np.ndarray:
     return scale[..., None] if part else q
 
 
-def moe_to_qmoe(model: onnx.ModelProto, bits: int = 8) -> dict:
+def moe_to_qmoe(model: onnx.ModelProto, bits: int = 8, block: int | None = None) -> dict:
     """Replace each com.microsoft.MoE with a QMoE of ``bits``-bit weights (uint8 storage:
-    zero point 128 at 8 bits, two values per byte with zero point 8 at 4 bits)."""
+    zero point 128 at 8 bits, two values per byte with zero point 8 at 4 bits), in blocks
+    of ``block`` along the reduction axis (None: :func:`qmoe_block_size`)."""
+    asked = block
     graph = model.graph
     inits = initializers(graph)
     block = None
@@ -187,7 +194,12 @@ def moe_to_qmoe(model: onnx.ModelProto, bits: int = 8) -> dict:
         if (len(node.input) > 3 and node.input[3]) or (len(node.input) > 5 and node.input[5]):
             raise ValueError("MoE nodes with biases are not supported")
         fc1, fc2 = inits[node.input[2]], inits[node.input[4]]  # [E, 2I, H], [E, H, I]
-        block = qmoe_block_size(fc1.dims[2], fc2.dims[2])
+        block = asked or qmoe_block_size(fc1.dims[2], fc2.dims[2])
+        if asked and (fc1.dims[2] % asked or fc2.dims[2] % asked):
+            raise MoechatError(
+                f"expert block {block} does not divide the experts' sizes "
+                f"({fc1.dims[2]}, {fc2.dims[2]})"
+            )
         new_inputs = [node.input[0], node.input[1]]
         if bits == 4 and not block:
             raise ValueError("4-bit QMoE needs hidden and intermediate sizes divisible by 16")
@@ -494,7 +506,7 @@ def quantize_model(
     if has_moe:
         if options.moe != "qmoe":
             raise ValueError("the standard-op int8 MoE needs a graph exported with moe_impl ops")
-        qmoe = moe_to_qmoe(model, options.expert_bits)
+        qmoe = moe_to_qmoe(model, options.expert_bits, options.expert_block)
         info["routed_experts"] = f"QMoE {options.expert_bits}-bit, block {qmoe['block_size']}"
     elif routers:
         info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options)}"

@@ -103,6 +103,23 @@ def test_int4_is_smaller_than_int8(tmp_path, moe_source):
     assert package_bytes(int4) < package_bytes(int8)
 
 
+def test_expert_block_sets_the_qmoe_blocks(tmp_path, moe_source):
+    import onnx
+
+    pkg = export_tiny_package(moe_source, tmp_path / "pkg", "--int8", "--expert-block", "16")
+    manifest = json.loads((pkg / "moechat.json").read_text())
+    assert manifest["graph"]["quantization"]["routed_experts"] == "QMoE 8-bit, block 16"
+    graph = onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph
+    blocks = {
+        a.i
+        for n in graph.node
+        if n.op_type == "QMoE"
+        for a in n.attribute
+        if a.name == "block_size"
+    }
+    assert blocks == {16}
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -110,6 +127,8 @@ def test_int4_is_smaller_than_int8(tmp_path, moe_source):
         (["--int4", "--int4-experts"], "--int4 and --int4-experts are alternatives"),
         (["--int4-experts", "--moe-impl", "ops"], "not with ops"),
         (["--int4", "--int8-matmuls", "dynamic"], "not with --int8-matmuls dynamic"),
+        (["--expert-block", "32"], "--expert-block sets the QMoE op's blocks"),
+        (["--int8", "--expert-block", "64"], "expert block 64 does not divide"),  # 96 wide
     ],
 )
 def test_int4_option_errors(tmp_path, capsys, moe_source, args, message):
