@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -120,12 +121,13 @@ def weight_counts(config: Any, shape: str) -> dict[str, int]:
     }
 
 
-def export(hf: Path, level: str, out: Path) -> None:
+def export(hf: Path, level: str, out: Path, expert_block: int | None = None) -> None:
     if (out / "moechat.json").is_file():
         return
     log(f"moechat export {hf.name} {level}")
+    block = ["--expert-block", str(expert_block)] if expert_block else []
     cmd = [sys.executable, "-m", "moechat", "export", str(hf), str(out), *EXPORT_FLAGS[level],
-           "--force"]  # fmt: skip
+           *block, "--force"]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -185,6 +187,11 @@ def rows(shape: str, level: str, counts: dict[str, int], r: dict[str, Any], bw: 
     return out
 
 
+def package_name(shape: str, level: str, args: argparse.Namespace) -> str:
+    block = f"-b{args.expert_block}" if args.expert_block else ""
+    return f"{shape}-{args.layers}l-{level}{block}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "moechat-bench-moe")
@@ -198,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="decoder layers (default 8; fewer: less export memory)",
     )
+    parser.add_argument("--expert-block", type=int, choices=[16, 32, 64, 128], default=None,
+                        help="moechat's QMoE block (packages named ...-bN; default: export's)")  # fmt: skip
     parser.add_argument("--prepare-only", action="store_true", help="write and export only")
     parser.add_argument(
         "--table", action="store_true",
@@ -214,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         hf = args.work / f"{shape}-{args.layers}l"
         counts = write_model(shape, hf, args.layers)
         for level in args.levels:
-            export(hf, level, args.work / f"{hf.name}-{level}")
+            export(hf, level, args.work / package_name(shape, level, args), args.expert_block)
             plan.append((shape, level, counts))
     if args.prepare_only:
         return 0
@@ -224,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for shape, level, counts in plan:
         anchors = "llama.cpp" + (",llama.cpp-Q4_K_M" if level == "int4" else "")
-        r = bench(args.work / f"{shape}-{args.layers}l-{level}", anchors, args)
-        results[f"{shape}-{args.layers}l-{level}"] = {"counts": counts, "compare": r["compare"]}
+        r = bench(args.work / package_name(shape, level, args), anchors, args)
+        results[package_name(shape, level, args)] = {"counts": counts, "compare": r["compare"]}
         table += rows(shape, level, counts, r, bw[f"copy_gbps_{args.threads}"])
         print("\n".join(table[-3:]), flush=True)  # (a row per engine)
     load = os.getloadavg()
@@ -233,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbandwidth (numpy copy, read + write, GB/s): {bw}; load average {load[0]:.2f} {load[1]:.2f}"
           f" {load[2]:.2f}; threads {args.threads}; MOECHAT_SPIN={spin}\n")  # fmt: skip
     print("\n".join(table))
-    name = "-".join(["results", *args.shapes, *args.levels, f"{args.layers}l"]) + ".json"
+    block = [f"b{args.expert_block}"] if args.expert_block else []
+    name = "-".join(["results", *args.shapes, *args.levels, f"{args.layers}l", *block]) + ".json"
     (args.work / name).write_text(json.dumps({"bandwidth": bw, **results}, indent=1))
     return 0
 
@@ -244,7 +254,7 @@ def print_table(args: argparse.Namespace) -> int:
     for path in sorted(args.work.glob("results*.json")):
         for key, r in json.loads(path.read_text()).items():
             if key != "bandwidth":
-                shape, _, level = key.rpartition("-")
+                shape, _, level = re.sub(r"-b\d+$", "", key).rpartition("-")
                 table += rows(shape, level, r["counts"], r, bw[f"copy_gbps_{args.threads}"])
     load = os.getloadavg()
     print(f"bandwidth (numpy copy, read + write, GB/s): {bw}; load average {load[0]:.2f} "
