@@ -235,6 +235,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--heldout-chars", type=int, default=0,
                         help="fidelity on the first N characters of the held-out text (0: all)")  # fmt: skip
+    parser.add_argument("--level", choices=["int8", "int4", "int4-experts"], default="int8")
     parser.add_argument("--gguf", choices=["q8_0", "bf16"], default=None,
                         help="convert the checkpoint with llama.cpp's convert_hf_to_gguf.py "
                         "(MOECHAT_LLAMA_CPP, or the tests' cache) and export that file")  # fmt: skip
@@ -251,7 +252,7 @@ def main() -> int:
             weights = write_checkpoint(ckpt, args.shape, layers)
             source = to_gguf(ckpt, work / f"ckpt{layers}.gguf", args.gguf) if args.gguf else ckpt
             stream = "--no-stream" if args.whole_model else "--stream"
-            export = [*moechat, "export", str(source), str(pkg), "--int8", stream]
+            export = [*moechat, "export", str(source), str(pkg), f"--{args.level}", stream]
             if args.heldout_chars:  # a shorter fidelity text: fidelity is not what is timed
                 heldout = work / "heldout.txt"
                 heldout.write_text(heldout_text()[: args.heldout_chars], encoding="utf-8")

@@ -34,7 +34,6 @@ def check_streamed_options(options: ExportOptions) -> None:
     unsupported = (
         ("--fp16", options.fp16),
         ("--variant", bool(options.variants)),
-        ("--int4/--int4-experts", options.int4 is not None),
         ("--int8-residual-pass", options.int8_residual_pass),
         ("--int8-matmuls dynamic", options.int8_matmuls == "dynamic"),
         ("--moe-impl ops", options.moe_impl == "ops"),
@@ -71,10 +70,13 @@ def export_streamed(
         from moechat.export.int8.quantize import quantize_model
 
         quantize = quantize_options(options, manifest["architecture"], smooth=False)
-        with lazy_nbits():
+        with lazy_nbits():  # no calibration: 4-bit matmuls by round to nearest, not GPTQ
             proto, info = quantize_model(proto, quantize)
-        info = {"method": "int8", **info}
+        level = "int8" if info.get("weights") == "int8" else "int4"
+        info = {"method": level, **info}
         info["smoothing_note"] = "skipped: a streamed export has no fp32 graph to calibrate on"
+        if quantize.dense_bits == 4:
+            info["matmuls"] += "; round to nearest (GPTQ needs the fp32 graph)"
         manifest["graph"]["quantization"] = info
     progress(f"writing the graph, {cfg.num_hidden_layers} layers, weights read from the shards")
     write_streamed(proto, work / "model.onnx", cfg.num_hidden_layers, progress, ckpt.release)
@@ -88,13 +90,18 @@ def export_streamed(
     from moechat.export.int8.fidelity import HELDOUT_MAX_TOKENS, WINDOW, heldout_text
     from moechat.runtime.evaluate import read_text_file
 
-    manifest["parity"]["graph"] = "int8 (streamed export: no fp32 graph is written)"
+    manifest["parity"]["graph"] = (
+        f"{manifest['graph']['quantization']['method']} (streamed export: no fp32 graph is written)"
+    )
     if options.heldout is not None:
         text, name = read_text_file(options.heldout), Path(options.heldout).name
     else:
         text, name = heldout_text(), "moechat heldout.txt"
     ids = tokenizer.encode_text(text)[:HELDOUT_MAX_TOKENS]
-    progress(f"measuring int8 fidelity against PyTorch fp32, layer by layer, on {len(ids)} tokens")
+    level = manifest["graph"]["quantization"]["method"]
+    progress(
+        f"measuring {level} fidelity against PyTorch fp32, layer by layer, on {len(ids)} tokens"
+    )
     report = measure_fidelity_layerwise(
         ckpt, work / "model.onnx", ids, name, min(WINDOW, max_context), progress
     )

@@ -102,11 +102,21 @@ def test_granite_moe_same_bytes(tmp_path):
     assert_same_graph_files(tmp_path / "src", tmp_path)
 
 
-def test_int8_same_bytes_as_quantising_the_whole_graph(tmp_path):
-    """Streamed int8 (weights quantised as they are written) = quantize_model on the
-    loaded fp32 graph, smoothing off (it needs the fp32 graph; export/streamed_package.py)."""
+@pytest.mark.parametrize(
+    "bits",
+    [
+        {},
+        {"expert_bits": 4},  # --int4-experts
+        {"expert_bits": 4, "dense_bits": 4, "int4_method": "rtn"},  # --int4 without calibration
+    ],
+    ids=["int8", "int4-experts", "int4"],
+)
+def test_quantised_same_bytes_as_quantising_the_whole_graph(tmp_path, bits):
+    """Streamed int8 / int4 (weights quantised as they are written) = quantize_model on
+    the loaded fp32 graph, smoothing off (it needs the fp32 graph) and 4-bit matmuls by
+    round to nearest (GPTQ needs it too; export/streamed_package.py)."""
     src = make_hf_folder(tmp_path / "src", TINY_MOE)
-    options = QuantizeOptions(smooth=False, block=32)
+    options = QuantizeOptions(smooth=False, block=32, **bits)
     whole, streamed = tmp_path / "whole", tmp_path / "streamed"
     whole.mkdir()
     streamed.mkdir()

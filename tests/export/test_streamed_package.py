@@ -43,6 +43,24 @@ def test_layer_parity_names_the_corrupted_layer(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "flag,weights", [("--int4", "int4"), ("--int4-experts", "int4 experts, int8")]
+)
+def test_streamed_4bit_packages_from_the_command_line(tmp_path, capsys, flag, weights):
+    # 4-bit experts are what make a large MoE fit: its export must not need the model
+    src = make_hf_folder(tmp_path / "src", TINY_MOE)
+    out = tmp_path / "pkg"
+    assert main(["export", str(src), str(out), flag, "--stream"]) == 0
+    manifest = json.loads((out / "moechat.json").read_text())
+    quant = manifest["graph"]["quantization"]
+    assert quant["method"] == "int4" and quant["weights"] == weights
+    assert "QMoE 4-bit" in quant["routed_experts"]
+    assert ("round to nearest" in quant["matmuls"]) == (flag == "--int4")
+    assert manifest["fidelity"]["reference"] == "pytorch-fp32, layer by layer"
+    assert f"{weights} package" in capsys.readouterr().out
+    assert main(["run", str(out), "--raw", "hello", "--max-new-tokens", "4"]) == 0
+
+
 def test_streamed_int8_package_from_the_command_line(tmp_path, capsys):
     src = make_hf_folder(tmp_path / "src", TINY_MOE)
     out = tmp_path / "pkg"
