@@ -19,7 +19,7 @@ import torch
 
 from moechat.models.config import ModelConfig
 from moechat.models.families import ExpertView, is_stacked, stacked_views, to_internal_keys
-from moechat.models.gguf_streaming import GGUFPart
+from moechat.models.gguf_streaming import GGUFPart, gguf_not_streamable, index_gguf
 from moechat.models.loading import check_names_and_shapes, check_sizes, clean_key, weight_files
 from moechat.models.mla import beyond_last_layer, rope_row_order
 from moechat.models.modeling import CausalLM
@@ -33,8 +33,6 @@ def not_streamable(folder: Path) -> str | None:
     """Why the checkpoint in ``folder`` (or GGUF file) cannot be exported streamed (None:
     it can)."""
     if folder.suffix == ".gguf" and folder.is_file():
-        from moechat.models.gguf_streaming import gguf_not_streamable
-
         return gguf_not_streamable(folder)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         return (
@@ -127,13 +125,8 @@ def _same_tensor(ckpt: StreamedCheckpoint, a: str, b: str) -> bool:
 def open_streamed(source: Path, max_positions: int = 4096) -> StreamedCheckpoint:
     """Index ``source``'s tensors (safetensors shards or a GGUF file); check names and
     shapes as a load would."""
-    reason = not_streamable(source)
-    if reason is not None:
-        raise MoechatError(f"{source} cannot be exported streamed: {reason}")
-    if source.suffix == ".gguf":
-        from moechat.models.gguf_streaming import index_gguf
-
-        index = index_gguf(source)
+    if source.suffix == ".gguf" and source.is_file():
+        index = index_gguf(source)  # its own one-line error for what cannot stream
         cfg = index.config
         keys: dict[str, tuple[int, str] | GGUFPart] = dict(index.parts)
         ckpt = StreamedCheckpoint(
@@ -141,6 +134,9 @@ def open_streamed(source: Path, max_positions: int = 4096) -> StreamedCheckpoint
             meta_model(cfg), release_mapped=index.release,
         )  # fmt: skip
         return _checked(ckpt, max_positions)
+    reason = not_streamable(source)
+    if reason is not None:
+        raise MoechatError(f"{source} cannot be exported streamed: {reason}")
     return _checked(_index_safetensors(source), max_positions)
 
 
