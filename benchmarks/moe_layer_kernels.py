@@ -4,7 +4,9 @@
         [--rounds 3]
 
 Kernels: ``com.microsoft.QMoE`` 8-bit at weight blocks 32 / 64 / 128 / per row, 4-bit at
-block 32, and the fp32 ``com.microsoft.MoE`` (swiglu, fused gate/up, normalised top-k),
+block 32 with fp32 activations (``accuracy_level`` 0) and at blocks 32 / 64 / 128 with int8
+activations (``accuracy_level`` 4, what moechat exports), and the fp32
+``com.microsoft.MoE`` (swiglu, fused gate/up, normalised top-k),
 each a one-node graph with random weights (quantised by moechat's own
 ``quantize_rows``), random router logits, at 1 token (decode) and 256 tokens (prefill).
 Reports the median ms of single calls over ``--rounds`` rounds (kernels interleaved per
@@ -22,7 +24,9 @@ import numpy as np
 SHAPES = {"qwen3_moe": (1024, 256, 64, 8), "mixtral": (1024, 1408, 8, 2)}  # H, I, E, k
 
 
-def graph(h: int, i: int, e: int, k: int, bits: int, block: int, seed: int = 0) -> bytes:
+def graph(
+    h: int, i: int, e: int, k: int, bits: int, block: int, level: int = 0, seed: int = 0
+) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     from moechat.export.int8.quantize import pack_uint4, quantize_rows
@@ -44,6 +48,8 @@ def graph(h: int, i: int, e: int, k: int, bits: int, block: int, seed: int = 0) 
                       numpy_helper.from_array(scale, f"{name}_s")]  # fmt: skip
             inputs += [f"{name}_q", f"{name}_s", ""]
         attrs.update(expert_weight_bits=bits, **({"block_size": block} if block else {}))
+        if level:
+            attrs["accuracy_level"] = level
         node = helper.make_node("QMoE", inputs[:-1], ["y"], "qmoe", None, "com.microsoft", **attrs)
     value = helper.make_tensor_value_info
     g = helper.make_graph(
@@ -65,14 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
 
     h, i, e, k = SHAPES[args.shape]
-    kernels = {"QMoE 8-bit block 32": (8, 32), "QMoE 8-bit block 64": (8, 64),
-               "QMoE 8-bit block 128": (8, 128), "QMoE 8-bit per row": (8, 0),
-               "QMoE 4-bit block 32": (4, 32), "MoE fp32": (32, 0)}  # fmt: skip
+    kernels = {"QMoE 8-bit block 32": (8, 32, 0), "QMoE 8-bit block 64": (8, 64, 0),
+               "QMoE 8-bit block 128": (8, 128, 0), "QMoE 8-bit per row": (8, 0, 0),
+               "QMoE 4-bit block 32": (4, 32, 0),
+               "QMoE 4-bit block 32, accuracy_level 4": (4, 32, 4),
+               "QMoE 4-bit block 64, accuracy_level 4": (4, 64, 4),
+               "QMoE 4-bit block 128, accuracy_level 4": (4, 128, 4),
+               "MoE fp32": (32, 0, 0)}  # fmt: skip
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     sessions = {
-        name: ort.InferenceSession(graph(h, i, e, k, bits, block), opts, ["CPUExecutionProvider"])
-        for name, (bits, block) in kernels.items()
+        name: ort.InferenceSession(
+            graph(h, i, e, k, bits, block, level), opts, ["CPUExecutionProvider"]
+        )
+        for name, (bits, block, level) in kernels.items()
     }
     rng = np.random.default_rng(1)
     feeds = {t: {"x": rng.standard_normal((t, h)).astype(np.float32),
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
           f"onnxruntime {ort.__version__}")  # fmt: skip
     print("| kernel | 1 token ms | GB/s of the k experts' weights | 256 tokens ms | tok/s |")
     print("|---|---|---|---|---|")
-    for name, (bits, block) in kernels.items():
+    for name, (bits, block, _) in kernels.items():
         one = statistics.median(times[(name, 1)]) * 1000
         many = statistics.median(times[(name, 256)]) * 1000
         per_weight = 4 if bits == 32 else bits / 8 + 4 / (block or h)

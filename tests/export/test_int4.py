@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -23,8 +24,11 @@ def test_quantize_rows_4bit_range_and_error():
     assert np.abs(deq - w).max() <= scale.max() / 2 + 1e-6
 
 
-def _qmoe_session(fc1: np.ndarray, fc2: np.ndarray, block: int) -> ort.InferenceSession:
-    """One 4-bit QMoE node over moechat's packing of fc1 [E, 2I, H] and fc2 [E, H, I]."""
+def _qmoe_session(
+    fc1: np.ndarray, fc2: np.ndarray, block: int, level: int = 0
+) -> ort.InferenceSession:
+    """One 4-bit QMoE node over moechat's packing of fc1 [E, 2I, H] and fc2 [E, H, I]
+    (``level``: its accuracy_level; 4 = int8 activations, as moechat exports)."""
     inits = []
     for name, w in (("w1", fc1), ("w2", fc2)):
         q, scale = quantize_rows(w, block, bits=4)
@@ -36,7 +40,7 @@ def _qmoe_session(fc1: np.ndarray, fc2: np.ndarray, block: int) -> ort.Inference
     node = helper.make_node(
         "QMoE", ["x", "router", "w1", "w1_scale", "", "w2", "w2_scale"], ["y"],
         domain="com.microsoft", activation_type="swiglu", k=1, normalize_routing_weights=1,
-        swiglu_fusion=1, expert_weight_bits=4, block_size=block,
+        swiglu_fusion=1, expert_weight_bits=4, block_size=block, accuracy_level=level,
     )  # fmt: skip
     graph = helper.make_graph(
         [node], "qmoe",
@@ -50,7 +54,9 @@ def _qmoe_session(fc1: np.ndarray, fc2: np.ndarray, block: int) -> ort.Inference
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_qmoe_4bit_packing_is_the_kernels_layout():
+@pytest.mark.parametrize("level,tolerance", [(0, 1e-4), (4, 2e-2)])
+def test_qmoe_4bit_packing_is_the_kernels_layout(level, tolerance):
+    # level 4 quantises the activations to int8 per block: close, not exact
     rng = np.random.default_rng(1)
     experts, hidden, inter, block = 2, 64, 32, 32
     fc1 = (rng.normal(size=(experts, 2 * inter, hidden)) * 0.2).astype(np.float32)
@@ -58,7 +64,7 @@ def test_qmoe_4bit_packing_is_the_kernels_layout():
     x = rng.normal(size=(5, hidden)).astype(np.float32)
     router = np.zeros((5, experts), np.float32)
     router[:, 1] = 10.0  # every token to expert 1, weight 1
-    y = _qmoe_session(fc1, fc2, block).run(None, {"x": x, "router": router})[0]
+    y = _qmoe_session(fc1, fc2, block, level).run(None, {"x": x, "router": router})[0]
 
     def dequantized(w: np.ndarray) -> np.ndarray:
         q, scale = quantize_rows(w, block, bits=4)
@@ -68,7 +74,7 @@ def test_qmoe_4bit_packing_is_the_kernels_layout():
     h = x @ dequantized(fc1)[1].T
     gate, up = h[:, 0::2], h[:, 1::2]
     ref = (gate / (1 + np.exp(-gate)) * up) @ dequantized(fc2)[1].T
-    assert np.abs(y - ref).max() < 1e-4 * np.abs(ref).max()
+    assert np.abs(y - ref).max() < tolerance * np.abs(ref).max()
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +92,10 @@ def test_int4_packages_export_and_run(tmp_path, capsys, moe_source, flag, bits, 
     assert quant["weight_bits"] == {"experts": 4, "matmuls": bits}
     assert quant["weights"] == weights and quant["method"] == "int4"
     assert "QMoE 4-bit" in quant["routed_experts"]
+    graph = onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph
+    qmoe = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "QMoE"]
+    # int8 activations: the 4-bit experts' fast kernels (decision 0021)
+    assert qmoe and all(a["expert_weight_bits"] == 4 and a["accuracy_level"] == 4 for a in qmoe)
     assert ("by GPTQ" in quant["matmuls"]) == (bits == 4)  # the calibrated 4-bit matmuls
     # Q4_K_M's choice: layer 1 of 2 keeps its (shared expert's) down projection at 8 bits
     assert ("1 down projections 8-bit" in quant["matmuls"]) == (bits == 4)
@@ -104,20 +114,14 @@ def test_int4_is_smaller_than_int8(tmp_path, moe_source):
 
 
 def test_expert_block_sets_the_qmoe_blocks(tmp_path, moe_source):
-    import onnx
-
     pkg = export_tiny_package(moe_source, tmp_path / "pkg", "--int8", "--expert-block", "16")
     manifest = json.loads((pkg / "moechat.json").read_text())
-    assert manifest["graph"]["quantization"]["routed_experts"] == "QMoE 8-bit, block 16"
+    routed = manifest["graph"]["quantization"]["routed_experts"]
+    assert routed == "QMoE 8-bit, block 16, int8 activations"
     graph = onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph
-    blocks = {
-        a.i
-        for n in graph.node
-        if n.op_type == "QMoE"
-        for a in n.attribute
-        if a.name == "block_size"
-    }
-    assert blocks == {16}
+    attrs = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "QMoE"]
+    assert attrs and {a["block_size"] for a in attrs} == {16}
+    assert {a["accuracy_level"] for a in attrs} == {4}
 
 
 @pytest.mark.parametrize(
