@@ -45,10 +45,14 @@ def _variants() -> dict:
         "int4-gptq": int4,
         "int4-rtn-down8": replace(int4, int4_method="rtn", int4_down8=True),
         "int4-gptq-down8": replace(int4, int4_down8=True),  # what --int4 writes
+        # MoE: only the routed experts 4-bit (--int4-experts), by round to nearest or GPTQ
+        "int4-experts-rtn": QuantizeOptions(block=32, expert_bits=4, int4_method="rtn"),
+        "int4-experts-gptq": QuantizeOptions(block=32, expert_bits=4),
     }
 
 
-VARIANTS = ("int4-rtn", "int4-gptq", "int4-rtn-down8", "int4-gptq-down8")
+VARIANTS = ("int4-rtn", "int4-gptq", "int4-rtn-down8", "int4-gptq-down8", "int4-experts-rtn",
+            "int4-experts-gptq")  # fmt: skip
 
 
 def quantize_variant(fp32: Path, name: str, work: Path) -> Path:

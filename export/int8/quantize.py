@@ -109,7 +109,7 @@ class QuantizeOptions:
     residual_pass: bool = False  # second MatMulNBits pass over the activation rounding error
     expert_bits: int = 8  # routed experts (QMoE, or the per-expert MatMuls of "ops")
     dense_bits: int = 8  # the other MatMulNBits; the lm_head stays 8-bit at 4
-    int4_method: str = "gptq"  # 4-bit matmuls: "gptq" (needs calibration tokens) or "rtn"
+    int4_method: str = "gptq"  # 4-bit matmuls and experts: "gptq" (needs calibration) or "rtn"
     int4_down8: bool = True  # 4-bit: the down projections of Q4_K_M's wider layers at 8 bits
     expert_block: int | None = None  # QMoE block along the reduction axis (None: 32, else 16)
 
@@ -177,10 +177,26 @@ def _table_part(w: np.ndarray, block: int, part: int) -> np.ndarray:
     return scale[..., None] if part else q
 
 
-def moe_to_qmoe(model: onnx.ModelProto, bits: int = 8, block: int | None = None) -> dict:
+def _stored_experts(
+    w: onnx.TensorProto, block: int, chosen: list[tuple[np.ndarray, np.ndarray] | None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """4-bit QMoE weights and scales of the stacked experts ``w``: each expert's values as
+    ``chosen`` (GPTQ's), or round to nearest where it has none."""
+    experts = numpy_helper.to_array(w)
+    parts = [c or quantize_rows(e, block, 4) for e, c in zip(experts, chosen, strict=True)]
+    return np.stack([pack_uint4(q) for q, _ in parts]), np.stack([s for _, s in parts])
+
+
+def moe_to_qmoe(
+    model: onnx.ModelProto,
+    bits: int = 8,
+    block: int | None = None,
+    chosen: dict[str, list[tuple[np.ndarray, np.ndarray] | None]] | None = None,
+) -> dict:
     """Replace each com.microsoft.MoE with a QMoE of ``bits``-bit weights (uint8 storage:
     zero point 128 at 8 bits, two values per byte with zero point 8 at 4 bits), in blocks
-    of ``block`` along the reduction axis (None: :func:`qmoe_block_size`)."""
+    of ``block`` along the reduction axis (None: :func:`qmoe_block_size`). ``chosen``: 4-bit
+    values per expert by weight name (gptq_experts.py); the others round to nearest."""
     asked = block
     graph = model.graph
     inits = initializers(graph)
@@ -205,10 +221,14 @@ def moe_to_qmoe(model: onnx.ModelProto, bits: int = 8, block: int | None = None)
             raise ValueError("4-bit QMoE needs hidden and intermediate sizes divisible by 16")
         for w in (fc1, fc2):
             qname, sname = f"{w.name}_q{bits}", f"{w.name}_scale"
-            # per expert (rows of the stacked tensor): a streamed export's weights stay lazy
-            for part, part_name in ((0, qname), (1, sname)):
-                fn = partial(_qmoe_part, block=block, bits=bits, part=part)
-                graph.initializer.append(map_rows(w, part_name, fn))
+            if bits == 4 and chosen and w.name in chosen:
+                q, scale = _stored_experts(w, block, chosen[w.name])
+                graph.initializer.append(numpy_helper.from_array(q, qname))
+                graph.initializer.append(numpy_helper.from_array(scale, sname))
+            else:  # per expert (rows of the stack): a streamed export's weights stay lazy
+                for part, part_name in ((0, qname), (1, sname)):
+                    fn = partial(_qmoe_part, block=block, bits=bits, part=part)
+                    graph.initializer.append(map_rows(w, part_name, fn))
             new_inputs += [qname, sname, ""]  # weights, scales, (no) bias
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         # accuracy_level 4: int8 activations, onnxruntime's MatMulNBits kernels for the
@@ -507,18 +527,33 @@ def quantize_model(
         if lm_input in scales:
             break
         lm_input = producer_of[lm_input].input[0]  # smoothing looks through Reshapes too
+    calibration_ids = calibration[1] if calibration is not None else []
     if has_moe:
         if options.moe != "qmoe":
             raise ValueError("the standard-op int8 MoE needs a graph exported with moe_impl ops")
-        qmoe = moe_to_qmoe(model, options.expert_bits, options.expert_block)
+        chosen = {}
+        if options.expert_bits == 4 and options.int4_method == "gptq" and len(calibration_ids):
+            from moechat.export.int8.gptq_experts import gptq_experts  # it imports this module
+
+            def block_of(hidden: int, intermediate: int) -> int:
+                return options.expert_block or qmoe_block_size(hidden, intermediate)
+
+            chosen = gptq_experts(model, calibration_ids, block_of)
+        qmoe = moe_to_qmoe(model, options.expert_bits, options.expert_block, chosen)
         info["routed_experts"] = (
             f"QMoE {options.expert_bits}-bit, block {qmoe['block_size']}, int8 activations"
         )
+        if chosen:
+            done = sum(c is not None for v in chosen.values() for c in v)
+            info["routed_experts"] += (
+                f"; {done} of {sum(map(len, chosen.values()))} expert weights by GPTQ"
+                f" ({len(calibration_ids)} calibration tokens)"
+            )
     elif routers:
         info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options)}"
     tables = quantize_embedding(model) if options.embedding else []
     info["embedding"] = f"int8, scales per block of {tables[0].block}" if tables else "float32"
-    gptq, calibration_ids = 0, calibration[1] if calibration is not None else []
+    gptq = 0
     wide = eight_bit_matmuls(model, options)
     downs8 = [w for w in down_projections(model) if w in wide]
     if options.dense_bits == 4 and options.int4_method == "gptq" and len(calibration_ids):
