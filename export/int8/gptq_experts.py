@@ -9,7 +9,8 @@ kernel are those of round-to-nearest.
 
 An expert that calibration routes fewer than ``MIN_TOKENS`` tokens to keeps
 round-to-nearest: a Hessian of a handful of tokens describes those tokens, not the text.
-The others are damped hard (``DAMP``) for the same reason.
+The others are damped as gptq.py damps (1.0 of the Hessian's mean diagonal: measured
+best for the experts too, docs/decisions/0014, "GPTQ experts").
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ from moechat.export.int8.smoothing import run_with_outputs
 from moechat.export.onnx_graph import save_model
 
 MIN_TOKENS = 64  # calibration tokens an expert needs for GPTQ (else round to nearest)
-# H's diagonal damping, as a share of its mean: 100 times gptq.py's, because an expert's
-# Hessian comes from a few hundred tokens (measured: docs/decisions/0014, "GPTQ experts")
-DAMP = 1.0
 
 ExpertQuant = tuple[np.ndarray, np.ndarray] | None  # (q int8 [N, K], scale [N, K/block])
 
@@ -71,8 +69,8 @@ def quantize_experts(
             up.append(None)
             down.append(None)
             continue
-        up.append(quantize_gptq(fc1[e], second_moment(xe), block, DAMP))
-        down.append(quantize_gptq(fc2[e], second_moment(swiglu(xe, fc1[e])), block, DAMP))
+        up.append(quantize_gptq(fc1[e], second_moment(xe), block))
+        down.append(quantize_gptq(fc2[e], second_moment(swiglu(xe, fc1[e])), block))
     return up, down
 
 
