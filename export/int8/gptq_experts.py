@@ -9,8 +9,8 @@ kernel are those of round-to-nearest.
 
 An expert that calibration routes fewer than ``MIN_TOKENS`` tokens to keeps
 round-to-nearest: a Hessian of a handful of tokens describes those tokens, not the text.
-The others are damped as gptq.py damps (1.0 of the Hessian's mean diagonal: measured
-best for the experts too, docs/decisions/0014, "GPTQ experts").
+The others are damped as gptq.py damps (``gptq.DAMP``, measured for the experts too:
+docs/decisions/0014, "GPTQ experts").
 """
 
 from __future__ import annotations
