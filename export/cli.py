@@ -116,7 +116,7 @@ def print_int8_summary(manifest: dict[str, Any]) -> None:
         if threshold_misses(f) and level != "int8":
             lines += [
                 "  4-bit weights trade accuracy for speed and size; --int8 stays closer to fp32",
-                "  (SmolLM2: top-1 95.9% against 70.9% for --int4; docs/decisions/0014).",
+                "  (SmolLM2: top-1 95.9% against 77.3% for --int4; docs/decisions/0014).",
             ]
         elif threshold_misses(f) and _residual_pass_would_help(q):
             lines += [
