@@ -16,7 +16,7 @@ docs/decisions/0014, "GPTQ experts").
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from moechat.export.graph_rewrites import MSFT_DOMAIN, attribute, initializers
 from moechat.export.int8.gptq import quantize_gptq
+from moechat.export.int8.quantize import qmoe_block_size
 from moechat.export.int8.smoothing import run_with_outputs
 from moechat.export.onnx_graph import save_model
 
@@ -77,11 +78,11 @@ def quantize_experts(
 def gptq_experts(
     model: onnx.ModelProto,
     token_ids: Sequence[int],
-    block_of: Callable[[int, int], int],
+    block: int | None = None,
 ) -> dict[str, list[ExpertQuant]]:
     """GPTQ'd 4-bit values of every ``com.microsoft.MoE`` node's experts on ``token_ids``,
     by weight name (fc1 and fc2), one entry per expert (None: round to nearest).
-    ``block_of(hidden, intermediate)`` is the QMoE block the node will get."""
+    ``block``: the QMoE block asked for (None: moe_to_qmoe's default for the sizes)."""
     graph = model.graph
     moes = [n for n in graph.node if n.op_type == "MoE" and n.domain == MSFT_DOMAIN]
     if not moes:
@@ -100,13 +101,13 @@ def gptq_experts(
             for node in moes:
                 fc1 = numpy_helper.to_array(inits[node.input[2]], tmp)  # [E, 2I, H]
                 fc2 = numpy_helper.to_array(inits[node.input[4]], tmp)  # [E, H, I]
-                block = block_of(fc1.shape[2], fc2.shape[2])
-                if not block or fc1.shape[2] % block or fc2.shape[2] % block:
+                size = block or qmoe_block_size(fc1.shape[2], fc2.shape[2])
+                if not size or fc1.shape[2] % size or fc2.shape[2] % size:
                     continue  # moe_to_qmoe says why this block does not fit
                 x = np.concatenate(seen[node.input[0]]).astype(np.float32)
                 logits = np.concatenate(seen[node.input[1]])
                 k = int(attribute(node, "k", 1))
-                up, down = quantize_experts(x, logits, k, fc1, fc2, block)
+                up, down = quantize_experts(x, logits, k, fc1, fc2, size)
                 results[node.input[2]], results[node.input[4]] = up, down
         finally:
             load_external_data_for_model(model, tmp)

@@ -535,10 +535,7 @@ def quantize_model(
         if options.expert_bits == 4 and options.int4_method == "gptq" and len(calibration_ids):
             from moechat.export.int8.gptq_experts import gptq_experts  # it imports this module
 
-            def block_of(hidden: int, intermediate: int) -> int:
-                return options.expert_block or qmoe_block_size(hidden, intermediate)
-
-            chosen = gptq_experts(model, calibration_ids, block_of)
+            chosen = gptq_experts(model, calibration_ids, options.expert_block)
         qmoe = moe_to_qmoe(model, options.expert_bits, options.expert_block, chosen)
         info["routed_experts"] = (
             f"QMoE {options.expert_bits}-bit, block {qmoe['block_size']}, int8 activations"
