@@ -21,10 +21,14 @@ of 64):
   granularity; half of Mixtral's real 2816 ratio, to export in minutes on 2 cores.
 ``--layers`` fewer than 8 when the export does not fit in memory.
 
-Memory bandwidth is measured in the same run (numpy: a copy of a 512 MiB array, bytes
-read + written, 1 and N threads); "% of limit" is decode tok/s x bytes of the weights
-one token reads (attention, routers, the top-k experts, lm_head at the engine's bytes
-per weight) / the N-thread copy bandwidth. Not a test; results go to docs/benchmarks.md. Needs torch,
+Memory bandwidth is measured in the same run. Decode only reads weights, so the limit is
+the read bandwidth: the faster of numpy's max over a 512 MiB array (1 and N threads, each
+on its part) and onnxruntime's 8-bit MatMulNBits at one token over 256 MiB of weights
+(numpy alone reads slower than the kernels do; the copy bandwidth, bytes read + written,
+is printed beside it). "% of limit" is decode tok/s x the bytes one token reads /
+the read bandwidth. The bytes come from the files each engine runs: every weight of
+the package (ONNX initializers) or the GGUF, but the token embedding (one row is
+read), the rotary caches (one row) and the routed experts, of which top-k of n are read. Not a test; results go to docs/benchmarks.md. Needs torch,
 transformers, llama-cpp-python and llama.cpp's converter (``MOECHAT_LLAMA_CPP``).
 """
 
@@ -58,14 +62,6 @@ SHAPES: dict[str, tuple[str, str, dict[str, Any]]] = {
         num_local_experts=8, num_experts_per_tok=2, intermediate_size=1408)),
 }  # fmt: skip
 EXPORT_FLAGS = {"int8": ["--int8"], "int4": ["--int4"]}
-# bytes per weight as each engine stores it: moechat QMoE / MatMulNBits (block 32, one
-# fp32 scale... see export/int8/quantize.py) vs llama.cpp's blocks of 32
-BYTES_PER_WEIGHT = {
-    "moechat int8": 1 + 4 / 32, "moechat int4": 0.5 + 4 / 32,
-    "Q8_0": 34 / 32, "Q4_0": 18 / 32, "Q4_K_M": 4.85 / 8,
-}  # fmt: skip
-
-
 HEADER = (
     "| shape | level | engine | prefill tok/s | decode tok/s | MB read per token |"
     " bandwidth-limit tok/s | % of limit | moechat speed-up decode / prefill |\n"
@@ -142,39 +138,136 @@ def bench(package: Path, anchors: str, args: argparse.Namespace) -> dict[str, An
 
 
 def bandwidth(threads: int, mib: int = 512) -> dict[str, float]:
-    """Memory bandwidth in GB/s: numpy copies of a ``mib`` array into another (bytes read
-    + bytes written), 1 and ``threads`` threads each copying its part (numpy releases the
-    GIL while copying); best of 10 (the least disturbed by other jobs). (A sum is no measure: numpy's pairwise summation is
-    compute-bound at ~3 GB/s here.)"""
+    """Memory bandwidth in GB/s, best of 10 (the least disturbed by other jobs), with 1
+    and ``threads`` threads each on its part of a ``mib`` array (numpy releases the GIL):
+    ``read_gbps_N``: the faster of ``np.max`` (vectorised, each byte read once; a sum is
+    no measure: numpy's pairwise summation is compute-bound at ~3 GB/s here) and
+    :func:`gemv_gbps` (numpy alone reads slower than onnxruntime's kernels do);
+    ``copy_gbps_N``: copies into a second array (bytes read + bytes written)."""
     a = np.ones(mib * 2**20 // 8)
     b = np.zeros_like(a)  # both faulted in
 
-    def timed(n: int) -> float:
-        pairs = list(zip(np.array_split(a, n), np.array_split(b, n), strict=True))
-        best = float("inf")
+    def best(target: Any, calls: list[tuple[Any, ...]]) -> float:
+        fastest = float("inf")
         for _ in range(10):
-            workers = [threading.Thread(target=np.copyto, args=(dst, src)) for src, dst in pairs]
+            workers = [threading.Thread(target=target, args=c) for c in calls]
             start = time.perf_counter()
             for w in workers:
                 w.start()
             for w in workers:
                 w.join()
-            best = min(best, time.perf_counter() - start)
-        return 2 * a.nbytes / best / 1e9
+            fastest = min(fastest, time.perf_counter() - start)
+        return fastest
 
-    return {"copy_gbps_1": round(timed(1), 2), f"copy_gbps_{threads}": round(timed(threads), 2)}
+    out = {}
+    for n in sorted({1, threads}):
+        parts = np.array_split(a, n)
+        read = a.nbytes / best(np.max, [(p,) for p in parts]) / 1e9
+        out[f"read_gbps_{n}"] = round(max(read, gemv_gbps(n, mib // 2)), 2)
+        pairs = list(zip(parts, np.array_split(b, n), strict=True))
+        copies = [(dst, src) for src, dst in pairs]
+        out[f"copy_gbps_{n}"] = round(2 * a.nbytes / best(np.copyto, copies) / 1e9, 2)
+    return out
 
 
-def rows(shape: str, level: str, counts: dict[str, int], r: dict[str, Any], bw: float):
-    """Table rows of one bench --compare: moechat and the llama.cpp anchors."""
+def gemv_gbps(threads: int, mib: int) -> float:
+    """GB/s of weights streamed by onnxruntime's 8-bit ``MatMulNBits`` at one token over
+    ``mib`` of weights (block 32, moechat's int8 layout: far larger than any cache), best
+    of 20 runs on ``threads`` threads."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = 8192
+    n = mib * 2**20 // k
+    weights = np.random.default_rng(0).integers(0, 256, (n, k // 32, 32), dtype=np.uint8)
+    scales = np.ones(n * k // 32, np.float32)
+    node = helper.make_node(
+        "MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft",
+        K=k, N=n, bits=8, block_size=32, accuracy_level=4,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(weights, "b"), numpy_helper.from_array(scales, "s")],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=opsets).SerializeToString(), options,
+        providers=["CPUExecutionProvider"],
+    )  # fmt: skip
+    x = {"x": np.ones((1, k), np.float32)}
+    session.run(None, x)
+    fastest = float("inf")
+    for _ in range(20):
+        start = time.perf_counter()
+        session.run(None, x)
+        fastest = min(fastest, time.perf_counter() - start)
+    return (weights.nbytes + scales.nbytes) / fastest / 1e9
+
+
+def routing(hf: Path) -> tuple[int, int]:
+    """(top-k, experts) of the HF folder's config."""
+    config = json.loads((hf / "config.json").read_text())
+    n = config.get("num_experts") or config["num_local_experts"]
+    return config["num_experts_per_tok"], n
+
+
+def gguf_bytes_per_token(path: Path, k: int, n: int) -> float:
+    """Bytes of a GGUF file one decode step reads: every tensor but the token embedding
+    (one row), the routed experts' (``*_exps``) k of n."""
+    from gguf import GGUFReader
+
+    return sum(
+        int(t.n_bytes) * (k / n if "_exps" in t.name else 1)
+        for t in GGUFReader(path).tensors
+        if not t.name.startswith("token_embd")
+    )
+
+
+def package_bytes_per_token(package: Path, k: int, n: int) -> float:
+    """Bytes of a moechat package one decode step reads: every initializer but those of a
+    Gather (the embedding table: one row) and GroupQueryAttention's rotary caches (one
+    row); QMoE's expert weights, scales and biases k of n."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(package / "model.onnx"), load_external_data=False).graph
+    experts = {i for node in graph.node if node.op_type in ("QMoE", "MoE") for i in node.input[2:]}
+    rows = {i for node in graph.node if node.op_type.startswith("Gather") for i in node.input[:1]}
+    rows |= {
+        i for node in graph.node if node.op_type == "GroupQueryAttention" for i in node.input[7:9]
+    }
+    total = 0.0
+    for init in graph.initializer:
+        if init.name in rows:
+            continue
+        size = int(np.prod(init.dims)) * np.dtype(tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        total += size * (k / n if init.name in experts else 1)
+    return total
+
+
+def rows(shape: str, level: str, r: dict[str, Any], bw: float, package: Path) -> list[str]:
+    """Table rows of one bench --compare of ``package`` (in the work folder, beside its HF
+    folder and ``moechat bench``'s cache of the anchors' GGUF files): moechat and the
+    llama.cpp anchors."""
+    hf = package.with_name(re.sub(r"-(int8|int4)(-b\d+)?$", "", package.name))
+    k, n = routing(hf)
     out = []
     for name, c in r["compare"].items():
         if name != "moechat" and c.get("status") != "ok":
             out.append(f"| {shape} | {level} | {name} | {c.get('status')}: {c.get('reason')} |"
                        " | | | | |")  # fmt: skip
             continue
-        fmt = f"moechat {level}" if name == "moechat" else c["weights"].split()[0]
-        per_token = counts["active_quantised"] * BYTES_PER_WEIGHT[fmt] + counts["active_float"] * 4
+        if name == "moechat":
+            fmt = f"moechat {level}"
+            per_token = package_bytes_per_token(package, k, n)
+        else:
+            fmt = c["weights"].split()[0]
+            gguf = next((package.parent / "cache").glob(f"{hf.name}-*/*.{fmt}.gguf"))
+            per_token = gguf_bytes_per_token(gguf, k, n)
         decode = c["decode_tokens_per_s"]
         limit = bw * 1e9 / per_token
         speed = "1.00x / 1.00x" if name == "moechat" else (
@@ -235,11 +328,17 @@ def main(argv: list[str] | None = None) -> int:
         anchors = "llama.cpp" + (",llama.cpp-Q4_K_M" if level == "int4" else "")
         r = bench(args.work / package_name(shape, level, args), anchors, args)
         results[package_name(shape, level, args)] = {"counts": counts, "compare": r["compare"]}
-        table += rows(shape, level, counts, r, bw[f"copy_gbps_{args.threads}"])
+        table += rows(
+            shape,
+            level,
+            r,
+            bw[f"read_gbps_{args.threads}"],
+            args.work / package_name(shape, level, args),
+        )
         print("\n".join(table[-3:]), flush=True)  # (a row per engine)
     load = os.getloadavg()
     spin = os.environ.get("MOECHAT_SPIN", "1")
-    print(f"\nbandwidth (numpy copy, read + write, GB/s): {bw}; load average {load[0]:.2f} {load[1]:.2f}"
+    print(f"\nbandwidth (GB/s; read: the limit; copy: read + write): {bw}; load average {load[0]:.2f} {load[1]:.2f}"
           f" {load[2]:.2f}; threads {args.threads}; MOECHAT_SPIN={spin}\n")  # fmt: skip
     print("\n".join(table))
     block = [f"b{args.expert_block}"] if args.expert_block else []
@@ -255,9 +354,9 @@ def print_table(args: argparse.Namespace) -> int:
         for key, r in json.loads(path.read_text()).items():
             if key != "bandwidth":
                 shape, _, level = re.sub(r"-b\d+$", "", key).rpartition("-")
-                table += rows(shape, level, r["counts"], r, bw[f"copy_gbps_{args.threads}"])
+                table += rows(shape, level, r, bw[f"read_gbps_{args.threads}"], args.work / key)
     load = os.getloadavg()
-    print(f"bandwidth (numpy copy, read + write, GB/s): {bw}; load average {load[0]:.2f} "
+    print(f"bandwidth (GB/s; read: the limit; copy: read + write): {bw}; load average {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f}\n")  # fmt: skip
     print("\n".join(table))
     return 0
