@@ -30,9 +30,10 @@ them per block on the fly).
 - Activation smoothing before quantisation (``moechat.export.int8.smoothing``), when
   calibration tokens are given.
 - The token embedding becomes an int8 table with block scales behind a Gather
-  (Gather -> Cast -> Mul by the gathered scales; standard ops only). With a tied
-  lm_head, the 32 best int8 logits are recomputed from float activations and that
-  table (``add_lm_head_rescoring``).
+  (Gather -> Cast -> Mul by the gathered scales; standard ops only). A tied lm_head
+  (unsmoothed) lends its 8-bit MatMulNBits weights to the embedding instead, so the
+  package stores the vocabulary once, and its 32 best int8 logits are recomputed from
+  float activations and those rows (``moechat.export.int8.tables``).
 - 4-bit levels (``dense_bits`` 4): GPTQ chooses the 4-bit MatMulNBits values from the
   calibration tokens (``moechat.export.int8.gptq``; the kernel and layout stay those of
   round-to-nearest), the lm_head and, as llama.cpp's Q4_K_M does, the FFN down projections
@@ -55,11 +56,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from moechat.export.graph_rewrites import (
     MSFT_DOMAIN,
-    attribute,
     drop_unused_initializers,
     ensure_node_names,
     find_routers,
@@ -69,7 +69,16 @@ from moechat.export.graph_rewrites import (
 )
 from moechat.export.int8.residual_pass import add_residual_passes
 from moechat.export.int8.smoothing import ALPHA, smooth
-from moechat.export.lazy_weights import equal_transposed, map_rows
+from moechat.export.int8.tables import (
+    RESCORE_TOP,
+    QuantizedTable,
+    add_lm_head_rescoring,
+    embed_from_lm_head,
+    find_tied_lm_head,
+    lm_head_input_chain,
+    quantize_embedding,
+)
+from moechat.export.lazy_weights import map_rows
 from moechat.export.onnx_graph import save_model
 from moechat.runtime.errors import MoechatError
 
@@ -171,12 +180,6 @@ def _qmoe_part(w: np.ndarray, block: int, bits: int, part: int) -> np.ndarray:
     return (q.astype(np.int16) + 128).astype(np.uint8) if bits == 8 else pack_uint4(q)
 
 
-def _table_part(w: np.ndarray, block: int, part: int) -> np.ndarray:
-    """The int8 embedding table's rows (part 0) or their scales [.., 1] (part 1)."""
-    q, scale = quantize_rows(w.reshape(len(w), -1, block))
-    return scale[..., None] if part else q
-
-
 def _stored_experts(
     w: onnx.TensorProto, block: int, chosen: list[tuple[np.ndarray, np.ndarray] | None]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -246,135 +249,6 @@ def moe_to_qmoe(
         count += 1
     drop_unused_initializers(graph)
     return {"nodes": count, "block_size": block or "per-row"}
-
-
-EMBEDDING_BLOCK = 32
-RESCORE_TOP = 32
-
-
-@dataclass
-class QuantizedTable:
-    source: str  # the fp32 table's initializer name
-    q: str  # int8 [V, H/block, block]
-    scale: str  # float [V, H/block, 1]
-    hidden: int
-    block: int
-
-
-def quantize_embedding(
-    model: onnx.ModelProto, ids_input: str = "input_ids"
-) -> list[QuantizedTable]:
-    """int8 rows + float scales per block of 32 (or per row) for Gathers of a table by the ids.
-
-    Gather(q [V, H/b, b]) -> Cast -> Mul(Gather(scale [V, H/b, 1])) -> Reshape [.., H].
-    """
-    graph = model.graph
-    inits = initializers(graph)
-    new_nodes = []
-    done = []
-    for node in graph.node:
-        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
-        if (
-            table is None
-            or node.input[1] != ids_input
-            or table.data_type != TensorProto.FLOAT
-            or len(table.dims) != 2
-            or attribute(node, "axis", 0) != 0
-        ):
-            new_nodes.append(node)
-            continue
-        vocab, hidden = table.dims
-        block = EMBEDDING_BLOCK if hidden % EMBEDDING_BLOCK == 0 else hidden
-        base, out, n = node.input[0], node.output[0], node.name
-        qt = QuantizedTable(base, f"{base}_q8", f"{base}_scale", hidden, block)
-        for part, part_name in ((0, qt.q), (1, qt.scale)):
-            fn = partial(_table_part, block=block, part=part)
-            graph.initializer.append(map_rows(table, part_name, fn))
-        shape = f"{base}_shape"
-        graph.initializer.append(numpy_helper.from_array(np.array([0, 0, hidden]), shape))
-        new_nodes += [
-            helper.make_node("Gather", [qt.q, ids_input], [f"{out}_q8"], f"{n}_q8", axis=0),
-            helper.make_node(
-                "Cast", [f"{out}_q8"], [f"{out}_f"], f"{n}_cast", to=TensorProto.FLOAT
-            ),
-            helper.make_node("Gather", [qt.scale, ids_input], [f"{out}_s"], f"{n}_scale", axis=0),
-            helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [f"{out}_b"], f"{n}_dequant"),
-            helper.make_node("Reshape", [f"{out}_b", shape], [out], f"{n}_reshape"),
-        ]
-        done.append(qt)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    drop_unused_initializers(graph)
-    return done
-
-
-def find_tied_lm_head(
-    model: onnx.ModelProto, ids_input: str = "input_ids"
-) -> tuple[str, str] | None:
-    """(lm_head MatMul name, embedding table name) when the lm_head weight is the table^T."""
-    graph = model.graph
-    inits = initializers(graph)
-    lm = next(
-        (n for n in graph.node if n.op_type == "MatMul" and "logits" in n.output and n.input[1] in inits),
-        None,
-    )  # fmt: skip
-    tables = [
-        n.input[0] for n in graph.node
-        if n.op_type == "Gather" and n.input[0] in inits and len(n.input) > 1 and n.input[1] == ids_input
-    ]  # fmt: skip
-    if lm is None or len(tables) != 1:
-        return None
-    w, table = inits[lm.input[1]], inits[tables[0]]
-    if list(w.dims) != list(table.dims)[::-1]:
-        return None
-    if not equal_transposed(w, table):
-        return None
-    return lm.name, tables[0]
-
-
-def add_lm_head_rescoring(
-    model: onnx.ModelProto, table: QuantizedTable, input_scale: np.ndarray | None, top: int
-) -> None:
-    """Recompute the ``top`` largest int8 logits from float activations and int8 table rows.
-
-    The int8 lm_head quantises its input activations; near-ties between the best
-    candidates then flip. The candidates' logits are recomputed as
-    ``(x * input_scale) . dequant(table[v])`` (float activations, the tied int8
-    embedding rows, no extra weights) and scattered back.
-    """
-    graph = model.graph
-    lm = next(n for n in graph.node if "logits" in n.output)
-    lm.output[list(lm.output).index("logits")] = "logits_int8"
-    x = lm.input[0]
-    nodes = []
-    if input_scale is not None:  # undo the activation smoothing of the lm_head input
-        graph.initializer.append(
-            numpy_helper.from_array(input_scale.astype(np.float32), "lm_rescore_s")
-        )
-        nodes.append(
-            helper.make_node("Mul", [x, "lm_rescore_s"], ["lm_rescore_x"], "lm_rescore_unsmooth")
-        )
-        x = "lm_rescore_x"
-    const = {
-        "lm_rescore_k": np.array([top], np.int64),
-        "lm_rescore_axis2": np.array([2], np.int64),
-        "lm_rescore_axis_last": np.array([-1], np.int64),
-        "lm_rescore_shape": np.array([0, 0, 0, table.hidden], np.int64),
-    }
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in const.items())
-    nodes += [
-        helper.make_node("TopK", ["logits_int8", "lm_rescore_k"], ["lm_rescore_top", "lm_rescore_idx"], "lm_rescore_topk", axis=-1),
-        helper.make_node("Gather", [table.q, "lm_rescore_idx"], ["lm_rescore_q"], "lm_rescore_rows", axis=0),
-        helper.make_node("Cast", ["lm_rescore_q"], ["lm_rescore_qf"], "lm_rescore_cast", to=TensorProto.FLOAT),
-        helper.make_node("Gather", [table.scale, "lm_rescore_idx"], ["lm_rescore_sc"], "lm_rescore_scales", axis=0),
-        helper.make_node("Mul", ["lm_rescore_qf", "lm_rescore_sc"], ["lm_rescore_wb"], "lm_rescore_dequant"),
-        helper.make_node("Reshape", ["lm_rescore_wb", "lm_rescore_shape"], ["lm_rescore_w"], "lm_rescore_reshape"),
-        helper.make_node("Unsqueeze", [x, "lm_rescore_axis2"], ["lm_rescore_xu"], "lm_rescore_unsqueeze"),
-        helper.make_node("Mul", ["lm_rescore_w", "lm_rescore_xu"], ["lm_rescore_prod"], "lm_rescore_mul"),
-        helper.make_node("ReduceSum", ["lm_rescore_prod", "lm_rescore_axis_last"], ["lm_rescore_exact"], "lm_rescore_sum", keepdims=0),
-        helper.make_node("ScatterElements", ["logits_int8", "lm_rescore_idx", "lm_rescore_exact"], ["logits"], "lm_rescore_scatter", axis=-1),
-    ]  # fmt: skip
-    graph.node.extend(nodes)
 
 
 @contextlib.contextmanager
@@ -513,20 +387,21 @@ def quantize_model(
         "router_nodes": router_names,
     }
     tied = find_tied_lm_head(model) if options.embedding and options.dense == "nbits" else None
+    # A tied lm_head lends its 8-bit weights to the embedding (tables.py), so they must
+    # stay the table's: its input is not smoothed.
+    share = tied is not None and options.symmetric
+    lm_weight = next((n.input[1] for n in graph.node if tied and n.name == tied[0]), None)
     scales: dict[str, np.ndarray] = {}
     if options.smooth and calibration is not None:
-        scales = smooth(model, calibration[0], calibration[1], options.alpha)
+        keep = [lm_weight] if share and lm_weight else []
+        scales = smooth(model, calibration[0], calibration[1], options.alpha, keep)
     info["smoothing"] = (
         f"{len(scales)} activations (alpha {options.alpha}, {len(calibration[1])} calibration tokens)"
         if scales and calibration is not None
         else None
     )
-    lm_input = next((n.input[0] for n in model.graph.node if tied and n.name == tied[0]), None)
-    producer_of = producers(model.graph)
-    while lm_input in producer_of and producer_of[lm_input].op_type == "Reshape":
-        if lm_input in scales:
-            break
-        lm_input = producer_of[lm_input].input[0]  # smoothing looks through Reshapes too
+    chain = lm_head_input_chain(model, tied[0]) if tied else []
+    lm_input = next((name for name in chain if name in scales), None)
     calibration_ids = calibration[1] if calibration is not None else []
     if has_moe:
         if options.moe != "qmoe":
@@ -548,8 +423,8 @@ def quantize_model(
             )
     elif routers:
         info["routed_experts"] = f"per-expert MatMuls, {_dense_description(options)}"
-    tables = quantize_embedding(model) if options.embedding else []
-    info["embedding"] = f"int8, scales per block of {tables[0].block}" if tables else "float32"
+    skip = tied[1] if share and tied else None
+    tables = quantize_embedding(model, skip=skip) if options.embedding else []
     gptq = 0
     wide = eight_bit_matmuls(model, options)
     downs8 = [w for w in down_projections(model) if w in wide]
@@ -558,6 +433,15 @@ def quantize_model(
 
         gptq = gptq_matmuls(model, calibration_ids, options.block, [*router_names, *wide])
     model = _quantize_matmuls(model, options, router_names, wide)
+    shared = embed_from_lm_head(model, skip) if skip else None
+    if skip and shared is None:  # the lm_head did not become an 8-bit MatMulNBits
+        tables = quantize_embedding(model)
+    tables = [shared] if shared else tables
+    info["embedding"] = (
+        f"int8, the lm_head's 8-bit MatMulNBits weights (block {shared.block})" if shared
+        else f"int8, scales per block of {tables[0].block}" if tables
+        else "float32"
+    )  # fmt: skip
     info["matmuls"] = _dense_description(options)
     if downs8:
         info["matmuls"] += f"; {len(downs8)} down projections 8-bit (Q4_K_M's layers)"

@@ -240,16 +240,21 @@ def activation_maxima(
 
 
 def smooth(
-    model: onnx.ModelProto, graph_path: Path, token_ids: Sequence[int], alpha: float = ALPHA
+    model: onnx.ModelProto,
+    graph_path: Path,
+    token_ids: Sequence[int],
+    alpha: float = ALPHA,
+    keep: Sequence[str] = (),
 ) -> dict[str, np.ndarray]:
-    """Smooth every group found in ``model`` (calibrated on ``graph_path``).
+    """Smooth every group found in ``model`` (calibrated on ``graph_path``) but those
+    feeding a weight in ``keep``.
 
     Returns ``{activation: s}``: the smoothed tensor now holds ``x / s``.
 
     ``graph_path`` is the fp32 graph file ``model`` was loaded from: activation names
     are unchanged by the Gemm->MatMul rewrite, so the file serves for calibration.
     """
-    groups = find_groups(model)
+    groups = [g for g in find_groups(model) if not any(w in keep for w, _ in g.consumers)]
     if not groups or len(token_ids) == 0:
         return {}
     maxima = activation_maxima(graph_path, [g.activation for g in groups], token_ids)

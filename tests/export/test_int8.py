@@ -126,8 +126,75 @@ def test_routers_stay_fp32_in_the_int8_graph(int8_package):
     for node in graph.node:
         if node.op_type == "QMoE":
             assert inits[node.input[2]].data_type == onnx.TensorProto.UINT8
+    # the tied embedding reads the lm_head's 8-bit weights: the vocabulary is stored once
+    lm_head = next(n for n in graph.node if "logits_int8" in n.output)
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids"]
-    assert any(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in gathers)
+    assert {n.input[0] for n in gathers} == {lm_head.input[1], lm_head.input[2]}
+    assert inits[lm_head.input[1]].data_type == onnx.TensorProto.UINT8
+
+
+def test_a_tied_embedding_is_the_lm_heads_weights(tmp_path):
+    """Tied: the embedding Gathers and the rescoring read the lm_head's MatMulNBits
+    weights (unsmoothed), one table in the package; untied: an int8 table of its own."""
+    import onnxruntime as ort
+
+    from moechat.export.int8.tables import NBITS_ZERO
+
+    sizes = {}
+    for name, cfg in (
+        ("tied", TINY_DENSE),
+        ("untied", TINY_DENSE.with_changes(tie_word_embeddings=False)),
+    ):
+        export_decoder(
+            random_model(cfg, seed=1, max_positions=256), tmp_path / f"{name}.onnx", "contrib"
+        )
+        info = quantize_decoder(
+            tmp_path / f"{name}.onnx",
+            tmp_path / f"{name}-int8.onnx",
+            QuantizeOptions(),
+            _ids(cfg, 64, seed=7),
+        )
+        graph = onnx.load(str(tmp_path / f"{name}-int8.onnx"), load_external_data=True).graph
+        inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        sizes[name] = sum(a.nbytes for a in inits.values())
+        tables = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].shape[0] == cfg.vocab_size and inits[n.input[0]].ndim == 3]  # fmt: skip
+        lm_head = next(
+            n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0].startswith("logits")
+        )
+        if name == "untied":
+            assert info["embedding"].startswith("int8, scales per block")
+            assert set(tables) != {lm_head.input[1]} and info["lm_head_rescoring"] is None
+            continue
+        assert info["embedding"].startswith("int8, the lm_head's 8-bit MatMulNBits weights")
+        assert set(tables) == {lm_head.input[1]}  # embedding and rescoring rows
+        assert info["lm_head_rescoring"] is not None
+        # the embedding node's output is the lm_head's dequantised rows
+        block = next(a.i for a in lm_head.attribute if a.name == "block_size")
+        rows = (inits[lm_head.input[1]].astype(np.float32) - NBITS_ZERO) * inits[lm_head.input[2]][
+            ..., None
+        ]
+        ids = np.array([[3, 17, 40]], np.int64)
+        embedding = next(
+            n
+            for n in graph.node
+            if n.op_type == "Reshape" and n.input[0].endswith("_b") and "rescore" not in n.name
+        )
+        prefix = embedding.name.removesuffix("_reshape")
+        nodes = [n for n in graph.node if n.name.startswith(prefix + "_")]
+        used = {i for n in nodes for i in n.input}
+        sub = onnx.helper.make_graph(
+            nodes, "embedding",
+            [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, 3])],
+            [onnx.helper.make_tensor_value_info(embedding.output[0], onnx.TensorProto.FLOAT, None)],
+            [t for t in graph.initializer if t.name in used],
+        )  # fmt: skip
+        part = onnx.helper.make_model(sub, opset_imports=[onnx.helper.make_opsetid("", 17)])
+        session = ort.InferenceSession(part.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input_ids": ids})[0]
+        np.testing.assert_allclose(got[0], rows[ids[0]].reshape(3, -1), rtol=1e-6)
+        assert rows.shape[-1] == block
+    vocab_table = TINY_DENSE.vocab_size * TINY_DENSE.hidden_size  # an int8 table's bytes
+    assert sizes["untied"] - sizes["tied"] > 0.9 * vocab_table
 
 
 def _nbits_blocks(graph_path) -> dict[int, int]:
@@ -231,3 +298,19 @@ def test_smoothing_leaves_the_fp32_function_unchanged(tmp_path):
     ids = _ids(cfg)
     ref, got = _logits(tmp_path / "m.onnx", cfg, ids), _logits(tmp_path / "s.onnx", cfg, ids)
     assert np.abs(ref - got).max() < 1e-3 * np.abs(ref).max()
+
+
+def test_smoothing_keeps_the_weights_it_is_told_to(tmp_path):
+    cfg = TINY_DENSE
+    export_decoder(random_model(cfg, seed=4, max_positions=256), tmp_path / "m.onnx", "contrib")
+    from moechat.export.int8.quantize import gemm_to_matmul, lm_head_node
+
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=True)
+    gemm_to_matmul(model)
+    lm_weight = next(n.input[1] for n in model.graph.node if n.name == lm_head_node(model))
+    before = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == lm_weight))
+    every = smooth(model.__deepcopy__(), tmp_path / "m.onnx", _ids(cfg, 64, seed=5))
+    kept = smooth(model, tmp_path / "m.onnx", _ids(cfg, 64, seed=5), keep=[lm_weight])
+    assert len(kept) == len(every) - 1  # the final norm feeds only the lm_head
+    after = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == lm_weight))
+    assert np.array_equal(before, after)
